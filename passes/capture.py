@@ -1,0 +1,191 @@
+"""Capture pass: a model and its example inputs become a torch.fx graph.
+
+``torch.fx.symbolic_trace`` comes first; where it fails or gives a graph that does not
+reproduce the model's output (data-dependent control flow, asserts on shapes, as in nanoGPT
+and Hugging Face models), ``torch.export.export(..., strict=False)`` is the fallback. Both
+give a GraphModule whose nodes carry ``nn_module_stack``, so every call maps back to a module.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from sparsify.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+SYMBOLIC = "torch.fx.symbolic_trace"
+EXPORT = "torch.export (strict=False)"
+GIVEN = "GraphModule given"
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Positional and keyword inputs for one forward call."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, value: Any) -> "ExampleInputs":
+        """Accept a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or an ExampleInputs."""
+        if isinstance(value, ExampleInputs):
+            return value
+        if isinstance(value, torch.Tensor):
+            return cls((value,), {})
+        if isinstance(value, dict):
+            return cls((), dict(value))
+        if isinstance(value, (tuple, list)):
+            return cls(tuple(value), {})
+        raise TypeError(
+            f"example inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
+            f"not {type(value).__name__}"
+        )
+
+    def call(self, fn):
+        return fn(*self.args, **self.kwargs)
+
+
+@dataclass
+class Capture:
+    """A captured graph, how it was captured, and the flat inputs its placeholders take."""
+
+    kind: str
+    graph_module: fx.GraphModule
+    flat_inputs: list
+    fallback_reason: str | None = None
+
+    def describe(self) -> str:
+        if self.fallback_reason:
+            return f"{self.kind} (symbolic_trace failed: {self.fallback_reason})"
+        return self.kind
+
+
+class LeafTracer(fx.Tracer):
+    """A tracer that keeps sparsify's own modules as leaves, like torch.nn's."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from sparsify.sparse_linear import SparseLinear
+
+        return isinstance(m, SparseLinear) or super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the traceback outside torch and site-packages: 'file:line: code'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename
+            and "/sparsify/" not in f.filename and "/passes/" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
+def _reason(exc: BaseException) -> str:
+    where = _user_frame(exc)
+    return f"{_first_line(exc)}" + (f" at {where}" if where else "")
+
+
+def _placeholder_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list:
+    """Match example inputs to a symbolically traced graph's placeholders (by position, then name)."""
+    values, args = [], list(inputs.args)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = node.target.lstrip("*")
+        if args:
+            values.append(args.pop(0))
+        elif name in inputs.kwargs:
+            values.append(inputs.kwargs[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise CaptureError(f"no example input for the model's argument {name!r}")
+    return values
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x, y, atol=1e-5, equal_nan=True)):
+            return False
+    return True
+
+
+def _symbolic(model: nn.Module, inputs: ExampleInputs, reference: Any) -> Capture:
+    tracer = LeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    flat = _placeholder_inputs(gm, inputs)
+    with torch.no_grad():
+        out = gm(*flat)
+    if not _same(out, reference):
+        raise RuntimeError("the traced graph does not reproduce the model's output on the example inputs "
+                           "(control flow was specialized during tracing)")
+    return Capture(SYMBOLIC, gm, flat)
+
+
+def _export(model: nn.Module, inputs: ExampleInputs) -> Capture:
+    ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    gm = ep.module()
+    flat, _ = pytree.tree_flatten((inputs.args, inputs.kwargs))
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    flat = [x for x in flat if x is not None] if len(flat) != n_placeholders else flat
+    return Capture(EXPORT, gm, flat)
+
+
+def capture(model: nn.Module, example_inputs: Any) -> Capture:
+    """Capture ``model`` as a graph; see the module docstring for the order of attempts."""
+    inputs = ExampleInputs.of(example_inputs)
+    if isinstance(model, fx.GraphModule):
+        return Capture(GIVEN, model, _placeholder_inputs(model, inputs))
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            with torch.no_grad():
+                reference = inputs.call(model)
+        except Exception as exc:
+            raise CaptureError(
+                f"the model fails on its own example inputs: {_reason(exc)}. "
+                "Fix example_inputs() in model.py so that model(*inputs) runs."
+            ) from exc
+        try:
+            return _symbolic(model, inputs, reference)
+        except CaptureError:
+            raise
+        except Exception as exc:
+            trace_reason = _reason(exc)
+            log.info("symbolic_trace failed (%s); falling back to torch.export", trace_reason)
+        try:
+            result = _export(model, inputs)
+        except Exception as exc:
+            raise CaptureError(
+                "could not capture the model as a graph.\n"
+                f"  torch.fx.symbolic_trace: {trace_reason}\n"
+                f"  torch.export.export(strict=False): {_reason(exc)}\n"
+                "What to do: remove Python control flow that depends on tensor values from forward() "
+                "(or move it into a submodule that needs no sparsification), or pass a torch.fx.GraphModule "
+                "you traced yourself."
+            ) from exc
+        result.fallback_reason = trace_reason
+        return result
+    finally:
+        model.train(was_training)

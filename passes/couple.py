@@ -1,0 +1,714 @@
+"""Couple pass: coupling groups of linear sites, read from the graph's dataflow (never from names).
+
+The pass runs the captured graph once on the example inputs and, beside every real value, an
+*index tensor* per linear site: an int32 tensor of the value's shape whose entries say which
+output feature of the site each element carries (-1: none). Data-movement ops (view, reshape,
+transpose, split, cat, slicing, expand, repeat...) are executed on the index tensors themselves,
+so heads, fused projections, rotary embeddings and grouped-query attention need no special
+cases. The other ops are read by kind:
+
+- contraction (matmul, scaled_dot_product_attention): the features of both operands along the
+  contracted dimension are *dot*-coupled pairs (q row i with k row i);
+- elementwise product of two sites' features: *mul*-coupled rows (act(gate) * up);
+- a site's features reaching another site's input: a *chain* (v -> o, up -> down, fc1 -> fc2);
+- the same site's features meeting themselves at other positions (q*cos + rotate_half(q)*sin):
+  *paired rows* (RoPE's i and i + head_dim/2);
+- residual adds, norms and reductions over features, model outputs, and ops the pass does not
+  know: *boundaries*, never percolated.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from sparsify.passes.capture import Capture
+from sparsify.passes.find_linears import Sites
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Op vocabulary, by op name (aten overload name, function name, method name or module class)
+
+STRUCTURAL = {
+    "view", "reshape", "_unsafe_view", "transpose", "swapaxes", "swapdims", "permute", "t",
+    "contiguous", "clone", "split", "split_with_sizes", "chunk", "unbind", "getitem", "slice",
+    "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "repeat_interleave",
+    "cat", "concat", "concatenate", "stack", "flatten", "unflatten", "alias", "detach", "movedim",
+    "flip", "roll", "lift_fresh_copy", "view_as", "reshape_as", "Flatten", "Unflatten",
+}
+ACTIVATIONS = {
+    "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "tanh", "softplus", "elu", "selu",
+    "leaky_relu", "mish", "hardswish", "hardsigmoid", "hardtanh", "relu6", "glu", "erf",
+    "ReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "Softplus", "ELU", "SELU", "LeakyReLU", "Mish",
+    "Hardswish", "Hardsigmoid", "Hardtanh", "ReLU6",
+}
+UNARY = ACTIVATIONS | {
+    "neg", "abs", "exp", "log", "sqrt", "rsqrt", "square", "sin", "cos", "reciprocal", "clamp",
+    "clip", "to", "_to_copy", "type", "type_as", "float", "half", "double", "bfloat16",
+    "dropout", "native_dropout", "Dropout", "Identity", "pow", "masked_fill", "fill_",
+    "contiguous", "feature_dropout", "alpha_dropout",
+}
+ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
+MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
+CONTRACTIONS = {"matmul", "bmm", "scaled_dot_product_attention"}
+LINEARS = {"linear", "Linear", "addmm", "mm"}
+NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "LayerNorm", "RMSNorm", "GroupNorm"}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "linalg_vector_norm",
+              "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp", "cumsum", "argmax", "argmin"}
+EMBEDDINGS = {"embedding", "Embedding", "EmbeddingBag"}
+NO_VALUE = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "size", "dim", "numel", "getattr"}
+
+
+def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    """A capture-independent name for the op of ``node`` ('view', 'add', 'Linear', ...)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_method":
+        return node.target
+    target = node.target
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
+    return name.strip("_") if name in ("__getitem__", "__and__") else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Result objects
+
+def feature_text(site: str, features: np.ndarray, width: int) -> str:
+    """'site' for all features, 'site[a:b]' for a contiguous range, 'site{n features}' otherwise."""
+    features = np.unique(features)
+    if len(features) == width:
+        return site
+    if len(features) and features[-1] - features[0] + 1 == len(features):
+        return f"{site}[{features[0]}:{features[-1] + 1}]"
+    return f"{site}{{{len(features)} of {width}}}"
+
+
+@dataclass
+class DotGroup:
+    """Rows of two sites contracted together (q·k): head structure and RoPE pairing included."""
+
+    q: str
+    k: str
+    pairs: np.ndarray  # (n, 2): q feature, k feature; one row per contracted element pair
+    head_dim: int
+    via: str
+    rope: dict[str, np.ndarray] = field(default_factory=dict)  # site -> (n, 2) paired rows
+    kind: str = "dot"
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.q, self.k)
+
+    def heads(self) -> tuple[int, int, dict[int, list[int]]]:
+        """(q heads, kv heads, kv head -> q heads sharing it)."""
+        q_feats, k_feats = np.unique(self.pairs[:, 0]), np.unique(self.pairs[:, 1])
+        q0, k0 = q_feats.min(), k_feats.min()
+        share: dict[int, set[int]] = {}
+        for qf, kf in self.pairs:
+            share.setdefault(int((kf - k0) // self.head_dim), set()).add(int((qf - q0) // self.head_dim))
+        return (len(q_feats) // self.head_dim, len(k_feats) // self.head_dim,
+                {k: sorted(v) for k, v in sorted(share.items())})
+
+    def describe(self, widths: dict[str, int]) -> str:
+        q_heads, kv_heads, share = self.heads()
+        text = (f"dot    {feature_text(self.q, self.pairs[:, 0], widths[self.q])} . "
+                f"{feature_text(self.k, self.pairs[:, 1], widths[self.k])}  via {self.via}: "
+                f"head_dim {self.head_dim}, {q_heads} q heads, {kv_heads} kv heads")
+        if q_heads != kv_heads:
+            text += " (" + "; ".join(f"q {','.join(map(str, qs))} -> kv {k}" for k, qs in share.items()) + ")"
+        for site in sorted(self.rope):
+            text += f"; {site} rows {describe_pairing(self.rope[site], self.head_dim)}"
+        return text
+
+
+@dataclass
+class MulGroup:
+    """Rows of two sites multiplied elementwise (act(gate)·up)."""
+
+    a: str
+    b: str
+    pairs: np.ndarray  # (n, 2)
+    trails: tuple[tuple[str, ...], tuple[str, ...]]
+    kind: str = "mul"
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.a, self.b)
+
+    def describe(self, widths: dict[str, int]) -> str:
+        a = _wrap(feature_text(self.a, self.pairs[:, 0], widths[self.a]), self.trails[0])
+        b = _wrap(feature_text(self.b, self.pairs[:, 1], widths[self.b]), self.trails[1])
+        same = "row i with row i" if np.array_equal(self.pairs[:, 0] - self.pairs[0, 0],
+                                                    self.pairs[:, 1] - self.pairs[0, 1]) else "permuted rows"
+        return f"mul    {a} * {b}  ({len(self.pairs)} rows, {same})"
+
+
+@dataclass
+class ChainGroup:
+    """Output features of ``src`` feed input columns of ``dst`` (mapping[j] = src feature or -1)."""
+
+    src: str
+    dst: str
+    mapping: np.ndarray  # (dst.in_features,)
+    trail: tuple[str, ...]
+    kind: str = "chain"
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.src, self.dst)
+
+    def describe(self, widths: dict[str, int]) -> str:
+        used = self.mapping[self.mapping >= 0]
+        feats = np.unique(used)
+        via = " -> ".join(self.trail) + " -> " if self.trail else ""
+        if len(used) == len(feats) and np.all(np.diff(used) == 1):
+            how = f"{len(feats)} features, in order"
+        elif len(used) == len(feats):
+            how = f"{len(feats)} features, permuted"
+        else:
+            counts = np.unique(np.bincount(used - feats.min())[feats - feats.min()])
+            each = str(counts[0]) if len(counts) == 1 else "varying"
+            how = f"{len(feats)} features feed {len(used)} columns, {each} each"
+        cols = np.flatnonzero(self.mapping >= 0)
+        dst = self.dst if len(cols) == len(self.mapping) else f"{self.dst}[in {cols[0]}:{cols[-1] + 1}]"
+        return f"chain  {feature_text(self.src, used, widths[self.src])} -> {via}{dst}  ({how})"
+
+
+def _wrap(text: str, trail: tuple[str, ...]) -> str:
+    for op in trail:
+        text = f"{op}({text})"
+    return text
+
+
+def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
+    """RoPE's rotate-half pairing (d, d+hd/2), the interleaved one (2d, 2d+1), or a count."""
+    lo, hi = np.minimum(pairs[:, 0], pairs[:, 1]), np.maximum(pairs[:, 0], pairs[:, 1])
+    if head_dim % 2 == 0 and np.all(hi - lo == head_dim // 2) and np.all(lo % head_dim < head_dim // 2):
+        return f"paired (d, d+{head_dim // 2}) in each head: rotary, rotate-half"
+    if np.all(hi - lo == 1) and np.all(lo % 2 == 0):
+        return "paired (2d, 2d+1): rotary, interleaved"
+    return f"paired: {len(np.unique(np.stack([lo, hi], 1), axis=0))} pairs"
+
+
+@dataclass
+class Coupling:
+    """Sites, coupling groups and boundaries of one model, with a stable text dump."""
+
+    capture: str
+    sites: Sites
+    groups: list = field(default_factory=list)
+    paired: dict[str, np.ndarray] = field(default_factory=dict)
+    boundaries: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (site, 'in'|'out') -> reasons
+    notes: list[str] = field(default_factory=list)
+
+    def groups_of(self, site: str) -> list:
+        return [g for g in self.groups if site in g.sites]
+
+    def group_lines(self) -> list[str]:
+        widths = {n: s.out_features for n, s in self.sites.sites.items()}
+        return sorted(g.describe(widths) for g in self.groups)
+
+    def boundary_lines(self) -> list[str]:
+        lines = []
+        for (site, side), reasons in sorted(self.boundaries.items()):
+            lines.append(f"{site}  {side}: {'; '.join(sorted(reasons))}")
+        return lines
+
+    def dump(self) -> str:
+        """Stable, readable text: sites, excluded linears, groups and boundaries, sorted by name."""
+        out = [f"capture: {self.capture}", f"linear sites ({len(self.sites.sites)}):"]
+        for s in self.sites.sites.values():
+            calls = f"  calls {s.calls}" if s.calls != 1 else ""
+            out.append(f"  {s.name}  {s.in_features} -> {s.out_features}{'  bias' if s.bias else ''}{calls}")
+        if self.sites.excluded:
+            out.append(f"excluded ({len(self.sites.excluded)}):")
+            out += [f"  {name}: {why}" for name, why in sorted(self.sites.excluded.items())]
+        lines = self.group_lines()
+        out.append(f"groups ({len(lines)}):")
+        out += [f"  {line}" for line in lines]
+        lines = self.boundary_lines()
+        out.append(f"boundaries ({len(lines)}):")
+        out += [f"  {line}" for line in lines]
+        if self.notes:
+            out.append("notes:")
+            out += [f"  {n}" for n in sorted(set(self.notes))]
+        return "\n".join(out) + "\n"
+
+    def to_json(self) -> dict:
+        widths = {n: s.out_features for n, s in self.sites.sites.items()}
+        groups = []
+        for g in self.groups:
+            entry = {"kind": g.kind, "sites": list(g.sites), "text": g.describe(widths)}
+            if isinstance(g, DotGroup):
+                q_heads, kv_heads, share = g.heads()
+                entry.update(head_dim=g.head_dim, q_heads=q_heads, kv_heads=kv_heads,
+                             kv_shared_by={str(k): v for k, v in share.items()},
+                             rope={s: p.tolist() for s, p in g.rope.items()})
+            groups.append(entry)
+        return {
+            "capture": self.capture,
+            "groups": sorted(groups, key=lambda e: e["text"]),
+            "boundaries": [{"site": s, "side": side, "reasons": sorted(r)}
+                           for (s, side), r in sorted(self.boundaries.items())],
+            "notes": sorted(set(self.notes)),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Propagation
+
+Tags = dict  # site -> _Tag
+
+
+@dataclass
+class _Tag:
+    idx: torch.Tensor  # int32, same shape as the value: feature of the site, or -1
+    trail: tuple[str, ...] = ()
+
+
+def _like(real: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (broadcast to real's shape) laid out with real's strides, so later views behave alike."""
+    values = values.to(torch.int32).broadcast_to(real.shape)
+    if real.is_contiguous() or not _dense(real):
+        return values.contiguous()
+    out = torch.empty_strided(real.shape, real.stride(), dtype=torch.int32)
+    return out.copy_(values)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    try:
+        return torch._prims_common.is_non_overlapping_and_dense(t)
+    except Exception:
+        return False
+
+
+def _varies(idx: torch.Tensor, dim: int) -> bool:
+    return idx.shape[dim] > 1 and bool((idx != idx.narrow(dim, 0, 1)).any())
+
+
+def _labelled_dims(idx: torch.Tensor) -> list[int]:
+    return [d for d in range(idx.dim()) if _varies(idx, d)]
+
+
+def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a, b = torch.broadcast_tensors(a, b)
+    pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+    pairs = pairs[(pairs >= 0).all(1)]
+    return np.unique(pairs.numpy().astype(np.int64), axis=0) if len(pairs) else np.zeros((0, 2), np.int64)
+
+
+class _Propagator(fx.Interpreter):
+    """Runs the graph on real inputs and propagates site index tensors beside the values."""
+
+    def __init__(self, gm: fx.GraphModule, sites: Sites):
+        super().__init__(gm, garbage_collect_values=False)
+        self.sites = sites
+        self.tags: dict[fx.Node, Any] = {}
+        self.data: dict[fx.Node, bool] = {}  # whether the value depends on the model's inputs
+        self.chains: dict[tuple[str, str], tuple[np.ndarray, tuple]] = {}
+        self.dots: dict[tuple[str, str], tuple[list, int, str]] = {}
+        self.muls: dict[tuple[str, str], tuple[list, tuple]] = {}
+        self.paired: dict[str, list[np.ndarray]] = {}
+        self.boundaries: dict[tuple[str, str], set[str]] = {}
+        self.notes: list[str] = []
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _boundary(self, site: str, side: str, reason: str) -> None:
+        self.boundaries.setdefault((site, side), set()).add(reason)
+
+    def _scope(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path, kind = list(stack.values())[-1]
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        return f"{path} ({kind.rsplit('.', 1)[-1]})" if path else ""
+
+    def _where(self, node: fx.Node) -> str:
+        scope = self._scope(node)
+        return f" in {scope}" if scope else ""
+
+    def _tags_of(self, arg: Any) -> Any:
+        return fx.node.map_aggregate(arg, lambda a: self.tags.get(a) if isinstance(a, fx.Node) else None)
+
+    def _all_tags(self, node: fx.Node) -> list[Tags]:
+        found = []
+        for a in node.all_input_nodes:
+            _collect(self.tags.get(a), found)
+        return found
+
+    def _end(self, node: fx.Node, reason: str) -> None:
+        for tags in self._all_tags(node):
+            for site in tags:
+                self._boundary(site, "out", reason)
+
+    # -- the interpreter hook ----------------------------------------------------------------
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        self.data[node] = node.op == "placeholder" or any(self.data.get(a, False) for a in node.all_input_nodes)
+        try:
+            self.tags[node] = self._propagate(node, value)
+        except Exception as exc:  # an op we could not follow: stop its features here, safely
+            name = op_name(node, self.module) if node.op.startswith("call") else node.op
+            self.notes.append(f"could not follow features through {name} ({node.name}): {type(exc).__name__}: {exc}")
+            self._end(node, f"opaque op {name}")
+            self.tags[node] = None
+        return value
+
+    def _propagate(self, node: fx.Node, value: Any) -> Any:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self._end(node, "model output")
+            return None
+        if node.name in self.sites.node_to_site:
+            return self._site_call(node, value)
+        if not self._all_tags(node):
+            return None
+        name = op_name(node, self.module)
+        if name in NO_VALUE or not _has_tensor(value):
+            return None
+        if node.name in self.sites.node_to_excluded:
+            self._end(node, f"consumed by excluded linear {self.sites.node_to_excluded[node.name]}")
+            return None
+        if name == "getitem" and isinstance(self._real(node.args[0]), (tuple, list)):
+            parent = self.tags.get(node.args[0])
+            return parent[node.args[1]] if parent is not None else None
+        if name in STRUCTURAL:
+            return self._structural(node, value)
+        if name in UNARY and name not in ADDITIVE | MULTIPLICATIVE:
+            return self._elementwise(node, value, name, "unary")
+        if name in ADDITIVE:
+            return self._elementwise(node, value, name, "add")
+        if name in MULTIPLICATIVE:
+            return self._elementwise(node, value, name, "mul")
+        if name in CONTRACTIONS:
+            return self._contraction(node, value, name)
+        if name in NORMS:
+            return self._reduction(node, value, name, self._norm_dims(node, value))
+        if name in REDUCTIONS:
+            return self._reduction(node, value, name, self._reduce_dims(node))
+        if name in LINEARS:
+            self._end(node, f"consumed by {name}{self._where(node)} (not a linear site)")
+            return None
+        if name in EMBEDDINGS:
+            return None
+        self.notes.append(f"unknown op {name} ({node.name}) stops the features of: "
+                          + ", ".join(sorted({s for t in self._all_tags(node) for s in t})))
+        self._end(node, f"opaque op {name}")
+        return None
+
+    def _real(self, arg: Any) -> Any:
+        return fx.node.map_aggregate(arg, lambda a: self.env[a] if isinstance(a, fx.Node) else a)
+
+    # -- rules ---------------------------------------------------------------------------------
+    def _site_call(self, node: fx.Node, value: torch.Tensor) -> Tags:
+        site = self.sites.sites[self.sites.node_to_site[node.name]]
+        x = node.args[0]
+        tags = self.tags.get(x) or {}
+        covered = torch.zeros(site.in_features, dtype=torch.bool)
+        for src, tag in tags.items():
+            if not _varies(tag.idx, -1) and tag.idx.shape[-1] > 1:
+                continue
+            mapping = tag.idx.reshape(-1, site.in_features)[0].numpy().astype(np.int64)
+            covered |= torch.from_numpy(mapping >= 0)
+            key = (src, site.name)
+            if key in self.chains:
+                old, _ = self.chains[key]
+                mapping = np.where(old >= 0, old, mapping)
+            self.chains[key] = (mapping, tag.trail)
+        if not bool(covered.all()):
+            producer = self._producer(x)
+            part = "" if not covered.any() else " (some columns)"
+            self._boundary(site.name, "in", f"{producer}{part}")
+        out = torch.arange(site.out_features, dtype=torch.int32)
+        return {site.name: _Tag(_like(value, out))}
+
+    def _producer(self, node: fx.Node) -> str:
+        """Where an input that carries no site's features comes from, for the boundary text."""
+        seen = node
+        while True:
+            if seen.op == "placeholder":
+                return "model input"
+            name = op_name(seen, self.module) if seen.op.startswith("call") else seen.op
+            if name in STRUCTURAL | {"to", "_to_copy", "type", "float", "dropout", "Dropout", "Identity"} \
+                    and seen.all_input_nodes:
+                seen = seen.all_input_nodes[0]
+                continue
+            scope = self._scope(seen)
+            return f"from {scope}" if scope else f"from {name}"
+
+    def _structural(self, node: fx.Node, value: Any) -> Any:
+        in_tags = self._all_tags(node)
+        sites = sorted({s for t in in_tags for s in t})
+        results: dict[str, Any] = {}
+        for site in sites:
+            trail: tuple = ()
+
+            def sub(a: Any) -> Any:
+                nonlocal trail
+                if not isinstance(a, fx.Node):
+                    return a
+                real = self.env[a]
+                tag = self.tags.get(a)
+                if isinstance(tag, dict) and site in tag:
+                    trail = trail or tag[site].trail
+                    return tag[site].idx
+                if isinstance(tag, (list, tuple)):
+                    return [t[site].idx if isinstance(t, dict) and site in t else _blank(r)
+                            for t, r in zip(tag, real)]
+                return _blank(real)
+
+            args = fx.node.map_aggregate(node.args, sub)
+            kwargs = fx.node.map_aggregate(node.kwargs, sub)
+            out = self._call(node, args, kwargs)
+            results[site] = (out, trail)
+        return _regroup(value, results)
+
+    def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.module.get_submodule(node.target)(*args, **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _elementwise(self, node: fx.Node, value: torch.Tensor, name: str, kind: str) -> Tags:
+        operands = [a for a in _flat_nodes(node.args) + _flat_nodes(node.kwargs.values())
+                    if isinstance(self.env.get(a), torch.Tensor)]
+        if name == "type_as":
+            operands = operands[:1]
+        tagged = [(a, self.tags.get(a)) for a in operands if isinstance(self.tags.get(a), dict) and self.tags[a]]
+        untagged = [a for a in operands if not (isinstance(self.tags.get(a), dict) and self.tags[a])]
+        sites = sorted({s for _, t in tagged for s in t})
+        step = (name,) if name in ACTIVATIONS else ()
+        out: Tags = {}
+        for site in sites:
+            tags = [t[site] for _, t in tagged if site in t]
+            idx = tags[0].idx
+            for other in tags[1:]:
+                a, b = torch.broadcast_tensors(idx, other.idx)
+                differ = (a >= 0) & (b >= 0) & (a != b)
+                if bool(differ.any()):
+                    self.paired.setdefault(site, []).append(
+                        _unique_pairs(a[differ], b[differ]))
+                idx = torch.where(a >= 0, a, b)
+            trail = max((t.trail for t in tags), key=len) + step
+            out[site] = _Tag(_like(value, idx), _dedupe(trail))
+        if kind == "add":
+            self._additive(node, value, tagged, untagged, out)
+        elif kind == "mul" and len(sites) > 1:
+            self._product(node, tagged, out)
+        return out
+
+    def _additive(self, node: fx.Node, value: torch.Tensor, tagged: list, untagged: list, out: Tags) -> None:
+        """A site's features summed with another site's or with data (a residual stream) end there."""
+        sites = sorted(out)
+        if len(sites) > 1 and len(tagged) > 1:
+            for site in sites:
+                others = ", ".join(s for s in sites if s != site)
+                self._boundary(site, "out", f"summed with {others}{self._where(node)}")
+            out.clear()
+            return
+        for a in untagged:
+            if not self.data.get(a, False):
+                continue
+            real = self.env[a]
+            for site, tag in list(out.items()):
+                dims = _labelled_dims(tag.idx)
+                offset = value.dim() - real.dim()
+                if any(d - offset >= 0 and real.shape[d - offset] > 1 for d in dims):
+                    self._boundary(site, "out", f"residual add{self._where(node)}")
+                    del out[site]
+
+    def _product(self, node: fx.Node, tagged: list, out: Tags) -> None:
+        """Two different sites' features multiplied elementwise: their rows are coupled."""
+        (na, ta), (nb, tb) = tagged[0], tagged[-1]
+        for sa, tag_a in ta.items():
+            for sb, tag_b in tb.items():
+                if sa == sb:
+                    continue
+                pairs = _unique_pairs(tag_a.idx, tag_b.idx)
+                if not len(pairs):
+                    continue
+                key = (sa, sb)
+                prev = self.muls.get(key)
+                merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
+                self.muls[key] = (merged, (tag_a.trail, tag_b.trail))
+        for site, tag in out.items():
+            out[site] = _Tag(tag.idx, _dedupe(tag.trail + ("mul",)))
+
+    def _contraction(self, node: fx.Node, value: torch.Tensor, name: str) -> Tags:
+        if name == "scaled_dot_product_attention":
+            return self._attention(node, value)
+        a_node, b_node = node.args[0], node.args[1]
+        a, b = self.env[a_node], self.env[b_node]
+        if a.dim() < 2 or b.dim() < 2:
+            self._end(node, f"opaque op {name}")
+            return {}
+        ta, tb = self.tags.get(a_node) or {}, self.tags.get(b_node) or {}
+        out: Tags = {}
+        a_contracted = {s: t for s, t in ta.items() if _varies(t.idx, -1)}
+        b_contracted = {s: t for s, t in tb.items() if _varies(t.idx, -2)}
+        self._pair_contracted(node, a_contracted, b_contracted, a.shape[-1], "matmul",
+                              lambda t: t.idx.select(-2, 0), lambda t: t.idx.select(-1, 0))
+        for s, t in ta.items():
+            if s not in a_contracted:
+                out[s] = _Tag(_like(value, t.idx.narrow(-1, 0, 1)), _dedupe(t.trail + ("matmul",)))
+        for s, t in tb.items():
+            if s not in b_contracted:
+                idx = t.idx.narrow(-2, 0, 1)
+                if s in out:
+                    idx = torch.where(out[s].idx >= 0, out[s].idx, idx)
+                out[s] = _Tag(_like(value, idx), _dedupe(t.trail + ("matmul",)))
+        return out
+
+    def _pair_contracted(self, node, left: dict, right: dict, size: int, via: str, left_vec, right_vec) -> None:
+        for s in left:
+            if not right:
+                self._boundary(s, "out", f"contracted with non-feature data by {via}{self._where(node)}")
+        for s in right:
+            if not left:
+                self._boundary(s, "out", f"contracted with non-feature data by {via}{self._where(node)}")
+        for sa, ta in left.items():
+            for sb, tb in right.items():
+                pairs = _unique_pairs(left_vec(ta), right_vec(tb))
+                key = (sa, sb)
+                prev = self.dots.get(key)
+                merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
+                self.dots[key] = (merged, size, via)
+
+    def _attention(self, node: fx.Node, value: torch.Tensor) -> Tags:
+        names = ["query", "key", "value"]
+        nodes = [node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3)]
+        q, k, v = (self.env[n] for n in nodes)
+        tq, tk, tv = (dict(self.tags.get(n) or {}) for n in nodes)
+        if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:  # enable_gqa: kv heads shared by q heads
+            rep = q.shape[-3] // k.shape[-3]
+            tk = {s: _Tag(t.idx.repeat_interleave(rep, dim=-3), t.trail) for s, t in tk.items()}
+            tv = {s: _Tag(t.idx.repeat_interleave(rep, dim=-3), t.trail) for s, t in tv.items()}
+        q_contracted = {s: t for s, t in tq.items() if _varies(t.idx, -1)}
+        k_contracted = {s: t for s, t in tk.items() if _varies(t.idx, -1)}
+        self._pair_contracted(node, q_contracted, k_contracted, q.shape[-1], "scaled_dot_product_attention",
+                              lambda t: t.idx.select(-2, 0), lambda t: t.idx.select(-2, 0))
+        for s in set(tq) - set(q_contracted) | set(tk) - set(k_contracted):
+            self._boundary(s, "out", f"mixed over positions by attention{self._where(node)}")
+        return {s: _Tag(_like(value, t.idx.narrow(-2, 0, 1)), _dedupe(t.trail + ("attention",)))
+                for s, t in tv.items()}
+
+    def _norm_dims(self, node: fx.Node, value: Any) -> list[int]:
+        x = self.env[node.args[0]]
+        if node.op == "call_module":
+            m = self.module.get_submodule(node.target)
+            shape = getattr(m, "normalized_shape", None)
+            n = len(shape) if shape is not None else 1
+            if type(m).__name__ == "GroupNorm":
+                return list(range(1, x.dim()))
+        else:
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape", [x.shape[-1]])
+            n = len(shape) if isinstance(shape, (list, tuple)) else 1
+            if "group_norm" in op_name(node, self.module):
+                return list(range(1, x.dim()))
+        return list(range(x.dim() - n, x.dim()))
+
+    def _reduce_dims(self, node: fx.Node) -> list[int] | None:
+        x = self.env[node.args[0]]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(dim, fx.Node):
+            dim = self.env[dim]
+        if dim is None or not isinstance(dim, (int, list, tuple)):
+            return list(range(x.dim()))
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        return [d % x.dim() for d in dims]
+
+    def _reduction(self, node: fx.Node, value: Any, name: str, dims: list[int]) -> Tags:
+        x_node = node.args[0]
+        tags = self.tags.get(x_node) or {}
+        real = self.env[x_node]
+        out: Tags = {}
+        result = value[0] if isinstance(value, (tuple, list)) else value
+        for site, tag in tags.items():
+            if any(_varies(tag.idx, d) for d in dims):
+                self._boundary(site, "out", f"{name} over its features{self._where(node)}")
+                continue
+            idx = tag.idx
+            for d in sorted(dims, reverse=True):
+                idx = idx.narrow(d, 0, 1)
+            if result.dim() < real.dim():
+                idx = idx.reshape([s for d, s in enumerate(idx.shape) if d not in dims])
+            out[site] = _Tag(_like(result, idx), tag.trail)
+        if isinstance(value, (tuple, list)):
+            return [out] + [None] * (len(value) - 1)
+        return out
+
+
+def _blank(real: Any) -> Any:
+    """A stand-in carrying no feature for a float operand of a data-movement op; other values as is."""
+    if isinstance(real, torch.Tensor) and (real.is_floating_point() or real.is_complex()):
+        return _like(real, torch.tensor(-1, dtype=torch.int32))
+    return real
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
+    return found
+
+
+def _collect(tag: Any, found: list) -> None:
+    if isinstance(tag, dict):
+        if tag:
+            found.append(tag)
+    elif isinstance(tag, (list, tuple)):
+        for t in tag:
+            _collect(t, found)
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_tensor(v) for v in value)
+
+
+def _dedupe(trail: tuple[str, ...]) -> tuple[str, ...]:
+    out: list[str] = []
+    for op in trail:
+        if not out or out[-1] != op:
+            out.append(op)
+    return tuple(out)
+
+
+def _regroup(value: Any, results: dict[str, tuple[Any, tuple]]) -> Any:
+    """Per-site outputs of a structural op (tensor or tuple of tensors) into tags shaped like ``value``."""
+    if isinstance(value, torch.Tensor):
+        tags = {}
+        for site, (out, trail) in results.items():
+            if isinstance(out, torch.Tensor) and bool((out >= 0).any()):
+                tags[site] = _Tag(out, trail)
+        return tags
+    if isinstance(value, (tuple, list)):
+        return [_regroup(v, {s: (o[i], t) for s, (o, t) in results.items()}) for i, v in enumerate(value)]
+    return None
+
+
+def couple(cap: Capture, sites: Sites) -> Coupling:
+    """Analyze ``cap``'s graph: coupling groups and boundaries of ``sites``."""
+    prop = _Propagator(cap.graph_module, sites)
+    with torch.no_grad():
+        prop.run(*cap.flat_inputs)
+    result = Coupling(cap.describe(), sites, notes=prop.notes)
+    for site, chunks in prop.paired.items():
+        result.paired[site] = np.unique(np.sort(np.concatenate(chunks), axis=1), axis=0)
+    for (src, dst), (mapping, trail) in prop.chains.items():
+        result.groups.append(ChainGroup(src, dst, mapping, trail))
+    for (a, b), (pairs, trails) in prop.muls.items():
+        result.groups.append(MulGroup(a, b, pairs, trails))
+    for (q, k), (pairs, head_dim, via) in prop.dots.items():
+        rope = {s: result.paired[s] for s in (q, k) if s in result.paired}
+        result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope))
+    result.boundaries = prop.boundaries
+    return result

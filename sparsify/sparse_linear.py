@@ -1,0 +1,85 @@
+"""SparseLinear: a linear layer with a fixed number of active links, swapped in for nn.Linear."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ (weight * mask).T + bias`` with a boolean ``mask`` of active links ``[out, in]``.
+
+    Inactive weights are kept at zero and receive zero gradient (the mask multiplies the weight
+    inside the forward). ``weight``, ``bias`` and ``mask`` are all in the state_dict, under the
+    same names as nn.Linear's plus ``mask``.
+
+    >>> layer = SparseLinear.from_linear(nn.Linear(4, 3), mask=torch.eye(3, 4, dtype=torch.bool))
+    >>> layer.active_links, layer.density
+    (3, 0.25)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 mask: torch.Tensor | None = None, backend: str = "masked", device=None, dtype=None):
+        super().__init__()
+        if backend != "masked":
+            raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        if mask is None:
+            mask = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
+        self.register_buffer("mask", self._check_mask(mask))
+        nn.Linear.reset_parameters(self)  # same init as nn.Linear (weight then bias)
+        self.apply_mask()
+
+    def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected "
+                             f"[out, in] = {(self.out_features, self.in_features)}")
+        return mask.to(dtype=torch.bool)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, backend: str = "masked") -> "SparseLinear":
+        """Wrap ``linear``'s own weight and bias Parameters (no copy), zeroing the inactive weights."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.backend = linear.in_features, linear.out_features, backend
+        if backend != "masked":
+            raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        if mask is None:
+            mask = torch.ones_like(linear.weight, dtype=torch.bool)
+        layer.register_buffer("mask", layer._check_mask(mask.to(linear.weight.device)))
+        layer.apply_mask()
+        return layer
+
+    def to_linear(self) -> nn.Linear:
+        """A dense nn.Linear with the same outputs (inactive weights are zero)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight * self.mask)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Zero the weights of inactive links (after an optimizer step or a mask change)."""
+        self.weight.mul_(self.mask)
+
+    @property
+    def active_links(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def density(self) -> float:
+        return self.active_links / self.mask.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.4f}, backend={self.backend}")
