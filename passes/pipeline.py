@@ -1,0 +1,62 @@
+"""The pass pipeline: capture -> find_linears -> couple -> plan -> rewrite, in one readable function.
+
+User errors (SparsifyError) pass through unchanged: they already say what to do. Anything else
+is an internal error and is reported with the pass that failed and the one before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from sparsify.errors import SparsifyError
+from sparsify.passes.capture import EXPORT, Capture, capture
+from sparsify.passes.couple import Coupling, couple
+from sparsify.passes.find_linears import Sites, find_linears
+from sparsify.passes.plan import Plan, plan
+from sparsify.passes.rewrite import rewrite
+from sparsify.policy import Policy
+from sparsify.sparse_linear import SparseLinear
+
+
+@dataclass
+class Analysis:
+    capture: Capture
+    sites: Sites
+    coupling: Coupling
+    plan: Plan | None = None
+    swapped: dict[str, SparseLinear] | None = None
+
+
+class PassFailed(RuntimeError):
+    """An internal error inside a pass (not the user's input)."""
+
+
+def _run(name: str, previous: str | None, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except SparsifyError:
+        raise
+    except Exception as exc:
+        after = f" (after {previous})" if previous else ""
+        raise PassFailed(f"pass {name} failed{after}: {type(exc).__name__}: {exc}") from exc
+
+
+def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None) -> Analysis:
+    """Capture and analyze ``model``; plan the policy's rules onto it when a policy is given."""
+    cap = _run("capture", None, capture, model, example_inputs)
+    sites = _run("find_linears", "capture", find_linears, model, cap)
+    coupling = _run("couple", "find_linears", couple, cap, sites)
+    result = Analysis(cap, sites, coupling)
+    if policy is not None:
+        result.plan = _run("plan", "couple", plan, model, sites, policy)
+    return result
+
+
+def transform(model: nn.Module, example_inputs: Any, policy: Policy) -> Analysis:
+    """Analyze ``model`` and rewrite its planned linears into SparseLinear modules, in place."""
+    result = analyze(model, example_inputs, policy)
+    traced = result.capture.graph_module if result.capture.kind != EXPORT else None
+    result.swapped = _run("rewrite", "plan", rewrite, model, result.plan, policy.seed, traced)
+    return result

@@ -1,0 +1,1 @@
+"""The policy JSON Schema, installed as sparsify.schema (data only)."""

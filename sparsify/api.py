@@ -1,0 +1,78 @@
+"""The programmatic API: one call turns a model's linear layers sparse, as a policy says."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from sparsify.passes.couple import Coupling
+from sparsify.passes.pipeline import Analysis, transform
+from sparsify.policy import LayerSpec, Policy, load_policy
+from sparsify.sparse_linear import SparseLinear
+
+
+@dataclass
+class SparseSite:
+    """One sparsified layer: its module, its resolved spec and the rule that chose it."""
+
+    name: str
+    module: SparseLinear
+    spec: LayerSpec
+    rule: str
+
+
+class SparseModel:
+    """A handle on a transformed model's sparse sites, coupling groups and plan."""
+
+    def __init__(self, model: nn.Module, analysis: Analysis, policy: Policy):
+        self.model = model
+        self.policy = policy
+        self.analysis = analysis
+        self.sites = {name: SparseSite(name, module, analysis.plan.decisions[name].spec,
+                                       analysis.plan.decisions[name].rule_text)
+                      for name, module in analysis.swapped.items()}
+
+    @property
+    def coupling(self) -> Coupling:
+        return self.analysis.coupling
+
+    @property
+    def capture(self) -> str:
+        return self.analysis.capture.describe()
+
+    def groups_of(self, name: str) -> list:
+        return self.coupling.groups_of(name)
+
+    def parameters_active(self) -> tuple[int, int]:
+        """(active weights, dense weights) over the sparse sites."""
+        active = sum(s.module.active_links for s in self.sites.values())
+        total = sum(s.module.mask.numel() for s in self.sites.values())
+        return active, total
+
+    def summary(self) -> str:
+        active, total = self.parameters_active()
+        lines = [f"{len(self.sites)} sparse layers, {active:,} of {total:,} weights active "
+                 f"({active / max(total, 1):.2%}); capture: {self.capture}"]
+        for s in self.sites.values():
+            lines.append(f"  {s.name}: {s.module.out_features}x{s.module.in_features} density "
+                         f"{s.module.density:.4f} method {s.spec.method} ({s.rule})")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"SparseModel({len(self.sites)} sparse layers)"
+
+
+def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_inputs: Any) -> tuple[nn.Module, SparseModel]:
+    """Make ``model``'s linear layers sparse as ``policy`` says; returns (model, handle).
+
+    ``model`` is an nn.Module (changed in place: its own class and methods survive) or a
+    torch.fx.GraphModule (its graph is recompiled). ``policy`` is a YAML path, a dict or a Policy.
+    ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+
+    >>> model, handle = sparsify(model, "policy.yaml", torch.randn(2, 784))  # doctest: +SKIP
+    """
+    policy = load_policy(policy)
+    analysis = transform(model, example_inputs, policy)
+    return model, SparseModel(model, analysis, policy)
