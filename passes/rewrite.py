@@ -24,7 +24,7 @@ def site_generator(seed: int, name: str) -> torch.Generator:
 
 def initial_mask(name: str, module: nn.Linear, spec, seed: int) -> torch.Tensor:
     init = INIT_TOPOLOGIES[spec.init["model"]]
-    params = {k: v for k, v in spec.init.items() if k != "model"}
+    params = {k: v for k, v in spec.init.items() if k not in ("model", "rescale")}
     return init(module.out_features, module.in_features, spec.initial_density, site_generator(seed, name), **params)
 
 
@@ -54,6 +54,8 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
         mask = initial_mask(name, old, spec, seed)
         new = SparseLinear.from_linear(old, mask=mask)
+        if spec.init.get("rescale", True) and spec.initial_density < 1.0:
+            new.rescale_to_fan_in()
         swaps[id(old)] = new
         created[name] = new
         replaced.append(old)

@@ -69,6 +69,12 @@ class SparseLinear(nn.Module):
         """Zero the weights of inactive links (after an optimizer step or a mask change)."""
         self.weight.mul_(self.mask)
 
+    @torch.no_grad()
+    def rescale_to_fan_in(self) -> None:
+        """Scale row i by sqrt(in_features / active inputs of i): the dense layer's activation scale."""
+        degree = self.mask.sum(1, keepdim=True).clamp_min(1)  # [out, 1]
+        self.weight.mul_((self.in_features / degree).sqrt().to(self.weight.dtype))
+
     @property
     def active_links(self) -> int:
         return int(self.mask.sum())

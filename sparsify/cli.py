@@ -1,0 +1,78 @@
+"""The command line: ``sparsify model.py policy.yaml [-o OUT]`` and ``sparsify inspect model.py [policy.yaml]``.
+
+User errors print one clean message and exit with code 2; internal errors keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from sparsify.errors import SparsifyError
+
+USAGE = """sparsify model.py policy.yaml [-o OUT]      train (when model.py provides data) and write OUT
+       sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules"""
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsify inspect",
+                                description="Show a model's linear sites, coupling groups and the policy's decisions.")
+    p.add_argument("model", help="model.py defining build_model() and example_inputs()")
+    p.add_argument("policy", nargs="?", help="policy YAML (optional)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return p
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsify", usage=USAGE,
+                                description="Make a model's linear layers sparse as a policy says, and train it.")
+    p.add_argument("model", help="model.py defining build_model(), example_inputs(), train_data(), eval_data()")
+    p.add_argument("policy", help="policy YAML")
+    p.add_argument("-o", "--out", help="output folder (default: runs/<model file name>)")
+    p.add_argument("--epochs", type=int, help="override training.epochs of the policy")
+    p.add_argument("--force", action="store_true", help="write into an output folder that already has a run")
+    return p
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    from sparsify.inspect import inspect_model
+
+    report = inspect_model(args.model, args.policy)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        report.print()
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from sparsify.train import run
+
+    run(args.model, args.policy, out=args.out, epochs=args.epochs, force=args.force)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        from sparsify import __version__
+
+        print(f"sparsify {__version__}")
+        return 0
+    if argv and argv[0] == "inspect":
+        args, command = _inspect_parser().parse_args(argv[1:]), inspect_command
+    else:
+        args, command = _run_parser().parse_args(argv), run_command
+    try:
+        return command(args)
+    except SparsifyError as exc:
+        print(f"sparsify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsify: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
