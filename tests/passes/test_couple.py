@@ -1,0 +1,99 @@
+"""Golden dumps of sites and coupling groups, checked by hand once, then by these tests.
+
+Regenerate after an intended change with SPARSIFY_UPDATE_GOLDEN=1 and read the diff.
+"""
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsify.passes.capture import capture
+from sparsify.passes.couple import DotGroup, MulGroup, ChainGroup, couple
+from sparsify.passes.find_linears import find_linears
+
+from model_zoo import load_example
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+
+
+def analyze(name):
+    m = load_example(name)
+    model = m.build_model()
+    cap = capture(model, m.example_inputs())
+    return model, couple(cap, find_linears(model, cap))
+
+
+@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "hf_llama"])
+def test_golden_dump(name):
+    _, coupling = analyze(name)
+    text = coupling.dump()
+    path = GOLDEN / f"{name}.txt"
+    if os.environ.get("SPARSIFY_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_mlp_chains_in_order():
+    _, c = analyze("mlp")
+    chains = sorted((g.src, g.dst) for g in c.groups if isinstance(g, ChainGroup))
+    assert chains == [("fc1", "fc2"), ("fc2", "fc3"), ("fc3", "fc4")]
+    for g in c.groups:
+        assert np.array_equal(g.mapping, np.arange(1568))
+        assert g.trail == ("relu",)
+    assert c.boundaries == {("fc1", "in"): {"model input"}, ("fc4", "out"): {"model output"}}
+
+
+def test_llama_qk_gqa_and_rope():
+    _, c = analyze("llama")
+    dots = [g for g in c.groups if isinstance(g, DotGroup)]
+    assert len(dots) == 2
+    g = next(d for d in dots if d.q == "layers.0.self_attn.q_proj")
+    assert g.k == "layers.0.self_attn.k_proj" and g.head_dim == 16
+    q_heads, kv_heads, share = g.heads()
+    assert (q_heads, kv_heads) == (4, 2)
+    assert share == {0: [0, 1], 1: [2, 3]}
+    # q feature h*16+d meets k feature (h//2)*16+d, for every head h and dim d
+    expected = sorted((h * 16 + d, (h // 2) * 16 + d) for h in range(4) for d in range(16))
+    assert sorted(map(tuple, g.pairs.tolist())) == expected
+    # RoPE pairs dims d and d+8 of every head, on both q and k
+    assert sorted(map(tuple, g.rope["layers.0.self_attn.q_proj"].tolist())) == \
+        sorted((h * 16 + d, h * 16 + d + 8) for h in range(4) for d in range(8))
+    assert len(g.rope["layers.0.self_attn.k_proj"]) == 2 * 8
+
+
+def test_llama_gate_up_and_v_o():
+    _, c = analyze("llama")
+    mul = next(g for g in c.groups if isinstance(g, MulGroup) and g.a.startswith("layers.0."))
+    assert (mul.a, mul.b) == ("layers.0.mlp.gate_proj", "layers.0.mlp.up_proj")
+    assert mul.trails[0] == ("silu",)
+    assert np.array_equal(mul.pairs, np.stack([np.arange(128)] * 2, 1))
+    vo = next(g for g in c.groups if isinstance(g, ChainGroup) and g.dst == "layers.0.self_attn.o_proj")
+    assert vo.src == "layers.0.self_attn.v_proj"
+    # o's input column (q head h, dim d) reads v feature (kv head h//2, dim d)
+    assert vo.mapping.tolist() == [(h // 2) * 16 + d for h in range(4) for d in range(16)]
+
+
+def test_nanogpt_fused_qkv_split():
+    _, c = analyze("nanogpt")
+    dot = next(g for g in c.groups if isinstance(g, DotGroup) and g.q == "h.0.attn.c_attn")
+    assert dot.k == "h.0.attn.c_attn"
+    assert dot.pairs.tolist() == [[i, 32 + i] for i in range(32)]
+    chain = next(g for g in c.groups if isinstance(g, ChainGroup) and g.dst == "h.0.attn.c_proj")
+    assert chain.mapping.tolist() == list(range(64, 96))
+    assert c.sites.excluded == {"lm_head": "weight tied to wte.weight"}
+
+
+def test_meaningless_names_give_the_same_groups():
+    model, c = analyze("llama")
+    anon, ca = analyze("llama_anon")
+    names = dict(zip([n for n, _ in anon.named_modules()], [n for n, _ in model.named_modules()]))
+    classes = {"Blk": "DecoderLayer", "Mixer": "Attention", "Ffn": "MLP", "Net": "Llama"}
+    text = ca.dump()
+    for old, new in sorted({**names, **classes}.items(), key=lambda kv: -len(kv[0])):
+        if old:
+            text = re.sub(rf"(?<![\w.]){re.escape(old)}(?![\w])", new, text)
+    # the dump is sorted by name, so compare its lines as sets of the same size
+    assert sorted(text.splitlines()) == sorted(c.dump().splitlines())
+    assert len(ca.groups) == len(c.groups) == 10
