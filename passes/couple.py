@@ -121,7 +121,9 @@ class DotGroup:
                 f"head_dim {self.head_dim}, {q_heads} q heads, {kv_heads} kv heads")
         if q_heads != kv_heads:
             text += " (" + "; ".join(f"q {','.join(map(str, qs))} -> kv {k}" for k, qs in share.items()) + ")"
-        for site in sorted(self.rope):
+        for site in dict.fromkeys((self.q, self.k)):  # q first, then k: independent of names
+            if site not in self.rope:
+                continue
             text += f"; {site} rows {describe_pairing(self.rope[site], self.head_dim)}"
         return text
 
