@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,15 +78,23 @@ class LeafTracer(fx.Tracer):
         return isinstance(m, SparseLinear) or super().is_leaf_module(m, qualname)
 
 
+_OWN = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(torch.__file__)))
+_EXPORT_FRAME = re.compile(r"File: (\S+):(\d+) in \w+, code: (.*)")
+
+
 def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the traceback outside torch and site-packages: 'file:line: code'."""
+    """The innermost frame of the user's code in the traceback (or in torch.export's message):
+    'file:line: code'."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename
-            and "/sparsify/" not in f.filename and "/passes/" not in f.filename]
-    if not user:
-        return ""
-    f = user[-1]
-    return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+    user = [f for f in frames if not f.filename.startswith(_OWN) and not f.filename.startswith("<")
+            and "/sparsify/" not in f.filename]
+    if user:
+        f = user[-1]
+        return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
+    found = _EXPORT_FRAME.search(str(exc))
+    if found:
+        return f"{os.path.basename(found.group(1))}:{found.group(2)}: {found.group(3).strip()}"
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

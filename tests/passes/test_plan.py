@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from sparsify.errors import PlanError
+from sparsify.passes.capture import capture
+from sparsify.passes.find_linears import find_linears
+from sparsify.passes.plan import plan
+from sparsify.policy import load_policy
+
+from model_zoo import load_example
+
+
+def llama_sites():
+    m = load_example("llama")
+    model = m.build_model()
+    return model, find_linears(model, capture(model, m.example_inputs()))
+
+
+def test_first_match_wins_skip_and_type_of_enclosing_module():
+    model, sites = llama_sites()
+    policy = load_policy({"version": 1, "rules": [
+        {"match": {"name": "lm_head"}, "skip": True},
+        {"match": {"regex": r"layers\.0\..*"}, "density": 0.5},
+        {"match": {"type": "Attention"}, "density": 0.2},
+        {"match": {"type": "MLP"}, "sparsity": 0.9},
+        {"match": {"name": "does.not.exist"}, "density": 0.3},
+    ]})
+    result = plan(model, sites, policy)
+    spec = {n: (d.spec.density if d.spec else None) for n, d in result.decisions.items()}
+    assert spec["lm_head"] is None
+    assert spec["layers.0.self_attn.q_proj"] == 0.5 and spec["layers.0.mlp.up_proj"] == 0.5
+    assert spec["layers.1.self_attn.v_proj"] == 0.2
+    assert spec["layers.1.mlp.down_proj"] == pytest.approx(0.1)
+    assert len(result.sparse) == 14
+    assert result.warnings() == ["rules[4] name='does.not.exist' matches no linear layer"]
+
+
+def test_unmatched_layers_default_to_skip_or_defaults():
+    model, sites = llama_sites()
+    skip = plan(model, sites, load_policy({"version": 1, "rules": [{"match": {"name": "lm_head"}, "density": 0.5}]}))
+    assert list(skip.sparse) == ["lm_head"]
+    every = plan(model, sites, load_policy({"version": 1, "defaults": {"density": 0.5}, "unmatched": "sparsify"}))
+    assert len(every.sparse) == 15
+
+
+def test_policy_matching_no_layer_is_an_error():
+    model, sites = llama_sites()
+    with pytest.raises(PlanError, match="makes no layer sparse.*layers.0.self_attn.q_proj"):
+        plan(model, sites, load_policy({"version": 1, "rules": [{"match": {"name": "nope"}, "density": 0.5}]}))
+
+
+def test_density_leaving_no_link_is_an_error():
+    model, sites = llama_sites()
+    with pytest.raises(PlanError, match=r"lm_head \(128x64\): density 1e-05 leaves no link"):
+        plan(model, sites, load_policy({"version": 1, "rules": [{"match": {"name": "lm_head"}, "density": 1e-5}]}))
+
+
+def test_unavailable_backend_is_an_error_not_a_silent_fallback():
+    model, sites = llama_sites()
+    with pytest.raises(PlanError, match="backend 'csr' is not available"):
+        plan(model, sites, load_policy({"version": 1, "rules": [
+            {"match": {"name": "lm_head"}, "density": 0.5, "backend": "csr"}]}))

@@ -1,0 +1,106 @@
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import sparsify
+from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.init import erdos_renyi, link_count
+
+from model_zoo import load_example
+
+EVERY = {"version": 1, "unmatched": "sparsify"}
+
+
+def test_density_one_gives_identical_outputs():
+    for name in ("mlp", "llama", "nanogpt"):
+        m = load_example(name)
+        model, x = m.build_model(), m.example_inputs()
+        expected = model(*x)
+        model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 1.0}}, x)
+        assert torch.equal(model(*x), expected), name
+        assert all(s.module.density == 1.0 for s in handle.sites.values())
+
+
+def test_exact_link_count_zero_inactive_weights_and_gradients():
+    m = load_example("llama")
+    model, x = m.build_model(), m.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.3}}, x)
+    assert len(handle.sites) == 15
+    model(*x).sum().backward()
+    for name, site in handle.sites.items():
+        layer = site.module
+        assert layer.active_links == round(0.3 * layer.out_features * layer.in_features), name
+        assert torch.all(layer.weight[~layer.mask] == 0)
+        assert torch.all(layer.weight.grad[~layer.mask] == 0)
+        assert layer.weight.grad[layer.mask].abs().sum() > 0
+
+
+def test_user_class_methods_and_state_dict_survive():
+    m = load_example("llama")
+    model, x = m.build_model(), m.example_inputs()
+    keys = set(model.state_dict())
+    model2, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    assert model2 is model and type(model).__name__ == "Llama"
+    assert isinstance(model.layers[0].self_attn.q_proj, SparseLinear)
+    masks = {f"{n}.mask" for n in handle.sites}
+    assert set(model.state_dict()) == keys | masks
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(*x), model(*x))
+
+
+def test_seeded_and_reproducible():
+    m = load_example("mlp")
+    masks = []
+    for seed in (0, 0, 1):
+        model, handle = sparsify.sparsify(m.build_model(), {**EVERY, "seed": seed, "defaults": {"density": 0.05}},
+                                          m.example_inputs())
+        masks.append(handle.sites["fc2"].module.mask.clone())
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+def test_to_linear_is_lossless():
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 8)
+    mask = erdos_renyi(8, 16, 0.25, torch.Generator().manual_seed(0))
+    layer = SparseLinear.from_linear(copy.deepcopy(dense), mask=mask)
+    back = layer.to_linear()
+    x = torch.randn(4, 16)
+    assert torch.equal(back(x), layer(x))
+    assert torch.equal(back.weight, dense.weight * mask)
+    full = SparseLinear.from_linear(copy.deepcopy(dense)).to_linear()
+    assert torch.equal(full.weight, dense.weight) and torch.equal(full.bias, dense.bias)
+
+
+def test_graph_module_is_rewritten_and_recompiled():
+    m = load_example("mlp")
+    gm = fx.symbolic_trace(m.build_model())
+    x = m.example_inputs()
+    gm2, handle = sparsify.sparsify(gm, {**EVERY, "defaults": {"density": 0.1}}, x)
+    assert gm2 is gm and isinstance(gm.get_submodule("fc1"), SparseLinear)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["fc1", "fc2", "fc3", "fc4"]
+    assert gm.get_submodule("fc1").active_links == link_count(1568, 784, 0.1)
+    assert gm(*x).shape == (2, 10)
+
+
+def test_rescaled_initial_weights_keep_the_dense_row_scale():
+    layer = nn.Linear(1000, 50)
+    before = layer.weight.detach().pow(2).sum(1).mean()
+    model = nn.Sequential(layer)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.1}}, torch.randn(2, 1000))
+    after = handle.sites["0"].module.weight.detach().pow(2).sum(1).mean()
+    assert after == pytest.approx(before, rel=0.25)
+    kept = nn.Sequential(nn.Linear(1000, 50))
+    w = kept[0].weight.detach().clone()
+    sparsify.sparsify(kept, {**EVERY, "defaults": {"density": 0.1, "init": {"model": "ER", "rescale": False}}},
+                      torch.randn(2, 1000))
+    assert torch.equal(kept[0].weight[kept[0].mask], w[kept[0].mask])
+
+
+def test_er_exact_counts_any_shape():
+    g = torch.Generator().manual_seed(3)
+    for out_f, in_f, d in [(1, 1, 1.0), (3, 7, 0.5), (10, 3, 0.01), (64, 128, 0.013)]:
+        mask = erdos_renyi(out_f, in_f, d, g)
+        assert mask.shape == (out_f, in_f) and int(mask.sum()) == link_count(out_f, in_f, d)

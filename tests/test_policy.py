@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import pytest
+
+from sparsify.errors import PolicyError
+from sparsify.passes.plan import AVAILABLE_BACKENDS
+from sparsify.policy import METHODS, load_policy, schema
+from sparsify.topology.init import INIT_TOPOLOGIES
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(source):
+    with pytest.raises(PolicyError) as info:
+        load_policy(source)
+    return str(info.value)
+
+
+def test_one_example_policy_per_method():
+    assert len(POLICIES) == len(METHODS)
+    methods = set()
+    for path in POLICIES:
+        policy = load_policy(path)
+        spec = policy.resolve(policy.rules[1])
+        methods.add(spec.method)
+        assert spec.density == pytest.approx(0.01)
+        assert policy.rules[0].skip and policy.rules[0].pattern == "fc4"
+    assert methods == set(METHODS)
+
+
+def test_schema_enums_equal_code_registries():
+    defs = schema()["$defs"]
+    assert defs["fields"]["properties"]["method"]["enum"] == list(METHODS)
+    assert defs["init"]["properties"]["model"]["enum"] == list(INIT_TOPOLOGIES)
+    assert AVAILABLE_BACKENDS <= set(defs["fields"]["properties"]["backend"]["enum"])
+
+
+def test_every_preset_field_is_valid_under_the_schema():
+    for name in METHODS:
+        doc = {"version": 1, "defaults": {"density": 0.1, "method": name}, "unmatched": "sparsify"}
+        policy = load_policy(doc)
+        spec = policy.resolve(None)
+        # restating the whole preset explicitly in a policy must validate too
+        explicit = {k: v for k, v in spec.to_dict().items() if v is not None and k not in ("init",)}
+        load_policy({"version": 1, "defaults": explicit, "unmatched": "sparsify"})
+
+
+def test_error_names_file_line_path_and_limit(tmp_path):
+    path = write(tmp_path, "version: 1\nrules:\n  - match: {name: a}\n    density: 0.5\n"
+                           "  - match: {name: b}\n    density: 1.5\n")
+    assert error_of(path) == f"invalid policy:\n  {path}:6: rules[1].density: 1.5 is greater than the maximum 1"
+
+
+def test_unknown_key_did_you_mean(tmp_path):
+    path = write(tmp_path, "version: 1\ndefaults:\n  densty: 0.1\n")
+    message = error_of(path)
+    assert f"{path}:3: defaults.densty: unknown key 'densty'; did you mean 'density'?" in message
+
+
+def test_unknown_enum_did_you_mean(tmp_path):
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\n  method: CHTz\n")
+    assert "policy.yaml:4: defaults.method: 'CHTz' is not one of static, SET" in error_of(path)
+    assert "did you mean 'CHT" in error_of(path)
+
+
+def test_all_errors_reported_sorted_by_line(tmp_path):
+    path = write(tmp_path, "version: 1\nrules:\n  - match: {regex: 'fc[1-3'}\n    density: 0\n"
+                           "  - match: {name: a, type: Linear}\n    sparsity: -1\n")
+    lines = error_of(path).splitlines()[1:]
+    assert [line.split(":")[1] for line in lines] == ["3", "4", "5", "6"]
+    assert "not a valid regular expression" in lines[0]
+    assert "rules[0].density: 0 must be greater than 0" in lines[1]
+    assert "give exactly one of name, regex, type" in lines[2]
+    assert "rules[1].sparsity: -1 is less than the minimum 0" in lines[3]
+
+
+def test_malformed_yaml_has_a_line(tmp_path):
+    path = write(tmp_path, "version: 1\nrules:\n  - match: {name: a\n")
+    assert error_of(path).startswith(f"{path}:")
+    assert "not valid YAML" in error_of(path)
+
+
+def test_duplicate_keys_are_errors(tmp_path):
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\n  density: 0.2\n")
+    assert "duplicate key 'density'" in error_of(path)
+
+
+def test_density_and_sparsity_together():
+    assert "give density or sparsity, not both" in error_of(
+        {"version": 1, "defaults": {"density": 0.1, "sparsity": 0.9}})
+
+
+def test_missing_density_is_an_error():
+    assert "no density or sparsity given" in error_of({"version": 1, "rules": [{"match": {"name": "a"}}]})
+
+
+def test_version_and_missing_file(tmp_path):
+    assert "version: 2 is not supported" in error_of({"version": 2})
+    assert "no such policy file" in error_of(tmp_path / "nope.yaml")
+    assert "the policy is empty" in error_of(write(tmp_path, ""))
+    assert "must be a mapping" in error_of(write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_is_data_only(tmp_path):
+    path = write(tmp_path, "version: 1\ndefaults: !!python/object/apply:os.system ['true']\n")
+    assert "not valid YAML" in error_of(path)
+
+
+def test_preset_fields_are_overridden_field_by_field():
+    policy = load_policy({"version": 1, "defaults": {"sparsity": 0.9, "method": "CHTs", "removal": {"zeta": 0.2}},
+                          "rules": [{"match": {"name": "a"}, "method": "SET"},
+                                    {"match": {"name": "b"}, "removal": {"mode": "hard"}}]})
+    a, b = policy.resolve(policy.rules[0]), policy.resolve(policy.rules[1])
+    assert a.method == "SET" and a.removal["zeta"] == 0.2 and a.regrowth["predictor"] == "random"
+    assert b.method == "CHTs" and b.removal == {**METHODS["CHTs"]["removal"], "zeta": 0.2, "mode": "hard"}
+    assert b.regrowth == {"predictor": "CH2_L3n", "mode": "soft"} and b.percolation is True
+    assert b.density == 0.1
+
+
+def test_chtss_starts_denser():
+    policy = load_policy({"version": 1, "defaults": {"density": 0.1, "method": "CHTss"}, "unmatched": "sparsify"})
+    spec = policy.resolve(None)
+    assert spec.density_decay["kind"] == "sigmoid" and spec.initial_density == 0.5
