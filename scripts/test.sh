@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install sparsify with its test dependencies (editable, so tests see this checkout) and run the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SPARSIFY_PIP_ARGS="-e .[test]" ./scripts/setup.sh
+exec pytest "$@"

@@ -1,0 +1,99 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsify.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+FMNIST = Path(os.environ.get("SPARSIFY_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+def test_inspect_table_groups_and_unmatched_rules(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules:\n  - match: {name: fc4}\n    skip: true\n"
+                      "  - match: {regex: 'fc[1-3]'}\n    sparsity: 0.99\n  - match: {name: nothing}\n    density: 0.5\n")
+    assert main(["inspect", str(MODELS / "mlp.py"), str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert "capture: torch.fx.symbolic_trace" in out
+    assert "1568 x 784" in out and "1,230,880" in out  # fc1's shape and parameters
+    assert "chain  fc1 -> relu -> fc2  (1568 features, in order)" in out
+    assert "warning: rules[2] name='nothing' matches no linear layer" in out
+
+
+def test_inspect_json(capsys):
+    assert main(["inspect", str(MODELS / "llama.py"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["sites"]) == 15 and report["sites"][0]["rule"] is None
+    dots = [g for g in report["groups"] if g["kind"] == "dot"]
+    assert len(dots) == 2 and dots[0]["q_heads"] == 4 and dots[0]["kv_heads"] == 2
+    assert dots[0]["kv_shared_by"] == {"0": [0, 1], "1": [2, 3]}
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such file"),
+    ("import torch\n", "defines no function build_model()"),
+    ("def build_model():\n    return [1]\n", "build_model() returned a list, expected a torch.nn.Module"),
+    ("def build_model():\n    raise RuntimeError('boom')\n", "build_model() raised RuntimeError: boom at model.py:2"),
+    ("x = (\n", "model.py:1: syntax error"),
+    ("import torch\ndef build_model():\n    return torch.nn.Linear(4, 4)\ndef example_inputs():\n"
+     "    return (torch.ones(2, 5),)\n", "fails on its own example inputs"),
+])
+def test_model_file_errors_exit_2_without_traceback(tmp_path, content, expected):
+    path = tmp_path / "model.py"
+    if content is not None:
+        path.write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "sparsify", "inspect", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_policy_exits_2_with_its_line(tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\nrules:\n  - match: {name: fc1}\n    density: 1.5\n")
+    proc = subprocess.run(["sparsify", "inspect", str(MODELS / "mlp.py"), str(policy)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{policy}:4: rules[0].density: 1.5 is greater than the maximum 1" in proc.stderr
+
+
+def test_training_run_refuses_an_evolving_method_clearly(tmp_path):
+    proc = subprocess.run(["sparsify", str(ROOT / "examples/fmnist/model.py"), str(ROOT / "examples/policies/chts.yaml"),
+                           "-o", str(tmp_path / "run")], capture_output=True, text=True,
+                          env={**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "64"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "uses method 'CHTs', which evolves the topology" in proc.stderr
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_training_needs_data_functions(tmp_path):
+    proc = subprocess.run(["sparsify", str(MODELS / "mlp.py"), str(ROOT / "examples/policies/static.yaml"),
+                           "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "defines no train_data(batch_size)" in proc.stderr
+
+
+@pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("CI"),
+                    reason="Fashion-MNIST not installed (scripts/test.sh installs it; never skipped in CI)")
+def test_short_training_run_on_fashion_mnist(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "4000"}
+    cmd = ["sparsify", str(ROOT / "examples/fmnist/model.py"), str(ROOT / "examples/fmnist/policy.yaml"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["eval_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    layers = {l["name"]: l for l in report["layers"]}
+    assert set(layers) == {"fc1", "fc2", "fc3"}
+    assert layers["fc2"]["active"] == round(0.01 * 1568 * 1568)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_python_dash_m_and_version():
+    proc = subprocess.run([sys.executable, "-m", "sparsify", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("sparsify ")
