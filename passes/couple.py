@@ -529,7 +529,7 @@ class _Propagator(fx.Interpreter):
 
     def _product(self, node: fx.Node, tagged: list, out: Tags) -> None:
         """Two different sites' features multiplied elementwise: their rows are coupled."""
-        (na, ta), (nb, tb) = tagged[0], tagged[-1]
+        ta, tb = tagged[0][1], tagged[-1][1]
         for sa, tag_a in ta.items():
             for sb, tag_b in tb.items():
                 if sa == sb:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from sparsify.errors import PlanError
 from sparsify.passes.capture import capture
