@@ -6,6 +6,11 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _check_backend(backend: str) -> None:
+    if backend != "masked":
+        raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
+
+
 class SparseLinear(nn.Module):
     """``y = x @ (weight * mask).T + bias`` with a boolean ``mask`` of active links ``[out, in]``.
 
@@ -21,8 +26,7 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  mask: torch.Tensor | None = None, backend: str = "masked", device=None, dtype=None):
         super().__init__()
-        if backend != "masked":
-            raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
+        _check_backend(backend)
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -43,9 +47,8 @@ class SparseLinear(nn.Module):
         """Wrap ``linear``'s own weight and bias Parameters (no copy), zeroing the inactive weights."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        _check_backend(backend)
         layer.in_features, layer.out_features, layer.backend = linear.in_features, linear.out_features, backend
-        if backend != "masked":
-            raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
         layer.weight = linear.weight
         layer.bias = linear.bias
         if mask is None:

@@ -164,9 +164,10 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
             running += float(loss)
             if i % 20 == 0:
                 bar.set_postfix(loss=f"{running / i:.4f}")
+        active, dense = handle.parameters_active()
         row = {"epoch": epoch, "step": step, "train_loss": running / max(i, 1),
                **{f"eval_{k}": v for k, v in evaluate(model, test, loss_fn).items()},
-               "density": handle.parameters_active()[0] / handle.parameters_active()[1],
+               "density": active / dense,
                "seconds": round(time.perf_counter() - start, 2)}
         history.append(row)
         tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
