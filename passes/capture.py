@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from sparsify.errors import CaptureError
+from sparsify.errors import CaptureError, user_frame
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +77,15 @@ class LeafTracer(fx.Tracer):
         return isinstance(m, SparseLinear) or super().is_leaf_module(m, qualname)
 
 
-_OWN = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(torch.__file__)))
+_PASSES_DIR = (os.path.dirname(os.path.abspath(__file__)),)
 _EXPORT_FRAME = re.compile(r"File: (\S+):(\d+) in \w+, code: (.*)")
 
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost frame of the user's code in the traceback (or in torch.export's message):
     'file:line: code'."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if not f.filename.startswith(_OWN) and not f.filename.startswith("<")
-            and "/sparsify/" not in f.filename]
-    if user:
-        f = user[-1]
+    f = user_frame(exc, skip=_PASSES_DIR)
+    if f is not None:
         return f"{os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()}"
     found = _EXPORT_FRAME.search(str(exc))
     if found:

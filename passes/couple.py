@@ -335,9 +335,6 @@ class _Propagator(fx.Interpreter):
         scope = self._scope(node)
         return f" in {scope}" if scope else ""
 
-    def _tags_of(self, arg: Any) -> Any:
-        return fx.node.map_aggregate(arg, lambda a: self.tags.get(a) if isinstance(a, fx.Node) else None)
-
     def _all_tags(self, node: fx.Node) -> list[Tags]:
         found = []
         for a in node.all_input_nodes:

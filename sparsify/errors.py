@@ -1,4 +1,19 @@
 """Errors a user can act on. The CLI prints them without a traceback and exits with 2."""
+import os
+import traceback
+
+import torch
+
+# Frames from these folders are never "the user's line": sparsify itself and installed packages.
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+                 os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))))
+
+
+def user_frame(exc: BaseException, skip: tuple[str, ...] = ()) -> traceback.FrameSummary | None:
+    """The innermost frame of ``exc``'s traceback in the user's own code, or None."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_LIBRARY_DIRS + skip) and not f.filename.startswith("<")]
+    return frames[-1] if frames else None
 
 
 class SparsifyError(Exception):

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from torch import nn
 
-from sparsify.errors import ModelFileError
+from sparsify.errors import ModelFileError, user_frame
 
 CONTRACT = ("build_model() returning a torch.nn.Module, and example_inputs() returning a tensor, "
             "a tuple of positional inputs or a dict of keyword inputs")
@@ -61,8 +60,8 @@ class ModelFile:
 
 
 def _where(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/sparsify/" not in f.filename]
-    loc = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    frame = user_frame(exc)
+    loc = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
     return f"{type(exc).__name__}: {exc}{loc}"
 
 
