@@ -269,6 +269,10 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+_BOUNDS = {"maximum": "is greater than the maximum", "minimum": "is less than the minimum",
+           "exclusiveMaximum": "must be less than", "exclusiveMinimum": "must be greater than"}
+
+
 def _messages(error: jsonschema.ValidationError, root: dict, where: _Where) -> list[str]:
     """Turn one schema error into 'file:line: path: what is wrong; what is allowed' lines."""
     path = tuple(error.absolute_path)
@@ -286,14 +290,8 @@ def _messages(error: jsonschema.ValidationError, root: dict, where: _Where) -> l
         return [f"{at}: {value!r} is not supported; this version of sparsify reads {error.validator_value!r}"]
     if kind == "type":
         return [f"{at}: {value!r} is a {_type_name(value)}, expected {error.validator_value}"]
-    if kind == "maximum":
-        return [f"{at}: {value} is greater than the maximum {error.validator_value}"]
-    if kind == "minimum":
-        return [f"{at}: {value} is less than the minimum {error.validator_value}"]
-    if kind == "exclusiveMaximum":
-        return [f"{at}: {value} must be less than {error.validator_value}"]
-    if kind == "exclusiveMinimum":
-        return [f"{at}: {value} must be greater than {error.validator_value}"]
+    if kind in _BOUNDS:
+        return [f"{at}: {value} {_BOUNDS[kind]} {error.validator_value}"]
     if kind == "required":
         missing = [k for k in error.validator_value if k not in value]
         return [f"{at}: missing required key {k!r}" for k in missing]
