@@ -130,11 +130,11 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         if epochs < 1:
             raise SparsifyError(f"--epochs {epochs}: must be at least 1")
         cfg["epochs"] = epochs
-    folder = _out_folder(out, model_path, force)
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
     model, handle = sparsify(model, policy, model_file.example_inputs())
     _require_static(handle, policy)
+    folder = _out_folder(out, model_path, force)  # only once the run can start: no empty folder left
     loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
     try:
         train, test = model_file.module.train_data(cfg["batch_size"]), model_file.module.eval_data(cfg["batch_size"])

@@ -67,7 +67,7 @@ def test_training_run_refuses_an_evolving_method_clearly(tmp_path):
                           env={**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "64"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "uses method 'CHTs', which evolves the topology" in proc.stderr
-    assert not (tmp_path / "run" / "model.pt").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_training_needs_data_functions(tmp_path):
