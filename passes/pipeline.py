@@ -50,13 +50,18 @@ def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None)
     coupling = _run("couple", "find_linears", couple, cap, sites)
     result = Analysis(cap, sites, coupling)
     if policy is not None:
-        result.plan = _run("plan", "couple", plan, model, sites, policy)
+        result.plan = _run("plan", "couple", plan, model, sites, policy, coupling)
     return result
 
 
-def transform(model: nn.Module, example_inputs: Any, policy: Policy) -> Analysis:
-    """Analyze ``model`` and rewrite its planned linears into SparseLinear modules, in place."""
+def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration: Any = None) -> Analysis:
+    """Analyze ``model`` and rewrite its planned linears into SparseLinear modules, in place.
+
+    ``calibration`` (inputs like ``example_inputs``, or a list of such batches) feeds the initial
+    topologies computed from data (CSTI); it defaults to ``example_inputs``.
+    """
     result = analyze(model, example_inputs, policy)
     traced = result.capture.graph_module if result.capture.kind != EXPORT else None
-    result.swapped = _run("rewrite", "plan", rewrite, model, result.plan, policy.seed, traced)
+    batches = calibration if calibration is not None else [example_inputs]
+    result.swapped = _run("rewrite", "plan", rewrite, model, result.plan, policy.seed, traced, batches)
     return result

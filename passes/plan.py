@@ -6,16 +6,19 @@ nothing, so ``sparsify inspect`` can explain every decision.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from sparsify.errors import PlanError
+from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
 from sparsify.policy import LayerSpec, Policy, Rule
 from sparsify.topology.init import INIT_TOPOLOGIES, link_count
 
 AVAILABLE_BACKENDS = {"masked"}
+CALIBRATED_INIT = {"CSTI"}  # initial topologies computed from the layer's input data
 
 
 @dataclass
@@ -53,7 +56,14 @@ def _enclosing_types(model: nn.Module, name: str) -> tuple[str, ...]:
     return tuple(types)
 
 
-def plan(model: nn.Module, sites: Sites, policy: Policy) -> Plan:
+def init_parameters(model_name: str) -> set[str]:
+    """The parameters a policy may give an initial topology (its keyword-only arguments)."""
+    fn = INIT_TOPOLOGIES[model_name]
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "inputs"}
+
+
+def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | None = None) -> Plan:
     """Decide, for every site, its rule and spec. Raises PlanError when nothing would be sparse."""
     decisions, used = {}, set()
     for name, site in sites.sites.items():
@@ -65,6 +75,7 @@ def plan(model: nn.Module, sites: Sites, policy: Policy) -> Plan:
             continue
         spec = policy.resolve(rule)
         _check(name, site.out_features, site.in_features, spec, rule, policy)
+        _check_calibrated(name, spec, rule, policy, coupling)
         decisions[name] = Decision(name, rule, spec)
     result = Plan(decisions, [r for r in policy.rules if r.index not in used])
     if not result.sparse:
@@ -81,6 +92,12 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
     if spec.init["model"] not in INIT_TOPOLOGIES:
         raise PlanError(f"{where}: initial topology {spec.init['model']!r} is not available; "
                         f"available: {', '.join(INIT_TOPOLOGIES)}")
+    given = set(spec.init) - {"model", "rescale"}
+    allowed = init_parameters(spec.init["model"])
+    if given - allowed:
+        takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no parameters"
+        raise PlanError(f"{where}: init.{sorted(given - allowed)[0]} is not a parameter of the "
+                        f"{spec.init['model']} topology ({spec.init['model']} {takes})")
     if spec.backend not in AVAILABLE_BACKENDS | {"auto"}:
         raise PlanError(f"{where}: backend {spec.backend!r} is not available in this version; "
                         "use 'masked' or 'auto'")
@@ -89,3 +106,16 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
         raise PlanError(f"{where} ({out_features}x{in_features}): density {spec.initial_density:g} leaves "
                         f"no link (round(density*out*in) = 0); the smallest density that keeps one link is "
                         f"{0.5 / (out_features * in_features):.2g}")
+
+
+def _check_calibrated(name: str, spec: LayerSpec, rule: Rule | None, policy: Policy,
+                      coupling: Coupling | None) -> None:
+    if spec.init["model"] not in CALIBRATED_INIT or coupling is None:
+        return
+    reasons = coupling.boundaries.get((name, "in"), set())
+    if "model input" not in reasons:
+        where = f"{policy.source}: {rule.describe() if rule else 'defaults'}: layer {name}"
+        got = "; ".join(sorted(reasons)) or "another layer's output"
+        raise PlanError(f"{where}: init model {spec.init['model']} correlates the model's raw input "
+                        f"features, but this layer reads {got}. Use it only for layers that read the "
+                        "model input (an MLP's first layer) and give the others ER, BSW, BRF or BSF.")

@@ -12,7 +12,11 @@ import zlib
 import torch
 from torch import fx, nn
 
-from sparsify.passes.plan import Plan
+from typing import Any
+
+from sparsify.errors import PlanError
+from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.plan import CALIBRATED_INIT, Plan
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.init import INIT_TOPOLOGIES
 
@@ -22,10 +26,39 @@ def site_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
 
 
-def initial_mask(name: str, module: nn.Linear, spec, seed: int) -> torch.Tensor:
+def initial_mask(name: str, module: nn.Linear, spec, seed: int, inputs: torch.Tensor | None = None) -> torch.Tensor:
     init = INIT_TOPOLOGIES[spec.init["model"]]
     params = {k: v for k, v in spec.init.items() if k not in ("model", "rescale")}
+    if spec.init["model"] in CALIBRATED_INIT:
+        params["inputs"] = inputs
     return init(module.out_features, module.in_features, spec.initial_density, site_generator(seed, name), **params)
+
+
+def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """The inputs each named linear receives over calibration ``batches`` (a list of model
+    inputs), as ``[samples, in]``."""
+    if not names:
+        return {}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).cpu()))
+        for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ExampleInputs.of(batch).call(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, parts in seen.items():
+        x = torch.cat(parts) if parts else torch.empty(0)
+        if x.shape[0] < 2 or not bool((x.std(0) > 0).any()):
+            raise PlanError(f"layer {n}: CSTI needs calibration data whose input features vary; got "
+                            f"{x.shape[0]} sample(s) with no varying feature. Pass real inputs "
+                            "(sparsify(..., calibration=batches); the CLI uses the first training batches).")
+        out[n] = x
+    return out
 
 
 def _replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> int:
@@ -43,8 +76,11 @@ def _replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> 
     return replaced
 
 
-def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModule | None = None) -> dict[str, SparseLinear]:
+def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModule | None = None,
+            calibration: Any = None) -> dict[str, SparseLinear]:
     """Swap every planned linear of ``model`` for a SparseLinear with its initial topology."""
+    calibrated = layer_inputs(model, [n for n, s in plan.sparse.items() if s.init["model"] in CALIBRATED_INIT],
+                              calibration)
     swaps: dict[int, nn.Module] = {}
     created: dict[str, SparseLinear] = {}
     replaced: list[nn.Module] = []  # keeps the old modules alive, so their ids stay unique
@@ -52,7 +88,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
         old = model.get_submodule(name)
         if isinstance(old, SparseLinear):
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
-        mask = initial_mask(name, old, spec, seed)
+        mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
         if spec.init.get("rescale", True) and spec.initial_density < 1.0:
             new.rescale_to_fan_in()

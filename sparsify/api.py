@@ -64,15 +64,18 @@ class SparseModel:
         return f"SparseModel({len(self.sites)} sparse layers)"
 
 
-def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_inputs: Any) -> tuple[nn.Module, SparseModel]:
+def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_inputs: Any,
+             calibration: Any = None) -> tuple[nn.Module, SparseModel]:
     """Make ``model``'s linear layers sparse as ``policy`` says; returns (model, handle).
 
     ``model`` is an nn.Module (changed in place: its own class and methods survive) or a
     torch.fx.GraphModule (its graph is recompiled). ``policy`` is a YAML path, a dict or a Policy.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    ``calibration`` is a list of input batches (each of the same form) for initial topologies
+    computed from data (CSTI); by default the example inputs.
 
     >>> model, handle = sparsify(model, "policy.yaml", torch.randn(2, 784))  # doctest: +SKIP
     """
     policy = load_policy(policy)
-    analysis = transform(model, example_inputs, policy)
+    analysis = transform(model, example_inputs, policy, calibration)
     return model, SparseModel(model, analysis, policy)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from sparsify.api import SparseModel, sparsify
 from sparsify.errors import ModelFileError, PlanError, SparsifyError
 from sparsify.model_file import load_model_file
+from sparsify.passes.plan import CALIBRATED_INIT
 from sparsify.policy import Policy, load_policy
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,23 @@ def evaluate(model: nn.Module, data: Any, loss_fn: Callable) -> dict:
     return result
 
 
+CALIBRATION_SAMPLES = 2048
+
+
+def _calibration(model_file, policy, cfg: dict) -> list | None:
+    """The first training batches' inputs, when a rule's initial topology is computed from data."""
+    layers = [policy.defaults] + [r.fields for r in policy.rules]
+    if not any(layer.get("init", {}).get("model") in CALIBRATED_INIT for layer in layers):
+        return None
+    batches, samples = [], 0
+    for inputs, _targets in model_file.module.train_data(cfg["batch_size"]):
+        batches.append(inputs)
+        samples += len(inputs) if isinstance(inputs, torch.Tensor) else 1
+        if samples >= CALIBRATION_SAMPLES:
+            break
+    return batches
+
+
 def run(model_path: str, policy_path: str, out: str | None = None, epochs: int | None = None,
         force: bool = False) -> dict:
     """Sparsify, train and write the run folder; returns the report."""
@@ -132,7 +150,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         cfg["epochs"] = epochs
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
-    model, handle = sparsify(model, policy, model_file.example_inputs())
+    model, handle = sparsify(model, policy, model_file.example_inputs(), _calibration(model_file, policy, cfg))
     _require_static(handle, policy)
     folder = _out_folder(out, model_path, force)  # only once the run can start: no empty folder left
     loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
