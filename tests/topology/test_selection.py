@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sparsify.topology.selection import select
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), data=st.data(), soft=st.booleans(), chunk=st.sampled_from([7, 64, 1 << 22]))
+def test_exact_count_and_only_eligible(n, data, soft, chunk):
+    scores = torch.tensor(data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.5]), min_size=n, max_size=n)))
+    eligible = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    k = data.draw(st.integers(0, int(eligible.sum())))
+    chosen = select(scores, k, gen(data.draw(st.integers(0, 99))), eligible=eligible,
+                    temperature=1.0 if soft else math.inf, chunk=chunk)
+    assert int(chosen.sum()) == k
+    assert not bool((chosen & ~eligible).any())
+
+
+def test_hard_takes_the_largest_and_does_not_depend_on_chunking():
+    scores = torch.randperm(10_000, generator=gen()).float()
+    a = select(scores, 300, gen(1))
+    b = select(scores, 300, gen(2), chunk=97)
+    assert torch.equal(a, b)
+    assert torch.equal(a, scores >= 10_000 - 300)
+
+
+def test_smallest():
+    scores = torch.tensor([5.0, 1.0, 3.0, 0.5])
+    assert select(scores, 2, gen(), largest=False).tolist() == [False, True, False, True]
+
+
+def test_ties_at_the_threshold_are_broken_uniformly():
+    scores = torch.tensor([9.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    counts = torch.zeros(6)
+    g = gen()
+    for _ in range(2000):
+        chosen = select(scores, 3, g, chunk=2)
+        assert chosen[0] and not chosen[5]
+        counts += chosen.float()
+    assert counts[1:5].sum() == 4000
+    assert torch.allclose(counts[1:5] / 2000, torch.full((4,), 0.5), atol=0.05)
+
+
+def exact_inclusion(weights, k):
+    """Inclusion probabilities of successive sampling without replacement, by enumeration."""
+    n = len(weights)
+    incl = [0.0] * n
+
+    def walk(chosen, p):
+        if len(chosen) == k:
+            for i in chosen:
+                incl[i] += p
+            return
+        rest = sum(w for i, w in enumerate(weights) if i not in chosen)
+        for i, w in enumerate(weights):
+            if i not in chosen and w > 0:
+                walk(chosen + [i], p * w / rest)
+    walk([], 1.0)
+    return torch.tensor(incl)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_soft_matches_sampling_without_replacement(temperature):
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = exact_inclusion((scores ** temperature).tolist(), 2)
+    g, counts, trials = gen(3), torch.zeros(4), 6000
+    for _ in range(trials):
+        counts += select(scores, 2, g, temperature=temperature, chunk=3).float()
+    assert torch.allclose(counts / trials, expected, atol=0.025), (counts / trials, expected)
+
+
+def test_soft_zero_scores_only_fill_and_temperature_zero_is_uniform():
+    scores = torch.tensor([2.0, 0.0, 0.0, 0.0, 1.0])
+    g, counts = gen(4), torch.zeros(5)
+    for _ in range(3000):
+        chosen = select(scores, 3, g, temperature=1.0)
+        assert chosen[0] and chosen[4]
+        counts += chosen.float()
+    assert torch.allclose(counts[1:4] / 3000, torch.full((3,), 1 / 3), atol=0.04)
+    counts = torch.zeros(5)
+    for _ in range(3000):
+        counts += select(scores, 2, g, temperature=0.0).float()
+    assert torch.allclose(counts / 3000, torch.full((5,), 0.4), atol=0.04)
+
+
+def test_refuses_impossible_and_negative():
+    with pytest.raises(ValueError, match="only 2 are eligible"):
+        select(torch.ones(4), 3, gen(), eligible=torch.tensor([True, False, True, False]))
+    with pytest.raises(ValueError, match=">= 0"):
+        select(torch.tensor([1.0, -1.0]), 1, gen(), temperature=1.0)
+
+
+def test_same_generator_state_same_choice():
+    scores = torch.rand(5000, generator=gen(9))
+    assert torch.equal(select(scores, 100, gen(5), temperature=1.0), select(scores, 100, gen(5), temperature=1.0))
+    assert not torch.equal(select(scores, 100, gen(5), temperature=1.0), select(scores, 100, gen(6), temperature=1.0))
+
+
+def test_beyond_multinomial_category_limit_in_chunks():
+    # more categories than torch.multinomial accepts (2^24), sampled in 2^22 chunks
+    n = (1 << 24) + 5
+    scores = torch.ones(n)
+    scores[-5:] = 1e6  # heavy items must almost surely be in the sample
+    chosen = select(scores, 1000, gen(), temperature=1.0)
+    assert int(chosen.sum()) == 1000 and bool(chosen[-5:].all())
