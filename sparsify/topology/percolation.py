@@ -93,6 +93,8 @@ class NeuronGraph:
                     consumed.add(g.src)
                 elif g.src in sparse:
                     graph.open_outputs.add(g.src)
+                elif g.dst in sparse:
+                    graph.open_inputs.add(g.dst)
             elif g.kind == "mul":
                 if g.a in sparse and g.b in sparse:
                     graph.products.append(Product(g.a, g.b, torch.as_tensor(np.asarray(g.pairs), dtype=torch.long)))
