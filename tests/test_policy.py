@@ -3,9 +3,12 @@ from pathlib import Path
 import pytest
 
 from sparsify.errors import PolicyError
-from sparsify.passes.plan import AVAILABLE_BACKENDS
+from sparsify.passes.plan import AVAILABLE_BACKENDS, init_parameters
 from sparsify.policy import METHODS, load_policy, schema
 from sparsify.topology.init import INIT_TOPOLOGIES
+from sparsify.topology.regrowth import REGROWTH_PREDICTORS
+from sparsify.topology.removal import REMOVAL_SCORES
+from sparsify.topology.schedules import DENSITY_DECAYS, ZETA_SCHEDULES
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
@@ -39,6 +42,13 @@ def test_schema_enums_equal_code_registries():
     defs = schema()["$defs"]
     assert defs["fields"]["properties"]["method"]["enum"] == list(METHODS)
     assert defs["init"]["properties"]["model"]["enum"] == list(INIT_TOPOLOGIES)
+    assert defs["removal"]["properties"]["score"]["enum"] == list(REMOVAL_SCORES)
+    assert defs["removal"]["properties"]["zeta_schedule"]["enum"] == list(ZETA_SCHEDULES)
+    assert defs["regrowth"]["properties"]["predictor"]["enum"] == list(REGROWTH_PREDICTORS)
+    assert defs["density_decay"]["properties"]["kind"]["enum"] == list(DENSITY_DECAYS)
+    # every init parameter the schema allows is a parameter of some topology, and back
+    params = set(defs["init"]["properties"]) - {"model", "rescale"}
+    assert params == set().union(*(init_parameters(m) for m in INIT_TOPOLOGIES))
     assert AVAILABLE_BACKENDS <= set(defs["fields"]["properties"]["backend"]["enum"])
 
 

@@ -59,3 +59,30 @@ def test_unavailable_backend_is_an_error_not_a_silent_fallback():
     with pytest.raises(PlanError, match="backend 'csr' is not available"):
         plan(model, sites, load_policy({"version": 1, "rules": [
             {"match": {"name": "lm_head"}, "density": 0.5, "backend": "csr"}]}))
+
+
+def test_init_parameters_must_belong_to_the_topology():
+    model, sites = llama_sites()
+    policy = load_policy({"version": 1, "unmatched": "sparsify",
+                          "defaults": {"density": 0.3, "init": {"model": "ER", "beta": 0.1}}})
+    with pytest.raises(PlanError, match=r"init.beta is not a parameter of the ER topology \(ER takes no parameters\)"):
+        plan(model, sites, policy)
+    policy = load_policy({"version": 1, "unmatched": "sparsify",
+                          "defaults": {"density": 0.3, "init": {"model": "BRF", "beta": 0.1}}})
+    with pytest.raises(PlanError, match=r"init.beta is not a parameter of the BRF topology \(BRF takes degrees, r\)"):
+        plan(model, sites, policy)
+
+
+def test_csti_only_for_layers_reading_the_model_input():
+    from sparsify.passes.couple import couple
+    m = load_example("mlp")
+    model = m.build_model()
+    cap = capture(model, m.example_inputs())
+    sites = find_linears(model, cap)
+    coupling = couple(cap, sites)
+    ok = load_policy({"version": 1, "rules": [{"match": {"name": "fc1"}, "density": 0.1, "init": {"model": "CSTI"}}]})
+    assert plan(model, sites, ok, coupling).sparse["fc1"].init == {"model": "CSTI"}
+    bad = load_policy({"version": 1, "rules": [{"match": {"name": "fc2"}, "density": 0.1, "init": {"model": "CSTI"}}]})
+    with pytest.raises(PlanError, match=r"layer fc2: init model CSTI correlates the model's raw input features, "
+                                        r"but this layer reads another layer's output"):
+        plan(model, sites, bad, coupling)

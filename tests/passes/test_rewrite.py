@@ -104,3 +104,31 @@ def test_er_exact_counts_any_shape():
     for out_f, in_f, d in [(1, 1, 1.0), (3, 7, 0.5), (10, 3, 0.01), (64, 128, 0.013)]:
         mask = erdos_renyi(out_f, in_f, d, g)
         assert mask.shape == (out_f, in_f) and int(mask.sum()) == link_count(out_f, in_f, d)
+
+
+@pytest.mark.parametrize("init", [{"model": "BSW", "beta": 0.0}, {"model": "BRF", "r": 0.0},
+                                  {"model": "BSF", "resort": True}])
+def test_every_initial_topology_reaches_the_swapped_layer(init):
+    from sparsify.topology.init import INIT_TOPOLOGIES
+    from sparsify.passes.rewrite import site_generator
+    m = load_example("mlp")
+    policy = {"version": 1, "seed": 3, "rules": [{"match": {"name": "fc2"}, "density": 0.01, "init": init}]}
+    model, handle = sparsify.sparsify(m.build_model(), policy, m.example_inputs())
+    params = {k: v for k, v in init.items() if k != "model"}
+    expected = INIT_TOPOLOGIES[init["model"]](1568, 1568, 0.01, site_generator(3, "fc2"), **params)
+    assert torch.equal(handle.sites["fc2"].module.mask, expected)
+
+
+def test_csti_calibrates_on_the_given_batches_and_refuses_constant_inputs():
+    m = load_example("mlp")
+    policy = {"version": 1, "rules": [{"match": {"name": "fc1"}, "density": 0.001, "init": {"model": "CSTI"}}]}
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 392, generator=g)
+    batches = [torch.cat([base, base + 0.01 * torch.randn(256, 392, generator=g)], 1)[i:i + 64] for i in range(0, 256, 64)]
+    model, handle = sparsify.sparsify(m.build_model(), policy, m.example_inputs(), calibration=batches)
+    mask = handle.sites["fc1"].module.mask
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    assert len(rows) == round(0.001 * 1568 * 784)
+    assert torch.equal(cols, (rows % 784 + 392) % 784)  # each feature links to its near copy
+    with pytest.raises(sparsify.SparsifyError, match="CSTI needs calibration data whose input features vary"):
+        sparsify.sparsify(m.build_model(), policy, torch.zeros(2, 784))
