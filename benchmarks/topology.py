@@ -4,10 +4,11 @@
 - CH3-L3p (path-based) beside CH2-L3n on the same mask;
 - soft sampling (regrowth ∝ score, removal ∝ score^T) on a 4096x11008 layer.
 
-Every case runs in a fresh process. Peak memory is the process's peak resident set during the
-calls (Linux VmHWM, reset just before them through /proc/self/clear_refs) minus its resident set
-just before them: the memory the algorithm itself takes beyond its inputs. Times are the median of
-``--repeat`` runs. Run from the repository root:
+The machine is noisy, so each ratio comes from one process that alternates the two contenders
+``--repeat`` times and keeps each one's fastest run. Peak memory is measured in a fresh process
+per case, with one call: the process's is the process's peak resident set during the
+call (Linux VmHWM, reset just before them through /proc/self/clear_refs) minus its resident set
+just before them: the memory the algorithm itself takes beyond its inputs. Run from the repository root:
 
     python benchmarks/topology.py                # the full table (several minutes)
     python benchmarks/topology.py --quick        # small shapes only
@@ -18,7 +19,6 @@ import argparse
 import datetime
 import multiprocessing as mp
 import platform
-import statistics
 import time
 
 import torch
@@ -53,59 +53,76 @@ def _bare(mask):
     s = f_out @ a
     del f_out
     f_in = a.t() @ a
-    s += (f_in @ a.t()).t()
+    s.addmm_(a, f_in.t())
     return s
 
 
-def _case(kind, shape, density, repeat, queue):
+def _contender(kind, shape, density):
+    """A zero-argument callable doing ``kind`` on a fresh ER mask of ``shape`` at ``density``."""
     from sparsify.topology.regrowth import ch2_l3n, ch3_l3p, regrow
-    from sparsify.topology.removal import magnitude, remove, temperature
+    from sparsify.topology.removal import magnitude, remove
 
     mask = _mask(shape, density)
     gen = torch.Generator().manual_seed(1)
+    count = int(0.3 * mask.sum())
     if kind == "bare":
-        def fn(): return _bare(mask)
-    elif kind == "CH2_L3n":
-        def fn(): return ch2_l3n(mask)
-    elif kind == "CH3_L3p":
-        def fn(): return ch3_l3p(mask)
-    elif kind == "soft_regrowth":
+        return lambda: _bare(mask)
+    if kind == "CH2_L3n":
+        return lambda: ch2_l3n(mask)
+    if kind == "CH3_L3p":
+        return lambda: ch3_l3p(mask)
+    if kind == "soft_regrowth":
         scores = ch2_l3n(mask)
-        count = int(0.3 * mask.sum())
-        def fn(): return regrow(mask, scores, count, gen, mode="soft")
-    elif kind == "soft_removal":
-        weight = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * mask
-        scores = magnitude(weight, mask)
-        count = int(0.3 * mask.sum())
-        def fn(): return remove(mask, scores, count, gen, mode="soft", delta=0.75)
-    else:
-        raise ValueError(kind)
+        return lambda: regrow(mask, scores, count, gen, mode="soft")
+    if kind == "soft_removal":
+        scores = magnitude(torch.randn(shape, generator=torch.Generator().manual_seed(2)) * mask, mask)
+        return lambda: remove(mask, scores, count, gen, mode="soft", delta=0.75)
+    raise ValueError(kind)
+
+
+def _times(kinds, shape, density, repeat, queue):
+    fns = {k: _contender(k, shape, density) for k in kinds}
+    best = {k: float("inf") for k in kinds}
+    for _ in range(repeat):
+        for k, fn in fns.items():  # alternate, so both see the same machine
+            start = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    queue.put(best)
+
+
+def _memory(kind, shape, density, queue):
+    fn = _contender(kind, shape, density)
     _reset_peak()
     before = _status_mb("VmRSS")
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-        del out
-    queue.put({"kind": kind, "shape": shape, "density": density, "seconds": statistics.median(times),
-               "peak_mb": _status_mb("VmHWM") - before, "mask_mb": mask.numel() / 2**20})
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    queue.put({"peak_mb": _status_mb("VmHWM") - before, "seconds": seconds})
 
 
-def run(kind, shape, density, repeat):
+def _in_fresh_process(target, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_case, args=(kind, shape, density, repeat, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
+def times(kinds, shape, density, repeat):
+    return _in_fresh_process(_times, kinds, shape, density, repeat)
+
+
+def memory(kind, shape, density):
+    return _in_fresh_process(_memory, kind, shape, density)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median reported)")
+    parser.add_argument("--repeat", type=int, default=5, help="alternating runs per ratio (fastest kept)")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     l3p_shape = QUICK_SHAPES[0] if args.quick else L3P_SHAPE
@@ -116,25 +133,23 @@ def main() -> None:
     print()
     print("| shape (out x in) | density | bare matmuls s | CH2-L3n s | ratio | CH2-L3n peak extra MB |")
     print("|---|---|---|---|---|---|")
-    ch2 = {}
     for shape in shapes:
-        repeat = 1 if shape[0] * shape[1] > 10**7 else args.repeat
+        repeat = 2 if shape[0] * shape[1] > 10**7 else args.repeat
         for density in DENSITIES:
-            bare = run("bare", shape, density, repeat)
-            node = run("CH2_L3n", shape, density, repeat)
-            ch2[(shape, density)] = node
-            print(f"| {shape[0]}x{shape[1]} | {density:.0%} | {bare['seconds']:.3f} | {node['seconds']:.3f} | "
-                  f"{node['seconds'] / bare['seconds']:.2f} | {node['peak_mb']:.0f} |", flush=True)
+            t = times(["bare", "CH2_L3n"], shape, density, repeat)
+            mem = memory("CH2_L3n", shape, density)
+            print(f"| {shape[0]}x{shape[1]} | {density:.0%} | {t['bare']:.3f} | {t['CH2_L3n']:.3f} | "
+                  f"{t['CH2_L3n'] / t['bare']:.2f} | {mem['peak_mb']:.0f} |", flush=True)
     print()
     print("## CH3-L3p (path-based) vs CH2-L3n (node-based), same mask")
     print()
     print("| shape | density | CH2-L3n s | CH3-L3p s | L3p / L3n | CH3-L3p peak extra MB |")
     print("|---|---|---|---|---|---|")
     for density in L3P_DENSITIES:
-        node = ch2.get((l3p_shape, density)) or run("CH2_L3n", l3p_shape, density, args.repeat)
-        path = run("CH3_L3p", l3p_shape, density, args.repeat)
-        print(f"| {l3p_shape[0]}x{l3p_shape[1]} | {density:.0%} | {node['seconds']:.3f} | {path['seconds']:.3f} | "
-              f"{path['seconds'] / node['seconds']:.1f} | {path['peak_mb']:.0f} |", flush=True)
+        t = times(["CH2_L3n", "CH3_L3p"], l3p_shape, density, args.repeat)
+        mem = memory("CH3_L3p", l3p_shape, density)
+        print(f"| {l3p_shape[0]}x{l3p_shape[1]} | {density:.0%} | {t['CH2_L3n']:.3f} | {t['CH3_L3p']:.3f} | "
+              f"{t['CH3_L3p'] / t['CH2_L3n']:.1f} | {mem['peak_mb']:.0f} |", flush=True)
     print()
     big = shapes[-1]
     print(f"## Soft sampling on {big[0]}x{big[1]} ({big[0] * big[1]:,} positions; 30% of the links move)")
@@ -143,7 +158,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for kind in ("soft_regrowth", "soft_removal"):
         for density in (0.01, 0.30):
-            r = run(kind, big, density, 1)
+            r = memory(kind, big, density)
             print(f"| {kind.replace('_', ' ')} | {density:.0%} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | "
                   f"{big[0] * big[1] * 4 / 2**20:.0f} |", flush=True)
 

@@ -14,6 +14,7 @@ form: a node z on such a path has internal degree di_z (its links into the commu
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -59,14 +60,17 @@ def _exact_matmul(device: torch.device):
 
 
 def _node_terms(common: torch.Tensor, degree: torch.Tensor, numerator_di: bool) -> torch.Tensor:
-    """In place on ``common`` [seed, z] (|N(seed) ∩ N(z)|): (1+di)/(1+de) or 1/(1+de) where di > 0."""
-    on_path = common > 0
-    external = (degree[None, :] - common - 1).clamp_min_(0).add_(1)  # 1 + de_z
+    """From ``common`` [seed, z] = |N(seed) ∩ N(z)| (di_z): (1+di)/(1+de) or 1/(1+de) where di > 0.
+
+    1 + de_z = deg(z) − di_z (the link to the seed is the −1), at least 1. Nodes off the local
+    community (di = 0) get 1 + de = inf, so their term is exactly 0. Reuses ``common``'s memory.
+    """
+    external = torch.sub(degree[None, :], common).clamp_min_(1)  # 1 + de_z
+    external.masked_fill_(common == 0, math.inf)
     if numerator_di:
-        common.add_(1).div_(external)
-    else:
-        common.copy_(external.reciprocal_())
-    return common.mul_(on_path)
+        return common.add_(1).div_(external)
+    del common
+    return external.reciprocal_()
 
 
 def _node_based(mask: torch.Tensor, numerator_di: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +80,7 @@ def _node_based(mask: torch.Tensor, numerator_di: bool, dtype: torch.dtype) -> t
         scores = f_out @ a  # Σ_{v ∈ N(j)} F[u, v]
         del f_out
         f_in = _node_terms(a.t() @ a, a.sum(0), numerator_di)  # [j, b]: b an input neuron
-        scores += (f_in @ a.t()).t()  # Σ_{b ∈ N(u)} F[j, b]
+        scores.addmm_(a, f_in.t())  # + Σ_{b ∈ N(u)} F[j, b]
     return scores.masked_fill_(mask, 0.0)
 
 
@@ -134,6 +138,11 @@ def ch3_l3p(mask: torch.Tensor, *, weight: torch.Tensor | None = None, grad: tor
         common_out = a @ a.t()  # [u, v]: |N(u) ∩ N(v)|
         common_in = a.t() @ a  # [b, j]: |N(b) ∩ N(j)|
     deg_out, deg_in = mask.sum(1), mask.sum(0)  # output neurons' degrees, input neurons'
+    # 1/sqrt(1 + de) = 1/sqrt(deg(z) − di_z) for a middle node z given the seed across from it;
+    # clamped at 1 where no path can use the entry (an active (u, j), masked at the end)
+    g_out = torch.sub(deg_out.to(dtype)[None, :], common_out).clamp_min_(1).rsqrt_().reshape(-1)  # [u, v]
+    g_in = torch.sub(deg_in.to(dtype)[:, None], common_in).clamp_min_(1).rsqrt_().reshape(-1)  # [b, j]
+    del common_out, common_in
     row_links = mask.nonzero()  # (u, b), sorted by u: the first hop
     by_row = torch.cat([deg_out.new_zeros(1), deg_out.cumsum(0)])  # CSR offsets of each u's inputs
     col_links = mask.t().nonzero()  # (b, v), sorted by b
@@ -143,20 +152,15 @@ def ch3_l3p(mask: torch.Tensor, *, weight: torch.Tensor | None = None, grad: tor
     scores = torch.zeros(out_features * in_features, dtype=dtype, device=mask.device)
     for lo, hi in _spans(per_first, chunk):
         u, b = row_links[lo:hi, 0], row_links[lo:hi, 1]
-        # second hop b–v
-        pos, (u, b) = _expand(by_col[b], deg_in[b], u, b)
+        pos, (u, b) = _expand(by_col[b], deg_in[b], u, b)  # second hop b–v
         v = col_links[pos, 1]
-        keep = v != u
-        u, b, v = u[keep], b[keep], v[keep]
-        w_v = (deg_out[v] - common_out[u, v]).to(dtype).rsqrt_()  # 1/sqrt(1 + de_v)
-        # third hop v–j
-        pos, (u, b, w_v) = _expand(by_row[v], deg_out[v], u, b, w_v)
+        w_v = g_out[u * out_features + v]
+        # third hop v–j; paths back to u's own inputs (v = u, or j ∈ N(u)) land on active
+        # positions, which are zeroed at the end: cheaper than filtering every path
+        pos, (u_at, b_at, w_v) = _expand(by_row[v], deg_out[v], u * in_features, b * in_features, w_v)
         j = row_links[pos, 1]
-        missing = ~mask[u, j]
-        u, b, j, w_v = u[missing], b[missing], j[missing], w_v[missing]
-        w_b = (deg_in[b] - common_in[b, j]).to(dtype).rsqrt_()  # 1/sqrt(1 + de_b)
-        scores.index_add_(0, u * in_features + j, w_v * w_b)
-    return scores.view(out_features, in_features)
+        scores.index_add_(0, u_at + j, w_v.mul_(g_in[b_at + j]))
+    return scores.view(out_features, in_features).masked_fill_(mask, 0.0)
 
 
 def _spans(costs: torch.Tensor, budget: int) -> list[tuple[int, int]]:

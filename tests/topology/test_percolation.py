@@ -136,3 +136,49 @@ def test_dense_neighbours_are_boundaries():
     graph = NeuronGraph.from_coupling(handle.coupling, handle.sites)
     assert graph.open_inputs == {"fc2"} and graph.open_outputs == {"fc3"}
     assert [(c.src, c.dst) for c in graph.chains] == [("fc2", "fc3")]
+
+
+def _llama_graph():
+    m = load_example("llama")
+    policy = {"version": 1, "defaults": {"density": 0.5}, "unmatched": "sparsify",
+              "rules": [{"match": {"name": "lm_head"}, "skip": True}]}
+    _model, handle = sparsify(m.build_model(), policy, m.example_inputs())
+    return NeuronGraph.from_coupling(handle.coupling, handle.sites)
+
+
+LLAMA_GRAPH = []
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), density=st.floats(0.01, 0.3))
+def test_idempotent_on_random_masks_of_the_llama_graph(seed, density):
+    if not LLAMA_GRAPH:
+        LLAMA_GRAPH.append(_llama_graph())
+    g = LLAMA_GRAPH[0]
+    gen = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(s, generator=gen) < density for n, s in g.shapes.items()}
+    once = percolate(masks, g)
+    assert percolate(once.masks, g).total_removed == 0
+    check_fixed_point(once.masks, g)
+    for d in g.contractions:  # a q row keeping links has a k partner with input, and back
+        for site, other, col, other_col in ((d.q, d.k, 0, 1), (d.k, d.q, 1, 0)):
+            unit = _units(g, site, once.masks[site].shape[0])
+            other_unit = _units(g, other, once.masks[other].shape[0])
+            other_live = once.masks[other].any(1).tolist()
+            partners = {}
+            for a, b in d.pairs.tolist():
+                mine, theirs = (a, b) if col == 0 else (b, a)
+                partners.setdefault(unit[mine], set()).add(other_unit[theirs])
+            live_units = {other_unit[r] for r in range(len(other_live)) if other_live[r]}
+            for row in range(once.masks[site].shape[0]):
+                if bool(once.masks[site][row].any()):
+                    assert partners.get(unit[row], set()) & live_units
+
+
+def _units(graph, site, rows):
+    """Row -> its unit id (RoPE pairs share one)."""
+    unit = list(range(rows))
+    pairs = graph.paired.get(site)
+    for a, b in ([] if pairs is None else pairs.tolist()):
+        unit[b] = unit[a] = min(unit[a], unit[b])
+    return unit
