@@ -7,8 +7,6 @@ that some neurons get no link).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 

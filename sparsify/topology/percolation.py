@@ -107,7 +107,7 @@ class NeuronGraph:
                     consumed.update((g.q, g.k))
                 else:
                     graph.open_outputs.update(s for s in (g.q, g.k) if s in sparse)
-        for (site, side), _reasons in coupling.boundaries.items():
+        for site, side in coupling.boundaries:
             if site in sparse:
                 (graph.open_inputs if side == "in" else graph.open_outputs).add(site)
         # a sparse layer whose output goes nowhere the analysis could follow is kept whole

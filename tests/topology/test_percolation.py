@@ -161,7 +161,7 @@ def test_idempotent_on_random_masks_of_the_llama_graph(seed, density):
     assert percolate(once.masks, g).total_removed == 0
     check_fixed_point(once.masks, g)
     for d in g.contractions:  # a q row keeping links has a k partner with input, and back
-        for site, other, col, other_col in ((d.q, d.k, 0, 1), (d.k, d.q, 1, 0)):
+        for site, other, col in ((d.q, d.k, 0), (d.k, d.q, 1)):
             unit = _units(g, site, once.masks[site].shape[0])
             other_unit = _units(g, other, once.masks[other].shape[0])
             other_live = once.masks[other].any(1).tolist()
