@@ -5,12 +5,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from sparsify.passes.couple import Coupling
 from sparsify.passes.pipeline import Analysis, transform
 from sparsify.policy import LayerSpec, Policy, load_policy
 from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.percolation import NeuronGraph
 
 
 @dataclass
@@ -44,6 +46,14 @@ class SparseModel:
 
     def groups_of(self, name: str) -> list:
         return self.coupling.groups_of(name)
+
+    def neuron_graph(self) -> NeuronGraph:
+        """How the sparse layers' rows and columns feed each other, for percolation and ANP."""
+        return NeuronGraph.from_coupling(self.coupling, self.sites)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current mask of every sparse layer (the live buffers, not copies)."""
+        return {name: site.module.mask for name, site in self.sites.items()}
 
     def parameters_active(self) -> tuple[int, int]:
         """(active weights, dense weights) over the sparse sites."""

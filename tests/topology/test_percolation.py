@@ -115,10 +115,10 @@ def test_on_the_llama_example_boundaries_stay_untouched():
     policy = {"version": 1, "defaults": {"density": 0.03}, "unmatched": "sparsify",
               "rules": [{"match": {"name": "lm_head"}, "skip": True}]}
     model, handle = sparsify(m.build_model(), policy, m.example_inputs())
-    graph = NeuronGraph.from_coupling(handle.coupling, handle.sites)
+    graph = handle.neuron_graph()
     assert len(graph.chains) == 6 and len(graph.products) == 2 and len(graph.contractions) == 2
     assert set(graph.paired) == {f"layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qk"}
-    masks = {n: s.module.mask for n, s in handle.sites.items()}
+    masks = handle.masks()
     p = percolate(masks, graph)
     assert p.total_removed > 0
     for name in graph.open_inputs:  # columns reading the residual stream are never cut
