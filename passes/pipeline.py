@@ -57,8 +57,8 @@ def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None)
 def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration: Any = None) -> Analysis:
     """Analyze ``model`` and rewrite its planned linears into SparseLinear modules, in place.
 
-    ``calibration`` (inputs like ``example_inputs``, or a list of such batches) feeds the initial
-    topologies computed from data (CSTI); it defaults to ``example_inputs``.
+    ``calibration``, a list of input batches (each of the form of ``example_inputs``), feeds the
+    initial topologies computed from data (CSTI); it defaults to ``[example_inputs]``.
     """
     result = analyze(model, example_inputs, policy)
     traced = result.capture.graph_module if result.capture.kind != EXPORT else None

@@ -8,11 +8,10 @@ as many swaps as planned sites, no reference to a replaced module left, graph li
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 from torch import fx, nn
-
-from typing import Any
 
 from sparsify.errors import PlanError
 from sparsify.passes.capture import ExampleInputs

@@ -48,12 +48,8 @@ def top_k(keys_of: KeysOf, n: int, k: int, generator: torch.Generator, chunk: in
     if eligible < k:
         raise ValueError(f"cannot choose {k} positions: only {eligible} are eligible")
     threshold = best.min()
-    # Pass 2: everything strictly above the threshold is chosen; ties are counted.
-    above, ties = [], 0
-    for keys, idx in chunks():
-        keys = keys.double()
-        above.append(idx[keys > threshold])
-        ties += int((keys == threshold).sum())
+    # Pass 2: everything strictly above the threshold is chosen.
+    above = [idx[keys.double() > threshold] for keys, idx in chunks()]
     chosen = torch.cat(above)
     need = k - chosen.numel()
     if need == 0:
