@@ -26,34 +26,30 @@ def _community_degrees(mask, u, j, b, v):
     return di_b, de_b, di_v, de_v
 
 
+def _score_missing(mask, score):
+    """A rows x cols table: ``score(u, j)`` for every missing link, 0 for the present ones."""
+    return [[0.0 if mask[u][j] else score(u, j) for j in range(len(mask[0]))] for u in range(len(mask))]
+
+
 def ch3_l3p(mask):
-    rows, cols = len(mask), len(mask[0])
-    out = [[0.0] * cols for _ in range(rows)]
-    for u in range(rows):
-        for j in range(cols):
-            if mask[u][j]:
-                continue
-            for b, v in l3_paths(mask, u, j):
-                _, de_b, _, de_v = _community_degrees(mask, u, j, b, v)
-                out[u][j] += 1.0 / math.sqrt((1 + de_b) * (1 + de_v))
-    return out
+    def score(u, j):
+        total = 0.0
+        for b, v in l3_paths(mask, u, j):
+            _, de_b, _, de_v = _community_degrees(mask, u, j, b, v)
+            total += 1.0 / math.sqrt((1 + de_b) * (1 + de_v))
+        return total
+    return _score_missing(mask, score)
 
 
 def node_based(mask, numerator_di):
-    rows, cols = len(mask), len(mask[0])
-    out = [[0.0] * cols for _ in range(rows)]
-    for u in range(rows):
-        for j in range(cols):
-            if mask[u][j]:
-                continue
-            community = {}  # node -> (di, de), each node once
-            for b, v in l3_paths(mask, u, j):
-                di_b, de_b, di_v, de_v = _community_degrees(mask, u, j, b, v)
-                community[("in", b)] = (di_b, de_b)
-                community[("out", v)] = (di_v, de_v)
-            for di, de in community.values():
-                out[u][j] += ((1 + di) if numerator_di else 1) / (1 + de)
-    return out
+    def score(u, j):
+        community = {}  # node -> (di, de), each node once
+        for b, v in l3_paths(mask, u, j):
+            di_b, de_b, di_v, de_v = _community_degrees(mask, u, j, b, v)
+            community[("in", b)] = (di_b, de_b)
+            community[("out", v)] = (di_v, de_v)
+        return sum(((1 + di) if numerator_di else 1) / (1 + de) for di, de in community.values())
+    return _score_missing(mask, score)
 
 
 def ch2_l3n(mask):

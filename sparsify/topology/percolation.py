@@ -173,6 +173,11 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
                              f"the graph says {tuple(shape)}")
     current = {n: masks[n].detach().cpu().clone() for n in graph.shapes}
     silent = {n: torch.zeros(shape[1], dtype=torch.bool) for n, shape in graph.shapes.items()}
+    # columns no chain feeds (and all columns of an open layer) always have input
+    chained = {n: torch.zeros(shape[1], dtype=torch.bool) for n, shape in graph.shapes.items()}
+    for c in graph.chains:
+        chained[c.dst][c.columns] = True
+    always_fed = {n: ~v | (n in graph.open_inputs) for n, v in chained.items()}
     iterations = 0
     while True:
         iterations += 1
@@ -182,11 +187,9 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
             both = live_in[p.a][p.pairs[:, 0]] & live_in[p.b][p.pairs[:, 1]]
             signal[p.a][p.pairs[:, 0][~both]] = False
             signal[p.b][p.pairs[:, 1][~both]] = False
-        fed = {n: torch.zeros(shape[1], dtype=torch.int32) for n, shape in graph.shapes.items()}
-        feeding = {n: torch.zeros(shape[1], dtype=torch.int32) for n, shape in graph.shapes.items()}
+        fed = {n: v.clone() for n, v in always_fed.items()}
         for c in graph.chains:
-            fed[c.dst].index_add_(0, c.columns, torch.ones_like(c.columns, dtype=torch.int32))
-            feeding[c.dst].index_add_(0, c.columns, signal[c.src][c.rows].to(torch.int32))
+            fed[c.dst] |= _scatter_or(len(fed[c.dst]), c.columns, signal[c.src][c.rows])
         has_out = {n: m.any(0) for n, m in current.items()}
         used = {n: torch.full((shape[0],), n in graph.open_outputs) for n, shape in graph.shapes.items()}
         for c in graph.chains:
@@ -196,9 +199,7 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
             used[d.k] |= _scatter_or(len(used[d.k]), d.pairs[:, 1], live_in[d.q][d.pairs[:, 0]])
         changed = False
         for n, m in current.items():
-            cols = (fed[n] == 0) | (feeding[n] > 0)
-            if n in graph.open_inputs:
-                cols = torch.ones_like(cols)
+            cols = fed[n]
             rows = _or_paired(used[n], graph.paired.get(n))
             new = m & cols[None, :] & rows[:, None]
             silent[n] |= ~cols & m.any(0)
