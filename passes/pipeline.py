@@ -1,4 +1,4 @@
-"""The pass pipeline: capture -> find_linears -> couple -> plan -> rewrite, in one readable function.
+"""The pass pipeline: capture -> find_linears -> couple -> plan -> rewrite -> evolve, in one readable function.
 
 User errors (SparsifyError) pass through unchanged: they already say what to do. Anything else
 is an internal error and is reported with the pass that failed and the one before it.
@@ -12,7 +12,9 @@ from torch import nn
 
 from sparsify.errors import SparsifyError
 from sparsify.passes.capture import EXPORT, Capture, capture
+from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling, couple
+from sparsify.passes.evolve import insert_evolution
 from sparsify.passes.find_linears import Sites, find_linears
 from sparsify.passes.plan import Plan, plan
 from sparsify.passes.rewrite import rewrite
@@ -27,6 +29,7 @@ class Analysis:
     coupling: Coupling
     plan: Plan | None = None
     swapped: dict[str, SparseLinear] | None = None
+    evolution: Evolution | None = None
 
 
 class PassFailed(RuntimeError):
@@ -55,7 +58,8 @@ def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None)
 
 
 def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration: Any = None) -> Analysis:
-    """Analyze ``model`` and rewrite its planned linears into SparseLinear modules, in place.
+    """Analyze ``model``, rewrite its planned linears into SparseLinear modules and insert the
+    topology evolution, in place.
 
     ``calibration``, a list of input batches (each of the form of ``example_inputs``), feeds the
     initial topologies computed from data (CSTI); it defaults to ``[example_inputs]``.
@@ -64,4 +68,6 @@ def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration
     traced = result.capture.graph_module if result.capture.kind != EXPORT else None
     batches = calibration if calibration is not None else [example_inputs]
     result.swapped = _run("rewrite", "plan", rewrite, model, result.plan, policy.seed, traced, batches)
+    result.evolution = _run("evolve", "rewrite", insert_evolution, model, result.swapped, result.plan,
+                            result.coupling, policy.seed)
     return result

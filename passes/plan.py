@@ -101,6 +101,10 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
     if spec.backend not in AVAILABLE_BACKENDS | {"auto"}:
         raise PlanError(f"{where}: backend {spec.backend!r} is not available in this version; "
                         "use 'masked' or 'auto'")
+    if spec.update is None and spec.density_decay["kind"] != "none":
+        raise PlanError(f"{where}: density_decay {spec.density_decay['kind']!r} needs topology updates, but "
+                        f"method {spec.method!r} has none; give 'update: {{every: N, unit: steps}}' or a method "
+                        "that updates (GMP prunes gradually)")
     links = link_count(out_features, in_features, spec.initial_density)
     if links < 1:
         raise PlanError(f"{where} ({out_features}x{in_features}): density {spec.initial_density:g} leaves "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling
 from sparsify.passes.pipeline import Analysis, transform
 from sparsify.policy import LayerSpec, Policy, load_policy
@@ -35,6 +36,25 @@ class SparseModel:
         self.sites = {name: SparseSite(name, module, analysis.plan.decisions[name].spec,
                                        analysis.plan.decisions[name].rule_text)
                       for name, module in analysis.swapped.items()}
+
+    @property
+    def evolution(self) -> Evolution:
+        """The topology evolution inserted into the model (``model.sparsify_evolution``)."""
+        return self.analysis.evolution
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int | None = None,
+               hook: bool = True):
+        """Register the optimizer and the length of training; the one line a training loop adds.
+
+        After it, every ``optimizer.step()`` counts, and scheduled steps end with a topology update
+        that also resets the optimizer's moments of changed links. See :class:`Evolution`.
+        """
+        return self.evolution.attach(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, hook=hook)
+
+    @property
+    def history(self) -> list[dict]:
+        """One record per topology update so far (see :class:`Evolution`)."""
+        return self.evolution.history
 
     @property
     def coupling(self) -> Coupling:
@@ -79,7 +99,10 @@ def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_input
     """Make ``model``'s linear layers sparse as ``policy`` says; returns (model, handle).
 
     ``model`` is an nn.Module (changed in place: its own class and methods survive) or a
-    torch.fx.GraphModule (its graph is recompiled). ``policy`` is a YAML path, a dict or a Policy.
+    torch.fx.GraphModule (its graph is recompiled); inside DistributedDataParallel, the wrapped
+    module is transformed, so rules see names without the ``module.`` prefix (better: sparsify
+    first, then wrap). The model gains a ``sparsify_evolution`` submodule; register the optimizer
+    with ``handle.attach(optimizer, total_steps=...)`` to evolve the topology while training. ``policy`` is a YAML path, a dict or a Policy.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``calibration`` is a list of input batches (each of the same form) for initial topologies
     computed from data (CSTI); by default the example inputs.
@@ -87,5 +110,13 @@ def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_input
     >>> model, handle = sparsify(model, "policy.yaml", torch.randn(2, 784))  # doctest: +SKIP
     """
     policy = load_policy(policy)
-    analysis = transform(model, example_inputs, policy, calibration)
-    return model, SparseModel(model, analysis, policy)
+    inner = _unwrap(model)
+    analysis = transform(inner, example_inputs, policy, calibration)
+    return model, SparseModel(inner, analysis, policy)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel, so rules match the model's own names."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model

@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 # Each method is a named bundle of explicit fields; a policy's defaults and rules override them
 # field by field. Parameters follow the papers (see ALGORITHMS in the docs).
 _DST = {
-    "removal": {"score": "WM", "mode": "hard", "alpha": 1.0, "delta": {"start": 0.5, "end": 0.75},
+    "removal": {"score": "WM", "mode": "hard", "delta": {"start": 0.5, "end": 0.75},
                 "zeta": 0.3, "zeta_schedule": "constant", "gamma": 0.01},
     "regrowth": {"predictor": "random", "mode": "hard"},
     "update": {"every": 1, "unit": "epochs"},

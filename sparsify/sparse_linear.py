@@ -18,6 +18,10 @@ class SparseLinear(nn.Module):
     inside the forward). ``weight``, ``bias`` and ``mask`` are all in the state_dict, under the
     same names as nn.Linear's plus ``mask``.
 
+    While ``capture_dense_grad`` is set (the evolution sets it only for a step that ends in a
+    gradient-based topology update), the forward also keeps the *dense* gradient of the masked
+    weight, inactive positions included, in ``dense_grad``, summed over the backward passes.
+
     >>> layer = SparseLinear.from_linear(nn.Linear(4, 3), mask=torch.eye(3, 4, dtype=torch.bool))
     >>> layer.active_links, layer.density
     (3, 0.25)
@@ -33,6 +37,7 @@ class SparseLinear(nn.Module):
         if mask is None:
             mask = torch.ones(out_features, in_features, dtype=torch.bool, device=device)
         self.register_buffer("mask", self._check_mask(mask))
+        self._no_capture()
         nn.Linear.reset_parameters(self)  # same init as nn.Linear (weight then bias)
         self.apply_mask()
 
@@ -54,8 +59,17 @@ class SparseLinear(nn.Module):
         if mask is None:
             mask = torch.ones_like(linear.weight, dtype=torch.bool)
         layer.register_buffer("mask", layer._check_mask(mask.to(linear.weight.device)))
+        layer._no_capture()
         layer.apply_mask()
         return layer
+
+    def _no_capture(self) -> None:
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+
+    def _keep_dense_grad(self, grad: torch.Tensor) -> None:
+        grad = grad.detach()
+        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad + grad
 
     def to_linear(self) -> nn.Linear:
         """A dense nn.Linear with the same outputs (inactive weights are zero)."""
@@ -87,7 +101,10 @@ class SparseLinear(nn.Module):
         return self.active_links / self.mask.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        weight = self.weight * self.mask
+        if self.capture_dense_grad and weight.requires_grad:
+            weight.register_hook(self._keep_dense_grad)
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -45,7 +45,9 @@ def test_user_class_methods_and_state_dict_survive():
     assert model2 is model and type(model).__name__ == "Llama"
     assert isinstance(model.layers[0].self_attn.q_proj, SparseLinear)
     masks = {f"{n}.mask" for n in handle.sites}
-    assert set(model.state_dict()) == keys | masks
+    evolution = {f"sparsify_evolution.{k}" for k in ("step_count", "total_steps", "steps_per_epoch", "rng_state")}
+    explored = {f"sparsify_evolution.state.{i}.{k}" for i in range(len(handle.sites)) for k in ("ever", "frozen")}
+    assert set(model.state_dict()) == keys | masks | evolution | explored
     clone = copy.deepcopy(model)
     assert torch.equal(clone(*x), model(*x))
 
@@ -80,7 +82,8 @@ def test_graph_module_is_rewritten_and_recompiled():
     gm2, handle = sparsify.sparsify(gm, {**EVERY, "defaults": {"density": 0.1}}, x)
     assert gm2 is gm and isinstance(gm.get_submodule("fc1"), SparseLinear)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    assert targets == ["fc1", "fc2", "fc3", "fc4"]
+    assert targets == ["sparsify_evolution", "fc1", "fc2", "fc3", "fc4"]  # the evolution runs first
+    assert "self.sparsify_evolution()" in gm.code and "sparsify_evolution" in str(gm)
     assert gm.get_submodule("fc1").active_links == link_count(1568, 784, 0.1)
     assert gm(*x).shape == (2, 10)
 

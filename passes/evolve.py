@@ -1,0 +1,46 @@
+"""Evolution pass: the scheduled topology evolution becomes part of the transformed model.
+
+The :class:`~sparsify.evolution.Evolution` module is registered as ``sparsify_evolution`` in the
+model (its state joins the model's state_dict). In a GraphModule a ``call_module`` node at the start
+of the graph calls it before every forward pass, visibly in ``print(graph_module)``; in an eager
+model a forward pre-hook does the same. The call only prepares the dense-gradient capture of a
+coming gradient-based update; the updates themselves run at optimizer steps.
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from sparsify.evolution import Evolution
+from sparsify.passes.couple import Coupling
+from sparsify.passes.plan import Plan
+from sparsify.passes.rewrite import site_generator
+from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.percolation import NeuronGraph
+
+NAME = "sparsify_evolution"
+
+
+def _call_evolution(module: nn.Module, _args: tuple) -> None:
+    getattr(module, NAME)()
+
+
+def insert_evolution(model: nn.Module, swapped: dict[str, SparseLinear], plan: Plan, coupling: Coupling,
+                     seed: int) -> Evolution:
+    """Build the evolution of the ``swapped`` layers and insert it into ``model``."""
+    if hasattr(model, NAME):
+        raise ValueError(f"the model already has a {NAME!r} attribute; transform each model once")
+    evolution = Evolution(swapped, {n: plan.sparse[n] for n in swapped},
+                          NeuronGraph.from_coupling(coupling, swapped), site_generator(seed, NAME),
+                          subgraph=lambda names: NeuronGraph.from_coupling(coupling, names))
+    model.add_module(NAME, evolution)
+    if isinstance(model, fx.GraphModule):
+        graph = model.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        anchor = graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(next(iter(graph.nodes)))
+        with anchor:
+            graph.call_module(NAME)
+        graph.lint()
+        model.recompile()
+    else:
+        model.register_forward_pre_hook(_call_evolution)
+    return evolution

@@ -1,0 +1,420 @@
+"""Topology evolution at scheduled optimizer steps: the runtime of dynamic sparse training.
+
+The rewrite registers one :class:`Evolution` module in the transformed model, as
+``model.sparsify_evolution`` (in a GraphModule also as a node at the start of the graph). Its state
+(the step, the schedule's length, the random generator, the positions each layer has explored,
+which layers are frozen) is in the model's state_dict next to the layers' masks, so a checkpoint
+of ``model.state_dict()`` and ``optimizer.state_dict()`` resumes exactly.
+
+A training loop registers its optimizer once; every ``optimizer.step()`` then counts, and the
+steps the policy schedules end with a topology update::
+
+    model, handle = sparsify(model, "policy.yaml", example_inputs)
+    optimizer = torch.optim.AdamW(model.parameters())
+    handle.attach(optimizer, total_steps=epochs * len(loader), steps_per_epoch=len(loader))
+
+A custom loop can instead call ``handle.evolution.step()`` after each optimizer step (attach
+with ``hook=False``). Steps taken in eval mode are not counted, and forward passes in eval mode or
+under ``torch.no_grad()`` never touch the topology.
+
+One update of a layer, at step t (ALGORITHMS: gradual pruning, removal, percolation, regrowth):
+
+1. prune to the scheduled density (density decay), hard, by the decay's score;
+2. remove ζ_t of the active links by the removal score (hard, or soft with δ_t);
+3. percolate across the coupling groups of the layers updated at this step;
+4. regrow exactly the links needed to reach the scheduled density, at inactive positions only;
+5. zero the weights, gradients and optimizer moments of every inactive position (regrown links
+   start at zero).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparsify.errors import SparsifyError
+from sparsify.policy import LayerSpec
+from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.init import link_count
+from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rate
+from sparsify.topology.percolation import NeuronGraph, percolate
+from sparsify.topology.regrowth import REGROWTH_PREDICTORS, regrow
+from sparsify.topology.removal import REMOVAL_SCORES, remove
+from sparsify.topology.schedules import DENSITY_DECAYS, ZETA_SCHEDULES, ramp
+
+# Optimizer state with one value per weight that must restart at zero on a changed link.
+MOMENTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+DENSE_GRADIENT_PREDICTORS = {"gradient"}
+
+
+class LayerState(nn.Module):
+    """One layer's evolution state: the positions ever active (ITOP) and the early-stop flag."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("ever", mask.detach().clone())
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=mask.device))
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class Evolution(nn.Module):
+    """The scheduled topology evolution of a model's sparse layers (see the module docstring).
+
+    ``history`` holds one record per update (step, ANP, and per layer: density, scheduled density,
+    pruned, removed, percolated links and neurons, regrown, overlap, ITOP, frozen); functions in
+    ``listeners`` are called with each record as it is made.
+    """
+
+    def __init__(self, layers: dict[str, SparseLinear], specs: dict[str, LayerSpec], graph: NeuronGraph,
+                 generator: torch.Generator, subgraph: Callable[[frozenset], NeuronGraph] | None = None):
+        super().__init__()
+        self.names = list(layers)
+        self._layers = dict(layers)  # owned by the model; kept here by reference, not registered
+        self.specs = dict(specs)
+        self.graph = graph
+        self._subgraph = subgraph
+        self._graphs: dict[frozenset, NeuronGraph] = {}
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
+        self.register_buffer("rng_state", generator.get_state())
+        self.state = nn.ModuleList(LayerState(layers[n].mask) for n in self.names)
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._warned: set[tuple[str, str]] = set()
+        self._armed_for: int | None = None
+        self.history: list[dict] = []
+        self.listeners: list[Callable[[dict], None]] = []
+
+    # -- the schedule ----------------------------------------------------------------------------
+
+    @property
+    def step_index(self) -> int:
+        """Optimizer steps counted so far."""
+        return int(self.step_count)
+
+    @property
+    def evolving(self) -> list[str]:
+        """Layers whose topology changes at some step (method other than static, or a density decay)."""
+        return [n for n in self.names if self.specs[n].update is not None]
+
+    def layer(self, name: str) -> SparseLinear:
+        return self._layers[name]
+
+    def _state(self, name: str) -> LayerState:
+        return self.state[self.names.index(name)]
+
+    def interval(self, name: str) -> int | None:
+        """Steps between two updates of ``name`` (None: it never updates)."""
+        update = self.specs[name].update
+        if update is None:
+            return None
+        every = int(update["every"])
+        if update.get("unit", "steps") == "epochs":
+            per_epoch = int(self.steps_per_epoch)
+            if per_epoch <= 0:
+                raise SparsifyError(f"layer {name} updates its topology every {every} epoch(s), but the number "
+                                    "of steps per epoch is unknown: pass steps_per_epoch= to attach()")
+            every *= per_epoch
+        return every
+
+    def t_end(self, name: str) -> int:
+        """The step from which ``name`` no longer updates (T_end)."""
+        return int(round(self.specs[name].t_end * int(self.total_steps)))
+
+    def last_update(self, name: str) -> int | None:
+        """The step of ``name``'s last update (None: no update fits before T_end)."""
+        every = self.interval(name)
+        if every is None:
+            return None
+        last = (self.t_end(name) - 1) // every * every
+        return last if last > 0 else None
+
+    def due(self, name: str, step: int) -> bool:
+        """Whether ``name`` updates at the end of optimizer step ``step``."""
+        every = self.interval(name)
+        if every is None or bool(self._state(name).frozen):
+            return False
+        return step % every == 0 and 0 < step < self.t_end(name)
+
+    def scheduled_density(self, name: str, step: int) -> float:
+        """The density ``name`` has after an update at ``step`` (its final density from its last update)."""
+        spec = self.specs[name]
+        decay = spec.density_decay
+        last = self.last_update(name)
+        if decay["kind"] == "none" or (last is not None and step >= last):
+            return spec.density
+        total = int(self.total_steps)
+        return DENSITY_DECAYS[decay["kind"]](step, t0=decay["start"] * total, tf=decay["end"] * total,
+                                             d_i=spec.initial_density, d_f=spec.density,
+                                             steepness=decay.get("steepness", 6.0),
+                                             halved_window=decay.get("halved_window", False))
+
+    def _require_schedule(self) -> None:
+        if self.evolving and int(self.total_steps) <= 0:
+            raise SparsifyError(
+                "the topology evolution does not know the length of training: call "
+                "handle.attach(optimizer, total_steps=..., steps_per_epoch=...) before training")
+
+    # -- wiring into a training loop -------------------------------------------------------------
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, total_steps: int, steps_per_epoch: int | None = None,
+               hook: bool = True):
+        """Register ``optimizer`` (its moments are reset on changed links) and the schedule's length.
+
+        With ``hook`` (the default) every ``optimizer.step()`` is followed by :meth:`step`; the
+        returned handle's ``remove()`` undoes that. Without it, call :meth:`step` yourself.
+        """
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise SparsifyError(f"attach: total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise SparsifyError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [n for n in self.evolving if id(self._layers[n].weight) not in held]
+        if missing:
+            raise SparsifyError(f"attach: the optimizer does not hold the weight of {', '.join(missing)}; "
+                                "create it from model.parameters() after sparsify()")
+        self.total_steps.fill_(total_steps)
+        self.steps_per_epoch.fill_(steps_per_epoch or 0)
+        for name in self.evolving:
+            self.interval(name)  # epochs without steps_per_epoch: say so now, not at the first update
+        if all(o is not optimizer for o in self._optimizers):
+            self._optimizers.append(optimizer)
+        if hook:
+            return optimizer.register_step_post_hook(lambda _opt, _args, _kwargs: self.step())
+        return None
+
+    def forward(self, *passthrough):
+        """Called before each forward pass of the model: when the coming optimizer step ends with a
+        gradient-based regrowth, ask those layers to keep their dense gradient (and only then).
+
+        Returns its input unchanged: in an ``nn.Sequential`` the module is the last element and
+        passes the output through.
+        """
+        result = passthrough[0] if len(passthrough) == 1 else (passthrough or None)
+        if not (self.training and torch.is_grad_enabled()) or int(self.total_steps) <= 0:
+            return result
+        coming = int(self.step_count) + 1
+        if self._armed_for == coming:
+            return result
+        self._armed_for = coming
+        for name in self.names:
+            layer = self._layers[name]
+            layer.capture_dense_grad = (self.specs[name].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS
+                                        and self.due(name, coming))
+            layer.dense_grad = None
+        return result
+
+    @torch.no_grad()
+    def step(self) -> dict | None:
+        """Count one optimizer step; run the topology update when one is scheduled (returns its record).
+
+        Also re-applies every mask, so no optimizer can leave an inactive weight non-zero.
+        """
+        if not self.training:
+            return None
+        self._require_schedule()
+        for layer in self._layers.values():
+            layer.apply_mask()
+        self.step_count += 1
+        step = int(self.step_count)
+        due = [n for n in self.names if self.due(n, step)]
+        return self.update(due) if due else None
+
+    # -- one update -------------------------------------------------------------------------------
+
+    def _graph(self, names: frozenset) -> NeuronGraph:
+        if names not in self._graphs:
+            if self._subgraph is None:
+                shapes = {n: tuple(self._layers[n].mask.shape) for n in names}
+                self._graphs[names] = NeuronGraph(shapes, open_inputs=set(names), open_outputs=set(names))
+            else:
+                self._graphs[names] = self._subgraph(names)
+        return self._graphs[names]
+
+    def _scores(self, kind: str, name: str, mask: torch.Tensor, spec: dict) -> torch.Tensor:
+        layer = self._layers[name]
+        args = {k: spec[k] for k in ("alpha", "gamma") if spec.get(k) is not None}
+        if kind == "MEST":
+            if layer.weight.grad is None:
+                raise SparsifyError(f"layer {name}: the MEST removal score needs the gradient of the last "
+                                    "backward pass; the update runs right after optimizer.step(), before zero_grad()")
+            args["grad"] = layer.weight.grad
+        return REMOVAL_SCORES[kind](layer.weight, mask, **args)
+
+    def _dense_grad(self, name: str) -> torch.Tensor:
+        layer = self._layers[name]
+        grad = layer.dense_grad
+        if grad is None:
+            raise SparsifyError(
+                f"layer {name}: gradient-based regrowth at step {int(self.step_count)} found no dense gradient. "
+                "The model's forward must run in training mode with gradients enabled in the step before the "
+                "update (the evolution arms the capture from the forward), and the step must be counted once.")
+        if _world_size() > 1:
+            dist.all_reduce(grad)
+            grad.div_(_world_size())
+        return grad
+
+    @torch.no_grad()
+    def update(self, names: list[str]) -> dict:
+        """Update the topology of ``names`` at the current step (see the module docstring)."""
+        started = time.perf_counter()
+        step = int(self.step_count)
+        generator = torch.Generator()
+        generator.set_state(self.rng_state.cpu())
+        grads = {n: self._dense_grad(n) for n in names
+                 if self.specs[n].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS}
+        before = {n: self._layers[n].mask.clone() for n in names}
+        masks, rows = {}, {}
+        for name in names:
+            spec = self.specs[name]
+            mask = before[name]
+            layer = self._layers[name]
+            density = self.scheduled_density(name, step)
+            target = link_count(layer.out_features, layer.in_features, density)
+            row = rows[name] = {"scheduled_density": density, "pruned": 0, "removed": 0,
+                                "percolated_links": 0, "percolated_neurons": 0}
+            active = int(mask.sum())
+            if active > target:  # gradual pruning down to the scheduled density
+                decay = spec.density_decay
+                scores = self._scores(decay["score"], name, mask, {"alpha": 0.0 if decay["score"] == "RI" else None})
+                mask = remove(mask, scores, active - target, generator, mode="hard")
+                row["pruned"] = active - target
+            t_end = self.t_end(name)
+            zeta = ZETA_SCHEDULES[spec.removal["zeta_schedule"]](step, t_end, spec.removal["zeta"])
+            count = int(round(zeta * int(mask.sum())))
+            row["zeta"] = zeta
+            if count:
+                removal = spec.removal
+                delta = ramp(step, t_end, removal["delta"]["start"], removal["delta"]["end"])
+                scores = self._scores(removal["score"], name, mask, removal)
+                mask = remove(mask, scores, count, generator, mode=removal["mode"], delta=delta)
+                row["removed"] = count
+                if removal["mode"] == "soft":
+                    row["delta"] = delta
+            row["target"] = target
+            masks[name] = mask
+        percolating = frozenset(n for n in names if self.specs[n].percolation)
+        if percolating:
+            result = percolate({n: masks[n] for n in percolating}, self._graph(percolating))
+            for n in percolating:
+                rows[n]["percolated_links"] = int(result.removed[n].sum())
+                rows[n]["percolated_neurons"] = _emptied(masks[n].cpu(), result.masks[n].cpu())
+                masks[n] = result.masks[n].to(masks[n].device)
+        kept, regrown = dict(masks), {}
+        for name in names:
+            spec, layer, mask = self.specs[name], self._layers[name], masks[name]
+            need = rows[name].pop("target") - int(mask.sum())
+            if need > 0:
+                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, weight=layer.weight, grad=grads.get(name))
+                grown = regrow(mask, scores, need, generator, mode=spec.regrowth["mode"])
+            else:
+                grown = mask
+            regrown[name] = grown & ~mask
+            masks[name] = grown
+        if _world_size() > 1:  # every rank runs the same broadcasts, in the same order
+            for name in names:
+                buffer = masks[name].to(torch.uint8)
+                dist.broadcast(buffer, 0)
+                masks[name] = buffer.bool()
+                regrown[name] = masks[name] & regrown[name]
+        for name in names:
+            self._apply(name, masks[name], regrown[name])
+        self.rng_state.copy_(generator.get_state())
+        record = self._record(step, names, before, kept, rows, regrown, time.perf_counter() - started)
+        self.history.append(record)
+        for listener in self.listeners:
+            listener(record)
+        return record
+
+    def _apply(self, name: str, mask: torch.Tensor, regrown: torch.Tensor) -> None:
+        layer = self._layers[name]
+        mask = mask.to(layer.mask.device)
+        layer.mask.copy_(mask)
+        layer.weight.mul_(mask & ~regrown.to(mask.device))  # inactive weights 0; regrown links start at 0
+        if layer.weight.grad is not None:
+            layer.weight.grad.mul_(mask)
+        layer.capture_dense_grad, layer.dense_grad = False, None
+        state = self._state(name)
+        state.ever |= mask
+        self._reset_moments(name, layer.weight, mask)
+
+    def _reset_moments(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        for optimizer in self._optimizers:
+            for key, value in optimizer.state.get(weight, {}).items():
+                if not torch.is_tensor(value) or value.dim() == 0:
+                    continue
+                if key in MOMENTS and value.shape == weight.shape:
+                    value.mul_(mask)
+                elif (type(optimizer).__name__, key) not in self._warned:
+                    self._warned.add((type(optimizer).__name__, key))
+                    warnings.warn(
+                        f"sparsify: {type(optimizer).__name__} keeps state {key!r} (shape {list(value.shape)}) for "
+                        f"the weight of {name}, which sparsify does not know how to reset for changed links "
+                        f"(it resets {', '.join(MOMENTS)}); links regrown by the topology evolution start "
+                        "from its stale values", RuntimeWarning, stacklevel=2)
+
+    def _record(self, step, names, before, kept, rows, regrown, seconds) -> dict:
+        layers = {}
+        for name in names:
+            mask = self._layers[name].mask
+            layers[name] = {
+                "density": int(mask.sum()) / mask.numel(),
+                "links": int(mask.sum()),
+                **rows[name],
+                "regrown": int(regrown[name].sum()),
+                "overlap": overlap_rate(before[name] & ~kept[name], regrown[name]),
+                "itop": itop_rate(self._state(name).ever),
+            }
+            early = self.specs[name].early_stop
+            if early and layers[name]["overlap"] > early["overlap"]:
+                self._state(name).frozen.fill_(True)
+            layers[name]["frozen"] = bool(self._state(name).frozen)
+        per_epoch = int(self.steps_per_epoch)
+        return {"step": step, "epoch": step / per_epoch if per_epoch else None,
+                "anp": active_neuron_rate({n: l.mask for n, l in self._layers.items()}, self.graph),
+                "seconds": round(seconds, 4), "layers": layers}
+
+    def extra_repr(self) -> str:
+        parts = [f"step={int(self.step_count)}", f"total_steps={int(self.total_steps) or 'unset'}"]
+        methods = sorted({self.specs[n].method for n in self.names})
+        parts.append(f"layers={len(self.names)} ({', '.join(methods)})")
+        return ", ".join(parts)
+
+    def describe(self) -> list[str]:
+        """One line per layer: what happens to it, and when."""
+        return [f"{name}: {describe_spec(self.specs[name])}" for name in self.names]
+
+
+def _emptied(before: torch.Tensor, after: torch.Tensor) -> int:
+    """Rows and columns that had links in ``before`` and have none in ``after``."""
+    return int((before.any(1) & ~after.any(1)).sum()) + int((before.any(0) & ~after.any(0)).sum())
+
+
+def describe_spec(spec: LayerSpec) -> str:
+    """A short text of a layer's evolution schedule, for inspect and reports."""
+    if spec.update is None:
+        return f"{spec.method}: fixed topology at density {spec.density:g}"
+    update = spec.update
+    unit = update.get("unit", "steps")
+    removal, regrowth, decay = spec.removal, spec.regrowth, spec.density_decay
+    text = (f"{spec.method}: every {update['every']} {unit[:-1] if update['every'] == 1 else unit} until "
+            f"{spec.t_end:.0%} of training; remove zeta {removal['zeta']:g} ({removal['zeta_schedule']}) by "
+            f"{removal['score']} {removal['mode']}")
+    if removal["mode"] == "soft":
+        text += f" (delta {removal['delta']['start']:g}->{removal['delta']['end']:g})"
+    text += f"; regrow {regrowth['predictor']} {regrowth['mode']}"
+    if spec.percolation:
+        text += "; percolation"
+    if decay["kind"] != "none":
+        text += (f"; density {spec.initial_density:g}->{spec.density:g} ({decay['kind']}, "
+                 f"{decay['start']:.0%}-{decay['end']:.0%})")
+    if spec.early_stop:
+        text += f"; freeze at overlap > {spec.early_stop['overlap']:g}"
+    return text
