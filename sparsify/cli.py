@@ -11,7 +11,7 @@ from typing import Sequence
 
 from sparsify.errors import SparsifyError
 
-USAGE = """sparsify model.py policy.yaml [-o OUT]      train (when model.py provides data) and write OUT
+USAGE = """sparsify model.py policy.yaml [-o OUT] [--resume] [--nproc N]   train with topology evolution, write OUT
        sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules"""
 
 
@@ -32,6 +32,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="output folder (default: runs/<model file name>)")
     p.add_argument("--epochs", type=int, help="override training.epochs of the policy")
     p.add_argument("--force", action="store_true", help="write into an output folder that already has a run")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train in N local processes (distributed data parallel); or launch with torchrun")
+    p.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     return p
 
 
@@ -47,9 +51,14 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from sparsify.train import run
+    from sparsify.train import launch, run
 
-    run(args.model, args.policy, out=args.out, epochs=args.epochs, force=args.force)
+    kwargs = dict(model_path=args.model, policy_path=args.policy, out=args.out, epochs=args.epochs,
+                  force=args.force, resume=args.resume, plots=not args.no_plots)
+    if args.nproc != 1:
+        launch(args.nproc, **kwargs)
+    else:
+        run(**kwargs)
     return 0
 
 

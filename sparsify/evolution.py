@@ -325,7 +325,7 @@ class Evolution(nn.Module):
                 masks[name] = buffer.bool()
                 regrown[name] = masks[name] & regrown[name]
         for name in names:
-            self._apply(name, masks[name], regrown[name])
+            self._commit(name, masks[name], regrown[name])
         self.rng_state.copy_(generator.get_state())
         record = self._record(step, names, before, kept, rows, regrown, time.perf_counter() - started)
         self.history.append(record)
@@ -333,7 +333,7 @@ class Evolution(nn.Module):
             listener(record)
         return record
 
-    def _apply(self, name: str, mask: torch.Tensor, regrown: torch.Tensor) -> None:
+    def _commit(self, name: str, mask: torch.Tensor, regrown: torch.Tensor) -> None:
         layer = self._layers[name]
         mask = mask.to(layer.mask.device)
         layer.mask.copy_(mask)

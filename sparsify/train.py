@@ -1,8 +1,14 @@
-"""The CLI's main job: sparsify the model of a model.py as the policy says, train it, write a run folder.
+"""The CLI's main job: sparsify the model of a model.py as the policy says, train it with the
+scheduled topology evolution, and write a run folder.
 
-The run folder holds ``model.pt`` (state_dict with masks, the policy and the per-layer specs),
-``metrics.jsonl`` (one line per epoch), ``report.json`` and ``coupling.txt``. Every file is written
-to a temporary name first and renamed, so an interrupted run leaves no half-written file.
+The run folder holds ``checkpoint.pt`` (model with masks and evolution state, optimizer, RNG,
+metrics so far; rewritten after every epoch, so ``--resume`` continues an interrupted run exactly),
+``model.pt`` (final state_dict, the policy and the per-layer specs), ``metrics.jsonl`` (one line per
+topology update and per epoch), ``report.json``, ``coupling.txt`` and PNG plots. Every file is
+written to a temporary name first and renamed, so an interrupted run leaves no half-written file.
+
+Distributed data parallel: under ``torchrun`` (or ``--nproc N``) every process trains on its share
+of the batches; rank 0 writes the folder.
 """
 from __future__ import annotations
 
@@ -10,26 +16,32 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from sparsify.api import SparseModel, sparsify
-from sparsify.errors import ModelFileError, PlanError, SparsifyError
+from sparsify.errors import ModelFileError, SparsifyError
+from sparsify.evolution import describe_spec
 from sparsify.model_file import load_model_file
 from sparsify.passes.plan import CALIBRATED_INIT
 from sparsify.policy import Policy, load_policy
+from sparsify.topology.metrics import active_neuron_rate, itop_rate
 
 log = logging.getLogger(__name__)
 
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.025, "momentum": 0.9,
                      "weight_decay": 0.0, "lr_schedule": "linear", "device": "cpu"}
-RUN_FILES = ("model.pt", "report.json", "metrics.jsonl")
+RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
+CHECKPOINT = "checkpoint.pt"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
@@ -44,14 +56,18 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False)
         raise
 
 
-def _out_folder(out: str | None, model_path: str, force: bool) -> Path:
+def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> Path:
     folder = Path(out) if out else Path("runs") / Path(model_path).stem
     if folder.exists() and not folder.is_dir():
         raise SparsifyError(f"{folder}: exists and is not a folder; choose another -o")
+    if resume:
+        if not (folder / CHECKPOINT).exists():
+            raise SparsifyError(f"{folder}: holds no {CHECKPOINT} to resume from; start the run without --resume")
+        return folder
     existing = [f for f in RUN_FILES if (folder / f).exists()]
     if existing and not force:
-        raise SparsifyError(f"{folder}: already holds a run ({', '.join(existing)}); choose another -o "
-                            "or pass --force to overwrite it")
+        raise SparsifyError(f"{folder}: already holds a run ({', '.join(existing)}); continue it with --resume, "
+                            "choose another -o, or pass --force to overwrite it")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -60,17 +76,6 @@ def _out_folder(out: str | None, model_path: str, force: bool) -> Path:
     except OSError as exc:
         raise SparsifyError(f"{folder}: cannot write the output folder: {exc.strerror}") from None
     return folder
-
-
-def _require_static(handle: SparseModel, policy: Policy) -> None:
-    evolving = {name: s for name, s in handle.sites.items()
-                if s.spec.method != "static" or s.spec.density_decay["kind"] != "none"}
-    if evolving:
-        name, site = next(iter(evolving.items()))
-        raise PlanError(
-            f"{policy.source}: {site.rule}: layer {name} uses method {site.spec.method!r}, which evolves the "
-            "topology while training; this version of sparsify trains fixed sparse topologies only. "
-            "Set 'method: static' to train, or use `sparsify inspect` to see the plan.")
 
 
 def _optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -133,9 +138,74 @@ def _calibration(model_file, policy, cfg: dict) -> list | None:
     return batches
 
 
+
+
+@dataclass
+class Ranks:
+    """This process's place in a distributed run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, error: str | None) -> None:
+        """Rank 0's refusal (or go-ahead) reaches every rank, so none waits in a collective alone."""
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise SparsifyError(error)
+
+
+def _init_distributed(device: str) -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the model and the optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    updates: list = field(default_factory=list)
+    epochs: list = field(default_factory=list)
+    start_masks: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _data(model_file, name: str, batch_size: int) -> Any:
+    try:
+        return getattr(model_file.module, name)(batch_size)
+    except Exception as exc:
+        raise ModelFileError(f"{model_file.path}: {name}({batch_size}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def _jsonl(rows: list[dict]) -> Callable:
+    return lambda f: f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def run(model_path: str, policy_path: str, out: str | None = None, epochs: int | None = None,
-        force: bool = False) -> dict:
-    """Sparsify, train and write the run folder; returns the report."""
+        force: bool = False, resume: bool = False, plots: bool = True) -> dict:
+    """Sparsify, train with the topology evolution, and write the run folder; returns the report."""
     model_file = load_model_file(model_path)
     policy = load_policy(policy_path)
     for name in ("train_data", "eval_data"):
@@ -148,69 +218,188 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         if epochs < 1:
             raise SparsifyError(f"--epochs {epochs}: must be at least 1")
         cfg["epochs"] = epochs
+    ranks = _init_distributed(cfg["device"])
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
     model, handle = sparsify(model, policy, model_file.example_inputs(), _calibration(model_file, policy, cfg))
-    _require_static(handle, policy)
-    folder = _out_folder(out, model_path, force)  # only once the run can start: no empty folder left
-    loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
-    try:
-        train, test = model_file.module.train_data(cfg["batch_size"]), model_file.module.eval_data(cfg["batch_size"])
-    except Exception as exc:
-        raise ModelFileError(f"{model_path}: train_data/eval_data raised {type(exc).__name__}: {exc}") from exc
+    error, folder = None, Path(out) if out else Path("runs") / Path(model_path).stem
+    if ranks.main:  # only once the run can start: no empty folder is left behind
+        try:
+            folder = _out_folder(out, model_path, force, resume)
+        except SparsifyError as exc:
+            error = str(exc)
+    ranks.agree(error)
+    train, test = _data(model_file, "train_data", cfg["batch_size"]), _data(model_file, "eval_data", cfg["batch_size"])
+    if not hasattr(train, "__len__"):
+        raise ModelFileError(f"{model_path}: train_data() must return a sized iterable (with len()): the "
+                             "topology schedule is counted in optimizer steps")
+    steps_per_epoch = len(train) // ranks.world
+    if steps_per_epoch < 1:
+        raise ModelFileError(f"{model_path}: train_data() gives {len(train)} batch(es), fewer than the "
+                             f"{ranks.world} processes of the run")
+    total_steps = cfg["epochs"] * steps_per_epoch
+    device = torch.device(cfg["device"])
+    model.to(device)
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ranks.world > 1 else model
     optimizer = _optimizer(model, cfg)
-    steps_per_epoch = len(train) if hasattr(train, "__len__") else None
-    total_steps = cfg["epochs"] * steps_per_epoch if steps_per_epoch else None
-    history, step, start = [], 0, time.perf_counter()
+    handle.attach(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    state = RunState(start_masks={n: m.detach().cpu().clone() for n, m in handle.masks().items()})
+    if resume:
+        _load_checkpoint(folder / CHECKPOINT, model, optimizer, handle, state, cfg, ranks)
+    loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
+    graph = handle.neuron_graph()
     metrics_path = folder / "metrics.jsonl"
+
+    def anp() -> float:
+        return active_neuron_rate(handle.masks(), graph)
+
+    def on_update(record: dict) -> None:
+        state.updates.append({"kind": "update", **record})
+        if ranks.main:
+            atomic_write(metrics_path, _jsonl(_rows(state)))
+
+    handle.evolution.listeners.append(on_update)
+    started = time.perf_counter() - state.seconds
     model.train()
-    for epoch in tqdm(range(1, cfg["epochs"] + 1), desc="epochs", unit="epoch", position=0):
-        bar = tqdm(train, total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False, position=1)
-        running = 0.0
-        for i, (inputs, targets) in enumerate(bar, 1):
-            if total_steps:
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg["lr"] * _lr_factor(cfg["lr_schedule"], step, total_steps)
-            loss = loss_fn(_forward(model, inputs), targets)
+    epoch_bar = tqdm(range(state.epoch + 1, cfg["epochs"] + 1), initial=state.epoch, total=cfg["epochs"],
+                     desc="epochs", unit="epoch", position=0, disable=not ranks.main)
+    for epoch in epoch_bar:
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(epoch)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False, position=1,
+                   disable=not ranks.main)
+        running, seen = 0.0, 0
+        for i, (inputs, targets) in enumerate(train):
+            if i // ranks.world >= steps_per_epoch:
+                break
+            if i % ranks.world != ranks.rank:
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = cfg["lr"] * _lr_factor(cfg["lr_schedule"], state.step, total_steps)
+            loss = loss_fn(_forward(net, _to(inputs, device)), _to(targets, device))
             if not torch.isfinite(loss):
-                raise SparsifyError(f"the loss became {float(loss)} at epoch {epoch}, step {i}; "
+                raise SparsifyError(f"the loss became {float(loss)} at epoch {epoch}, step {seen + 1}; "
                                     "lower training.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            step += 1
-            running += float(loss)
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{running / i:.4f}")
+            optimizer.step()  # the evolution counts the step and updates the topology when scheduled
+            state.step += 1
+            seen += 1
+            running += float(loss.detach())
+            bar.update(1)
+            if seen % 20 == 0 and ranks.main:
+                active, dense = handle.parameters_active()
+                bar.set_postfix(loss=f"{running / seen:.4f}", density=f"{active / dense:.4f}", anp=f"{anp():.3f}")
+        bar.close()
+        train_loss = running / max(seen, 1)
+        if ranks.world > 1:
+            mean = torch.tensor([train_loss], dtype=torch.float64)
+            dist.all_reduce(mean)
+            train_loss = float(mean) / ranks.world
         active, dense = handle.parameters_active()
-        row = {"epoch": epoch, "step": step, "train_loss": running / max(i, 1),
-               **{f"eval_{k}": v for k, v in evaluate(model, test, loss_fn).items()},
-               "density": active / dense,
-               "seconds": round(time.perf_counter() - start, 2)}
-        history.append(row)
-        tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        atomic_write(metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in history))
-    report = _report(handle, policy, cfg, history, model_path)
-    atomic_write(folder / "model.pt", lambda f: torch.save(
-        {"state_dict": model.state_dict(), "policy": policy.document,
-         "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
-    atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
-    atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
-    print(_summary(report, folder))
+        row = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
+               **{f"eval_{k}": v for k, v in evaluate(model, _EvalData(test, device), loss_fn).items()},
+               "density": active / dense, "anp": anp(), "seconds": round(time.perf_counter() - started, 2)}
+        state.epochs.append(row)
+        state.epoch, state.seconds = epoch, time.perf_counter() - started
+        if ranks.main:
+            atomic_write(metrics_path, _jsonl(_rows(state)))
+            _save_checkpoint(folder / CHECKPOINT, model, optimizer, state, cfg, policy, ranks)
+            tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in row.items() if k != "kind"))
+    epoch_bar.close()
+    report = _report(handle, policy, cfg, state, model_path, anp(), ranks)
+    if ranks.main:
+        atomic_write(folder / "model.pt", lambda f: torch.save(
+            {"state_dict": model.state_dict(), "policy": policy.document,
+             "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
+        atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
+        if plots:
+            report["plots"] = _plots(folder, handle, state)
+        atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
+        print(_summary(report, folder))
     return report
 
 
-def _report(handle: SparseModel, policy: Policy, cfg: dict, history: list, model_path: str) -> dict:
+class _EvalData:
+    """The evaluation batches, moved to the training device."""
+
+    def __init__(self, data: Any, device: torch.device):
+        self.data, self.device = data, device
+
+    def __iter__(self):
+        for inputs, targets in self.data:
+            yield _to(inputs, self.device), _to(targets, self.device)
+
+
+def _rows(state: RunState) -> list[dict]:
+    return sorted(state.updates + state.epochs, key=lambda r: (r["step"], r["kind"] == "epoch"))
+
+
+def _plots(folder: Path, handle: SparseModel, state: RunState) -> list[str]:
+    from sparsify.plots import write_plots
+
+    try:
+        return write_plots(folder, handle.evolution, state.updates, state.epochs, state.start_masks, atomic_write)
+    except ImportError as exc:
+        log.warning("no plots: %s (pip install matplotlib)", exc)
+        return []
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: dict,
+                     policy: Policy, ranks: Ranks) -> None:
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                  "training": cfg, "policy": policy.document, "world": ranks.world, "epoch": state.epoch,
+                  "step": state.step, "updates": state.updates, "epochs": state.epochs,
+                  "start_masks": state.start_masks, "seconds": state.seconds}
+    atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, handle: SparseModel,
+                     state: RunState, cfg: dict, ranks: Ranks) -> None:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SparsifyError(f"{path}: cannot read the checkpoint: {exc}") from exc
+    for key in ("epochs", "batch_size", "lr", "lr_schedule", "optimizer"):
+        if checkpoint["training"].get(key) != cfg.get(key):
+            raise SparsifyError(f"{path}: the run was started with training.{key} = {checkpoint['training'].get(key)!r}, "
+                                f"now {cfg.get(key)!r}; resume with the same settings (the schedules depend on them)")
+    if checkpoint["world"] != ranks.world:
+        raise SparsifyError(f"{path}: the run was started with {checkpoint['world']} process(es), now {ranks.world}")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    for key in ("epoch", "step", "updates", "epochs", "start_masks", "seconds"):
+        setattr(state, key, checkpoint[key])
+    handle.evolution.history[:] = [{k: v for k, v in r.items() if k != "kind"} for r in state.updates]
+    if ranks.main:
+        tqdm.write(f"resuming {path.parent} after epoch {state.epoch} (step {state.step})")
+
+
+def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, model_path: str, anp: float,
+            ranks: Ranks) -> dict:
     active, total = handle.parameters_active()
     all_params = sum(p.numel() for p in handle.model.parameters())
+    evolution = handle.evolution
+    layers = []
+    for i, (name, site) in enumerate(handle.sites.items()):
+        mask = site.module.mask
+        layers.append({
+            "name": name, "shape": [site.module.out_features, site.module.in_features],
+            "active": site.module.active_links, "density": site.module.density,
+            "active_outputs": int(mask.any(1).sum()), "active_inputs": int(mask.any(0).sum()),
+            "itop": itop_rate(evolution.state[i].ever), "frozen": bool(evolution.state[i].frozen),
+            "updates": sum(1 for r in state.updates if name in r["layers"]),
+            "method": site.spec.method, "schedule": describe_spec(site.spec), "rule": site.rule})
     return {
         "model": str(model_path), "policy": policy.source, "capture": handle.capture, "training": cfg,
-        "final": history[-1] if history else {},
+        "processes": ranks.world, "steps": state.step,
+        "final": state.epochs[-1] if state.epochs else {}, "anp": anp,
         "parameters": {"model": all_params, "sparse_layers_dense": total, "sparse_layers_active": active,
                        "model_active": all_params - total + active},
-        "layers": [{"name": n, "shape": [s.module.out_features, s.module.in_features],
-                    "active": s.module.active_links, "density": s.module.density, "method": s.spec.method,
-                    "rule": s.rule} for n, s in handle.sites.items()],
+        "topology_updates": len(state.updates),
+        "layers": layers,
     }
 
 
@@ -218,5 +407,45 @@ def _summary(report: dict, folder: Path) -> str:
     final, params = report["final"], report["parameters"]
     metric = (f"accuracy {final['eval_accuracy']:.4f}" if "eval_accuracy" in final
               else f"eval loss {final.get('eval_loss', float('nan')):.4f}")
-    return (f"done: {metric} after {final.get('epoch', 0)} epochs; {params['model_active']:,} of "
-            f"{params['model']:,} parameters active; wrote {folder}/(model.pt, report.json, metrics.jsonl, coupling.txt)")
+    lines = [f"done: {metric} after {final.get('epoch', 0)} epochs ({report['steps']} steps, "
+             f"{report['topology_updates']} topology updates); {params['model_active']:,} of {params['model']:,} "
+             f"parameters active; ANP {report['anp']:.3f}"]
+    for layer in report["layers"]:
+        lines.append(f"  {layer['name']:<24} {layer['shape'][0]}x{layer['shape'][1]}  density {layer['density']:.4f}  "
+                     f"active out {layer['active_outputs']}/{layer['shape'][0]} in {layer['active_inputs']}/"
+                     f"{layer['shape'][1]}  ITOP {layer['itop']:.3f}  {layer['method']}")
+    files = ["checkpoint.pt", "model.pt", "report.json", "metrics.jsonl", "coupling.txt", *report.get("plots", [])]
+    lines.append(f"wrote {folder}/({', '.join(files)})")
+    return "\n".join(lines)
+
+
+def launch(nproc: int, **kwargs: Any) -> None:
+    """Run :func:`run` in ``nproc`` local processes (distributed data parallel over gloo or nccl)."""
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise SparsifyError(f"--nproc {nproc}: must be at least 1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.start_processes(_worker, args=(nproc, port, kwargs), nprocs=nproc, start_method="spawn")
+    except mp.ProcessExitedException as exc:
+        raise SparsifyError(f"process {exc.error_index} of {nproc} exited with code {exc.exit_code}") from None
+
+
+def _worker(rank: int, nproc: int, port: int, kwargs: dict) -> None:
+    import sys
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    try:
+        run(**kwargs)
+    except SparsifyError as exc:
+        if rank == 0:
+            print(f"sparsify: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

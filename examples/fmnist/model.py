@@ -56,16 +56,19 @@ def _batches(images, labels, batch_size, shuffle, seed):
 
 
 class Loader:
-    """Batches of a tensor dataset; reshuffled (seeded) at every pass."""
+    """Batches of a tensor dataset, shuffled by a seed per epoch (set_epoch), so a resumed run sees
+    the same order as an uninterrupted one."""
 
     def __init__(self, images, labels, batch_size, shuffle):
-        self.images, self.labels, self.batch_size, self.shuffle, self.epoch = images, labels, batch_size, shuffle, 0
+        self.images, self.labels, self.batch_size, self.shuffle, self.epoch = images, labels, batch_size, shuffle, 1
 
     def __len__(self):
         return (len(self.images) + self.batch_size - 1) // self.batch_size
 
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
     def __iter__(self):
-        self.epoch += 1
         return _batches(self.images, self.labels, self.batch_size, self.shuffle, self.epoch)
 
 
