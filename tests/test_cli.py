@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsify.cli import main
 
@@ -61,13 +62,56 @@ def test_bad_policy_exits_2_with_its_line(tmp_path):
     assert f"{policy}:4: rules[0].density: 1.5 is greater than the maximum 1" in proc.stderr
 
 
-def test_training_run_refuses_an_evolving_method_clearly(tmp_path):
-    proc = subprocess.run(["sparsify", str(ROOT / "examples/fmnist/model.py"), str(ROOT / "examples/policies/chts.yaml"),
-                           "-o", str(tmp_path / "run")], capture_output=True, text=True,
-                          env={**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "64"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "uses method 'CHTs', which evolves the topology" in proc.stderr
-    assert not (tmp_path / "run").exists()
+TINY = ROOT / "tests/models/tiny_task.py"
+TINY_POLICY = """version: 1
+rules:
+  - match: {regex: "fc[12]"}
+    density: 0.2
+    method: CHTs
+    update: {every: 10, unit: steps}
+training: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.01}
+"""
+
+
+def comparable(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("seconds")
+    return rows
+
+
+def test_interrupted_run_resumes_to_the_same_masks_and_losses(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TINY_POLICY)
+    cmd = ["sparsify", str(TINY), str(policy), "--no-plots", "-o"]
+    whole = subprocess.run(cmd + [str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    broken = subprocess.run(cmd + [str(tmp_path / "broken")], capture_output=True, text=True,
+                            env={**os.environ, "SPARSIFY_TEST_DIE_AT_EPOCH": "2"})
+    assert broken.returncode == 3 and not (tmp_path / "broken/model.pt").exists()
+    assert [r["kind"] for r in comparable(tmp_path / "broken")].count("epoch") == 1
+    again = subprocess.run(cmd + [str(tmp_path / "broken")], capture_output=True, text=True)
+    assert again.returncode == 2 and "continue it with --resume" in again.stderr
+    resumed = subprocess.run(cmd + [str(tmp_path / "broken"), "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "after epoch 1 (step 30)" in resumed.stdout
+    expected = comparable(tmp_path / "whole")
+    assert comparable(tmp_path / "broken") == expected  # losses, accuracies, every update's counts: equal
+    assert [r["kind"] for r in expected].count("update") == 6
+    a = torch.load(tmp_path / "whole/model.pt")["state_dict"]
+    b = torch.load(tmp_path / "broken/model.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks and weights, bitwise
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TINY_POLICY)
+    cmd = ["sparsify", str(TINY), str(policy), "--no-plots", "-o", str(tmp_path / "run")]
+    missing = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "holds no checkpoint.pt to resume from" in missing.stderr
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    changed = subprocess.run(cmd + ["--resume", "--epochs", "5"], capture_output=True, text=True)
+    assert changed.returncode == 2 and "started with training.epochs = 3, now 5" in changed.stderr
 
 
 def test_training_needs_data_functions(tmp_path):
@@ -80,8 +124,9 @@ def test_training_needs_data_functions(tmp_path):
                     reason="Fashion-MNIST not installed (scripts/test.sh installs it; never skipped in CI)")
 def test_short_training_run_on_fashion_mnist(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "4000"}
-    cmd = ["sparsify", str(ROOT / "examples/fmnist/model.py"), str(ROOT / "examples/fmnist/policy.yaml"), "-o", str(out)]
+    env = {**os.environ, "SPARSIFY_FMNIST_TRAIN_LIMIT": "12000"}  # 375 steps: one topology update, at 250
+    cmd = ["sparsify", str(ROOT / "examples/fmnist/model.py"), str(ROOT / "examples/fmnist/policy.yaml"), "-o", str(out),
+           "--epochs", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -89,7 +134,13 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
     layers = {l["name"]: l for l in report["layers"]}
     assert set(layers) == {"fc1", "fc2", "fc3"}
     assert layers["fc2"]["active"] == round(0.01 * 1568 * 1568)
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("update", 250), ("epoch", 375)]
+    update = rows[0]["layers"]["fc2"]
+    assert update["regrown"] == update["removed"] + update["percolated_links"] > 0
+    assert report["topology_updates"] == 1 and 0 < report["anp"] <= 1
+    for name in ("density.png", "anp.png", "degrees.png", "adjacency.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "already holds a run" in again.stderr
 

@@ -1,0 +1,69 @@
+"""Worker of the distributed tests: one process of a 2-process gloo run (spawned by test_distributed)."""
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import sparsify
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 48)
+        self.fc2 = nn.Linear(48, 48)
+        self.fc3 = nn.Linear(48, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def checksum(masks: dict) -> list[int]:
+    """Per layer: the number of links and a position-weighted sum, as integers."""
+    out = []
+    for mask in masks.values():
+        flat = mask.flatten().long()
+        out += [int(flat.sum()), int((flat * torch.arange(1, flat.numel() + 1)).sum())]
+    return out
+
+
+def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        policy = {"version": 1, "seed": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": 0.15, "method": method,
+                                                      "update": {"every": 5, "unit": "steps"}}]}
+        if wrap_first:  # sparsify a model already inside DDP: rules see fc1, not module.fc1
+            net = nn.parallel.DistributedDataParallel(model)
+            _, handle = sparsify.sparsify(net, policy, torch.randn(2, 16))
+        else:
+            _, handle = sparsify.sparsify(model, policy, torch.randn(2, 16))
+            net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        handle.attach(optimizer, total_steps=80)
+        sums = []
+
+        def compare(record):
+            mine = torch.tensor(checksum(handle.masks()))
+            every = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(every, mine)
+            sums.append([t.tolist() for t in every])
+
+        handle.evolution.listeners.append(compare)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: gradients differ
+        for _ in range(80):
+            x = torch.randn(32, 16, generator=g)
+            loss = nn.functional.cross_entropy(net(x), x[:, :4].argmax(1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"sites": sorted(handle.sites), "sums": sums, "updates": len(handle.history),
+                       "final": checksum(handle.masks())}, f)
+    finally:
+        dist.destroy_process_group()
