@@ -88,6 +88,7 @@ class Evolution(nn.Module):
         self.state = nn.ModuleList(LayerState(layers[n].mask) for n in self.names)
         self._optimizers: list[torch.optim.Optimizer] = []
         self._warned: set[tuple[str, str]] = set()
+        self._reapply_masks = False
         self._armed_for: int | None = None
         self.history: list[dict] = []
         self.listeners: list[Callable[[dict], None]] = []
@@ -215,13 +216,16 @@ class Evolution(nn.Module):
     def step(self) -> dict | None:
         """Count one optimizer step; run the topology update when one is scheduled (returns its record).
 
-        Also re-applies every mask, so no optimizer can leave an inactive weight non-zero.
+        Inactive weights get zero gradient and, once their moments are reset, no update from SGD,
+        Adam or AdamW; after an optimizer with state sparsify could not reset, every step also
+        re-applies the masks, so no inactive weight drifts from zero.
         """
         if not self.training:
             return None
         self._require_schedule()
-        for layer in self._layers.values():
-            layer.apply_mask()
+        if self._reapply_masks:
+            for layer in self._layers.values():
+                layer.apply_mask()
         self.step_count += 1
         step = int(self.step_count)
         due = [n for n in self.names if self.due(n, step)]
@@ -354,6 +358,7 @@ class Evolution(nn.Module):
                     value.mul_(mask)
                 elif (type(optimizer).__name__, key) not in self._warned:
                     self._warned.add((type(optimizer).__name__, key))
+                    self._reapply_masks = True
                     warnings.warn(
                         f"sparsify: {type(optimizer).__name__} keeps state {key!r} (shape {list(value.shape)}) for "
                         f"the weight of {name}, which sparsify does not know how to reset for changed links "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from sparsify.evolution import describe_spec
 from sparsify.model_file import load_model_file
 from sparsify.passes.pipeline import Analysis, analyze
 from sparsify.policy import load_policy
@@ -33,8 +34,17 @@ class InspectReport:
                 "active_links": link_count(site.out_features, site.in_features, spec.initial_density) if spec else None,
                 "method": spec.method if spec else None,
                 "init": spec.init["model"] if spec else None,
+                "evolution": describe_spec(spec) if spec else None,
             })
         return rows
+
+    def evolution(self) -> list[dict]:
+        """The topology evolution the rewrite inserts (``sparsify_evolution``): layers per schedule."""
+        schedules: dict[str, list[str]] = {}
+        for r in self.rows():
+            if r["evolution"] is not None:
+                schedules.setdefault(r["evolution"], []).append(r["name"])
+        return [{"layers": names, "schedule": text} for text, names in schedules.items()]
 
     def warnings(self) -> list[str]:
         return self.analysis.plan.warnings() if self.analysis.plan else []
@@ -48,6 +58,7 @@ class InspectReport:
             "excluded": [{"name": n, "reason": r} for n, r in sorted(self.analysis.sites.excluded.items())],
             "groups": coupling["groups"],
             "boundaries": coupling["boundaries"],
+            "evolution": self.evolution(),
             "unmatched_rules": self.warnings(),
             "notes": coupling["notes"],
         }
@@ -84,6 +95,11 @@ class InspectReport:
             console.print(f"  {line}", markup=False)
         for note in sorted(set(coupling.notes)):
             console.print(f"[yellow]note:[/yellow] {note}", markup=True)
+        if self.analysis.plan is not None:
+            console.print("[bold]topology evolution[/bold] (module sparsify_evolution, at optimizer steps once "
+                          "handle.attach(optimizer, total_steps=...) registers the optimizer)")
+            for entry in self.evolution():
+                console.print(f"  {', '.join(entry['layers'])}: {entry['schedule']}", markup=False)
         for warning in self.warnings():
             console.print(f"[yellow]warning:[/yellow] {warning}")
 

@@ -67,6 +67,9 @@ METHODS: dict[str, dict] = {
 }
 
 DEFAULT_SPEC = {"init": {"model": "ER"}, "method": "static", "backend": "auto", "density": None}
+# The initial topology a method starts from when no rule and no default names one: the sparse
+# Transformer/MLP papers pair CHTs and CHTss with the bipartite receptive field (r about 0.3).
+METHOD_INIT: dict[str, dict] = {"CHTs": {"model": "BRF", "r": 0.3}, "CHTss": {"model": "BRF", "r": 0.3}}
 EVOLUTION_KEYS = ("removal", "regrowth", "update", "t_end", "density_decay", "percolation", "early_stop")
 
 
@@ -144,6 +147,8 @@ class Policy:
             _density_into(merged, layer)
             merged.update({k: copy.deepcopy(v) for k, v in layer.items()
                            if k in ("init", "method", "backend")})
+        if not any("init" in layer for layer in (self.defaults, rule.fields if rule else {})):
+            merged["init"] = copy.deepcopy(METHOD_INIT.get(merged["method"], merged["init"]))
         spec = copy.deepcopy(METHODS[merged["method"]])
         for layer in (self.defaults, rule.fields if rule else {}):
             for key in EVOLUTION_KEYS:

@@ -17,13 +17,16 @@ FMNIST = Path(os.environ.get("SPARSIFY_FASHION_MNIST", "/usr/share/datasets/fash
 def test_inspect_table_groups_and_unmatched_rules(tmp_path, capsys):
     policy = tmp_path / "p.yaml"
     policy.write_text("version: 1\nrules:\n  - match: {name: fc4}\n    skip: true\n"
-                      "  - match: {regex: 'fc[1-3]'}\n    sparsity: 0.99\n  - match: {name: nothing}\n    density: 0.5\n")
+                      "  - match: {regex: 'fc[1-3]'}\n    sparsity: 0.99\n    method: RigL\n"
+                      "  - match: {name: nothing}\n    density: 0.5\n")
     assert main(["inspect", str(MODELS / "mlp.py"), str(policy)]) == 0
     out = capsys.readouterr().out
     assert "capture: torch.fx.symbolic_trace" in out
     assert "1568 x 784" in out and "1,230,880" in out  # fc1's shape and parameters
     assert "chain  fc1 -> relu -> fc2  (1568 features, in order)" in out
     assert "warning: rules[2] name='nothing' matches no linear layer" in out
+    assert ("fc1, fc2, fc3: RigL: every 100 steps until 75% of training; remove zeta 0.3 (cosine) by WM hard; "
+            "regrow gradient hard") in out
 
 
 def test_inspect_json(capsys):
