@@ -38,14 +38,18 @@ def write_plots(folder: Path, evolution: Evolution, updates: list[dict], epochs:
                 start: dict[str, torch.Tensor], write: Callable) -> list[str]:
     """Write density.png, anp.png, degrees.png and adjacency.png into ``folder``; returns the names."""
     plt = _pyplot()
-    names = evolution.names
-    total = int(evolution.total_steps)
-    written = []
+    for name, draw in PLOTS.items():
+        fig = draw(plt, evolution, updates, epochs, start)
+        _save(fig, folder / name, write)
+        plt.close(fig)
+    return list(PLOTS)
 
+
+def _density_plot(plt, evolution: Evolution, updates: list[dict], epochs: list[dict], start: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     top = 0.0
-    for name in names:
-        steps = sorted({0, total, *(r["step"] for r in updates)})
+    for name in evolution.names:
+        steps = sorted({0, int(evolution.total_steps), *(r["step"] for r in updates)})
         scheduled = [_density_at(evolution, name, s) for s in steps]
         top = max(top, *scheduled)
         line, = ax.step(steps, scheduled, where="post", label=f"{name} scheduled")
@@ -55,49 +59,57 @@ def write_plots(folder: Path, evolution: Evolution, updates: list[dict], epochs:
     ax.set(xlabel="optimizer step", ylabel="density", title="density: scheduled (line) and after each update (dots)",
            ylim=(0, top * 1.15))
     ax.legend(fontsize=7, ncol=2)
-    _save(fig, folder / "density.png", write)
-    plt.close(fig)
-    written.append("density.png")
+    return fig
 
+
+def _anp_plot(plt, evolution: Evolution, updates: list[dict], epochs: list[dict], start: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
-    points = [(r["step"], r["anp"]) for r in updates] + [(r["step"], r["anp"]) for r in epochs if "anp" in r]
+    points = [(r["step"], r["anp"]) for r in updates + epochs if "anp" in r]
     if points:
         ax.plot(*zip(*sorted(points)), "-o", markersize=3)
     ax.set(xlabel="optimizer step", ylabel="active neurons / all neurons", title="ANP (active neuron rate)",
            ylim=(0, 1.02))
-    _save(fig, folder / "anp.png", write)
-    plt.close(fig)
-    written.append("anp.png")
+    return fig
 
-    fig, axes = plt.subplots(len(names), 2, figsize=(8, 2.2 * len(names)), squeeze=False)
-    for row, name in zip(axes, names):
-        for ax, degree, side in zip(row, degrees(evolution.layer(name).mask.cpu()), ("inputs per output neuron",
-                                                                                    "outputs per input neuron")):
-            counts = torch.bincount(degree)
-            ax.bar(range(len(counts)), counts.tolist(), width=1.0)
-            ax.set_title(f"{name}: {side}", fontsize=8)
-            ax.tick_params(labelsize=7)
-    fig.suptitle("degree distributions at the end")
-    fig.tight_layout()
-    _save(fig, folder / "degrees.png", write)
-    plt.close(fig)
-    written.append("degrees.png")
 
-    fig, axes = plt.subplots(len(names), 2, figsize=(7, 3.2 * len(names)), squeeze=False)
+def _grid(plt, names: list[str], size: tuple[float, float], title: str, cell: Callable):
+    """A figure with one row of two panels per layer; ``cell(ax, name, column)`` draws a panel."""
+    fig, axes = plt.subplots(len(names), 2, figsize=(size[0], size[1] * len(names)), squeeze=False)
     for row, name in zip(axes, names):
-        for ax, mask, when in zip(row, (start[name], evolution.layer(name).mask), ("start", "end")):
-            ax.imshow(_downsampled(mask.cpu()).numpy(), cmap="Greys", aspect="auto", interpolation="nearest",
-                      extent=(0, mask.shape[1], mask.shape[0], 0))
-            ax.set_title(f"{name} at the {when} ({int(mask.sum()):,} links)", fontsize=8)
-            ax.set_xlabel("input neuron", fontsize=7)
-            ax.set_ylabel("output neuron", fontsize=7)
-            ax.tick_params(labelsize=6)
-    fig.suptitle("adjacency (share of active links per pixel)")
+        for column, ax in enumerate(row):
+            cell(ax, name, column)
+    fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, folder / "adjacency.png", write)
-    plt.close(fig)
-    written.append("adjacency.png")
-    return written
+    return fig
+
+
+def _degree_plot(plt, evolution: Evolution, updates: list[dict], epochs: list[dict], start: dict):
+    sides = ("inputs per output neuron", "outputs per input neuron")
+
+    def cell(ax, name: str, column: int) -> None:
+        counts = torch.bincount(degrees(evolution.layer(name).mask.cpu())[column])
+        ax.bar(range(len(counts)), counts.tolist(), width=1.0)
+        ax.set_title(f"{name}: {sides[column]}", fontsize=8)
+        ax.tick_params(labelsize=7)
+
+    return _grid(plt, evolution.names, (8, 2.2), "degree distributions at the end", cell)
+
+
+def _adjacency_plot(plt, evolution: Evolution, updates: list[dict], epochs: list[dict], start: dict):
+    def cell(ax, name: str, column: int) -> None:
+        mask = (start[name], evolution.layer(name).mask)[column].cpu()
+        ax.imshow(_downsampled(mask).numpy(), cmap="Greys", aspect="auto", interpolation="nearest",
+                  extent=(0, mask.shape[1], mask.shape[0], 0))
+        ax.set_title(f"{name} at the {('start', 'end')[column]} ({int(mask.sum()):,} links)", fontsize=8)
+        ax.set_xlabel("input neuron", fontsize=7)
+        ax.set_ylabel("output neuron", fontsize=7)
+        ax.tick_params(labelsize=6)
+
+    return _grid(plt, evolution.names, (7, 3.2), "adjacency (share of active links per pixel)", cell)
+
+
+PLOTS = {"density.png": _density_plot, "anp.png": _anp_plot, "degrees.png": _degree_plot,
+         "adjacency.png": _adjacency_plot}
 
 
 def _density_at(evolution: Evolution, name: str, step: int) -> float:
