@@ -183,8 +183,20 @@ class Evolution(nn.Module):
                                 "create it from model.parameters() after sparsify()")
         self.total_steps.fill_(total_steps)
         self.steps_per_epoch.fill_(steps_per_epoch or 0)
-        for name in self.evolving:
-            self.interval(name)  # epochs without steps_per_epoch: say so now, not at the first update
+        idle = []
+        for name in self.evolving:  # epochs without steps_per_epoch, or no update at all: say so now
+            if self.last_update(name) is not None:
+                continue
+            every, t_end = self.interval(name), self.t_end(name)
+            if self.specs[name].density_decay["kind"] != "none":
+                raise SparsifyError(
+                    f"layer {name} must prune from density {self.specs[name].initial_density:g} to "
+                    f"{self.specs[name].density:g}, but no update fits: every {every} steps, and updates stop at "
+                    f"step {t_end} (t_end {self.specs[name].t_end:g} of {total_steps}); update more often or train longer")
+            idle.append(f"{name} (every {every} steps, updates stop at step {t_end})")
+        if idle:
+            warnings.warn(f"sparsify: no topology update fits in {total_steps} steps for {', '.join(idle)}; "
+                          "these layers keep their initial topology", RuntimeWarning, stacklevel=3)
         if all(o is not optimizer for o in self._optimizers):
             self._optimizers.append(optimizer)
         if hook:

@@ -350,3 +350,14 @@ def test_interrupted_and_resumed_run_is_bitwise_identical():
     assert all(torch.equal(a, b) for a, b in zip(losses, resumed))
     assert all(torch.equal(a, b) for a, b in zip(masks, first_masks + rest_masks))
     assert not torch.equal(masks[0], masks[-1])  # the topology did evolve
+
+
+def test_a_schedule_with_no_update_is_refused_or_warned():
+    model, handle = sparsify.sparsify(mlp(), policy("GMP", every=50), torch.randn(2, 12))
+    with pytest.raises(SparsifyError, match=r"layer fc1 must prune from density 1 to 0.25, but no update fits: "
+                                            r"every 50 steps, and updates stop at step 30"):
+        handle.attach(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=40)
+    model, handle = sparsify.sparsify(mlp(), policy("SET", every=50), torch.randn(2, 12))
+    with pytest.warns(RuntimeWarning, match=r"no topology update fits in 40 steps for fc1 \(every 50 steps, "
+                                            r"updates stop at step 40\), fc2"):
+        handle.attach(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=40)
