@@ -44,3 +44,17 @@ def insert_evolution(model: nn.Module, swapped: dict[str, SparseLinear], plan: P
     else:
         model.register_forward_pre_hook(_call_evolution)
     return evolution
+
+
+def remove_evolution(model: nn.Module) -> None:
+    """Take the evolution out of ``model`` again (for inference copies and export)."""
+    if not hasattr(model, NAME):
+        return
+    if isinstance(model, fx.GraphModule):
+        for node in [n for n in model.graph.nodes if n.op == "call_module" and n.target == NAME]:
+            model.graph.erase_node(node)
+        model.recompile()
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _call_evolution:
+            del model._forward_pre_hooks[key]
+    delattr(model, NAME)

@@ -51,6 +51,13 @@ class SparseModel:
         """
         return self.evolution.attach(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, hook=hook)
 
+    def export(self, path: str | Path, example_inputs: Any, **options: Any) -> dict:
+        """Shrink and export the model to ONNX (+ .pt2 and a .json report), checked against the
+        trained model; see :func:`sparsify.export.export` for the options."""
+        from sparsify.export import export
+
+        return export(self, example_inputs, path, **options)
+
     @property
     def history(self) -> list[dict]:
         """One record per topology update so far (see :class:`Evolution`)."""

@@ -1,0 +1,263 @@
+"""Export for inference: the trained sparse model, shrunk, to ONNX, checked against itself.
+
+:func:`export` takes a transformed model's handle and writes, next to each other,
+
+- ``<name>.onnx``: the shrunk model through ``torch.onnx.export(..., dynamo=True)`` (every input
+  dimension left dynamic where the model allows), checked by ``onnx.checker`` and by onnxruntime,
+  whose outputs must match the trained sparse model's on held-out inputs;
+- ``<name>.pt2``: the shrunk model as a ``torch.export`` program, which reloads with
+  ``torch.export.load`` without the model's source;
+- ``<name>.json``: the report (parameters and neurons before and after, parity, file sizes and
+  onnxruntime latency of the dense export against the shrunk one), also returned.
+
+Files are written under temporary names and renamed only once every check passed: a failed
+check leaves no file that looks valid.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from sparsify.errors import SparsifyError
+from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.evolve import remove_evolution
+from sparsify.passes.shrink import shrink as shrink_pass
+from sparsify.sparse_linear import SparseLinear
+
+OPSET = 18
+TORCH_TOLERANCE = 1e-5  # the shrunk model against the sparse one, in PyTorch
+
+
+class ExportError(SparsifyError):
+    """An export whose result does not match the trained model (or that could not be written)."""
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference: sparse layers become plain nn.Linear (inactive weights
+    zero), the topology evolution is removed, eval mode."""
+    dense = copy.deepcopy(model)
+    remove_evolution(dense)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, SparseLinear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, leaf, module.to_linear())
+    return dense.eval()
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _max_diff(a: list[torch.Tensor], b: list) -> float:
+    if len(a) != len(b):
+        raise ExportError(f"the exported model gives {len(b)} outputs, the trained model {len(a)}")
+    diff = 0.0
+    for x, y in zip(a, b):
+        y = torch.as_tensor(y)
+        if tuple(x.shape) != tuple(y.shape):
+            raise ExportError(f"an output has shape {tuple(y.shape)} in the export, {tuple(x.shape)} in the trained model")
+        if x.numel():
+            diff = max(diff, float((x.double() - y.double()).abs().max()))
+    return diff
+
+
+def _auto_dynamic(model: nn.Module, inputs: ExampleInputs) -> Any:
+    """Every dimension of every tensor input dynamic where the model allows (torch.export's AUTO)."""
+    def dims(value: Any) -> Any:
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    if not inputs.kwargs:
+        return tuple(dims(a) for a in inputs.args)
+    positional = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**{n: dims(a) for n, a in zip(positional, inputs.args)}, **{k: dims(v) for k, v in inputs.kwargs.items()}}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's progress lines and warnings would bury our own report."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _temporary(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET) -> None:
+    """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed)."""
+    dynamic = _auto_dynamic(model, inputs)
+    try:
+        with _quiet():
+            program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
+                                        opset_version=opset, dynamic_shapes=dynamic, verbose=False)
+            program.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+class OnnxModel:
+    """An onnxruntime session fed from the same inputs as the PyTorch model."""
+
+    def __init__(self, path: Path, model: nn.Module):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.model = model
+
+    def feed(self, inputs: ExampleInputs) -> dict:
+        bound = inspect.signature(self.model.forward).bind(*inputs.args, **inputs.kwargs).arguments
+        named = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+        if all(n in named for n in self.names):
+            return {n: named[n].detach().cpu().numpy() for n in self.names}
+        tensors = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+        return {n: t.detach().cpu().numpy() for n, t in zip(self.names, tensors)}
+
+    def run(self, inputs: ExampleInputs) -> list:
+        return self.session.run(None, self.feed(inputs))
+
+    def latency(self, inputs: ExampleInputs, repeat: int) -> float:
+        feed = self.feed(inputs)
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self.session.run(None, feed)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+
+def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
+    """Rewrite a Hugging Face config's intermediate_size when every MLP kept the same width."""
+    config = getattr(shrunk, "config", None)
+    size = getattr(config, "intermediate_size", None)
+    if size is None:
+        return None
+    widths = {len(u.kept) for u in units if u.width == size}
+    if len(widths) == 1 and widths != {size}:
+        config.intermediate_size = widths.pop()
+        return {"intermediate_size": config.intermediate_size, "rewritten": True}
+    return {"intermediate_size": size, "rewritten": False,
+            "why": "the MLPs kept different widths" if len(widths) > 1 else "no MLP changed width"}
+
+
+def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
+           verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compare_dense: bool = True,
+           latency_repeat: int = 30) -> dict:
+    """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
+
+    ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
+    the checks compare on, by default the example inputs. Raises ExportError when a check fails.
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: the export path must end in .onnx")
+    if opset < 17:
+        raise ExportError(f"opset {opset}: sparsify exports opset 17 or newer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    inputs = ExampleInputs.of(example_inputs)
+    checks = [ExampleInputs.of(b) for b in (held_out or [example_inputs])]
+    try:
+        with torch.no_grad():
+            reference = [_tensors(c.call(model)) for c in checks]
+        dense = inference_copy(model)
+        shrunk = copy.deepcopy(dense)
+        result = shrink_pass(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
+        with torch.no_grad():
+            torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
+        if torch_diff > TORCH_TOLERANCE:
+            raise ExportError(f"the shrunk model differs from the trained model by {torch_diff:.3g} "
+                              f"(limit {TORCH_TOLERANCE:g}); export with shrink off and report this model")
+        report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "torch_max_abs_diff": torch_diff}
+        if result is not None:
+            report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
+            report["units"] = [u.to_json() for u in result.units]
+            report["not_shrunk"] = result.skipped
+            report["hf_config"] = _hf_config(shrunk, result.units)
+        written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
+                         compare_dense, latency_repeat)
+        report["files"] = written
+        _atomic(path.with_suffix(".json"), json.dumps(report, indent=2).encode())
+        return report
+    finally:
+        model.train(was_training)
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = _temporary(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset, compare_dense,
+           latency_repeat) -> dict:
+    onnx_tmp, dense_tmp, pt2_tmp = _temporary(path), _temporary(path), _temporary(path.with_suffix(".pt2"))
+    try:
+        to_onnx(shrunk, inputs, onnx_tmp, opset)
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(onnx_tmp), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejects the exported model: {exc}") from exc
+        runtime = OnnxModel(onnx_tmp, shrunk)
+        if verify:
+            diff = max(_max_diff(r, runtime.run(c)) for r, c in zip(reference, checks))
+            report["onnxruntime_max_abs_diff"] = diff
+            report["tolerance"] = tolerance
+            if not diff <= tolerance:
+                raise ExportError(f"onnxruntime's outputs differ from the trained model's by {diff:.3g} "
+                                  f"(limit {tolerance:g}); no file was written")
+        with _quiet():
+            program = torch.export.export(shrunk, inputs.args, inputs.kwargs or None)
+            torch.export.save(program, str(pt2_tmp))
+        sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
+        if compare_dense:
+            to_onnx(dense, inputs, dense_tmp, opset)
+            dense_runtime = OnnxModel(dense_tmp, dense)
+            sample = checks[0]
+            times = {"dense": float("inf"), "shrunk": float("inf")}
+            for _ in range(3):  # alternate, keep each one's fastest
+                times["dense"] = min(times["dense"], dense_runtime.latency(sample, latency_repeat // 3 or 1))
+                times["shrunk"] = min(times["shrunk"], runtime.latency(sample, latency_repeat // 3 or 1))
+            sizes["dense_onnx_bytes"] = dense_tmp.stat().st_size
+            report["latency_ms"] = {k: round(v * 1e3, 4) for k, v in times.items()}
+            report["latency_ratio"] = times["shrunk"] / times["dense"]
+            report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
+        os.replace(onnx_tmp, path)
+        os.replace(pt2_tmp, path.with_suffix(".pt2"))
+        return {**sizes, "pt2": str(path.with_suffix(".pt2"))}
+    finally:
+        for tmp in (onnx_tmp, dense_tmp, pt2_tmp):
+            tmp.unlink(missing_ok=True)
+            Path(str(tmp) + ".data").unlink(missing_ok=True)
