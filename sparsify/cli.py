@@ -12,7 +12,8 @@ from typing import Sequence
 from sparsify.errors import SparsifyError
 
 USAGE = """sparsify model.py policy.yaml [-o OUT] [--resume] [--nproc N]   train with topology evolution, write OUT
-       sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules"""
+       sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules
+       sparsify export RUN [-o model.onnx]              shrink a trained run and export it to ONNX, checked"""
 
 
 def _inspect_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,23 @@ def _inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model.py defining build_model() and example_inputs()")
     p.add_argument("policy", nargs="?", help="policy YAML (optional)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsify export",
+                                description="Shrink a trained sparse model and export it to ONNX (+ .pt2), "
+                                            "checked against the trained model with onnxruntime.")
+    p.add_argument("run", help="a run folder, or its model.pt or checkpoint.pt")
+    p.add_argument("-o", "--out", help="the .onnx file to write (default: model.onnx in the run folder)")
+    p.add_argument("--no-shrink", dest="shrink", action="store_false", default=None,
+                   help="keep every neuron (export the sparse weights as they are)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
+                   help="skip the onnxruntime comparison (not recommended)")
+    p.add_argument("--tolerance", type=float, help="largest allowed max abs difference (default 1e-4)")
+    p.add_argument("--opset", type=int, help="ONNX opset, 17 or newer (default 18)")
+    p.add_argument("--compact", action="store_true", default=None,
+                   help="store layers at most half dense as values + indices inside the ONNX file")
     return p
 
 
@@ -50,6 +68,14 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from sparsify.export import export_run
+
+    export_run(args.run, args.out, shrink=args.shrink, verify=args.verify, tolerance=args.tolerance,
+               opset=args.opset, compact=args.compact)
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     from sparsify.train import launch, run
 
@@ -71,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "inspect":
         args, command = _inspect_parser().parse_args(argv[1:]), inspect_command
+    elif argv and argv[0] == "export":
+        args, command = _export_parser().parse_args(argv[1:]), export_command
     else:
         args, command = _run_parser().parse_args(argv), run_command
     try:

@@ -58,6 +58,52 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return dense.eval()
 
 
+class CompactLinear(nn.Module):
+    """A linear layer stored as its non-zero weights and their flat positions (int32), rebuilt
+    into the dense weight inside the graph; onnxruntime folds the rebuild once, at load time."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        flat = weight.flatten()
+        positions = torch.nonzero(flat).flatten()
+        if flat.numel() >= 2**31:
+            raise ExportError(f"a {self.out_features}x{self.in_features} layer has too many positions for int32 indices")
+        self.register_buffer("values", flat[positions].clone())
+        self.register_buffer("indices", positions.to(torch.int32))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        weight = weight.scatter(0, self.indices.long(), self.values).view(self.out_features, self.in_features)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+COMPACT_DENSITY = 0.5  # above it, values + indices take more room than the dense weight
+
+
+def compact_layers(model: nn.Module) -> list[str]:
+    """Store every nn.Linear of ``model`` with at most half its weights non-zero as a CompactLinear."""
+    done = []
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module.weight.ne(0).float().mean() <= COMPACT_DENSITY:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, CompactLinear(module))
+            done.append(name)
+    return done
+
+
+def held_out_batches(data: Any, count: int = 2) -> list:
+    """The inputs of the first ``count`` batches of an evaluation iterable of (inputs, targets)."""
+    batches = []
+    for inputs, _targets in data:
+        batches.append(inputs)
+        if len(batches) >= count:
+            break
+    return batches
+
+
 def _tensors(output: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
 
@@ -106,12 +152,17 @@ def _temporary(path: Path) -> Path:
 
 
 def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET) -> None:
-    """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed)."""
+    """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed).
+
+    With CompactLinear layers the exporter's own optimizer stays off: its constant folding would
+    rebuild the dense weights into the file (onnxruntime folds them at load time instead)."""
     dynamic = _auto_dynamic(model, inputs)
+    compact = any(isinstance(m, CompactLinear) for m in model.modules())
     try:
         with _quiet():
             program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
-                                        opset_version=opset, dynamic_shapes=dynamic, verbose=False)
+                                        opset_version=opset, dynamic_shapes=dynamic, verbose=False,
+                                        optimize=not compact)
             program.save(str(path))
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
@@ -165,12 +216,13 @@ def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
 
 
 def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
-           verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compare_dense: bool = True,
-           latency_repeat: int = 30) -> dict:
+           verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compact: bool = False,
+           compare_dense: bool = True, latency_repeat: int = 30) -> dict:
     """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
 
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
-    the checks compare on, by default the example inputs. Raises ExportError when a check fails.
+    the checks compare on, by default the example inputs. ``compact`` stores layers at most half
+    dense as values + int32 positions. Raises ExportError when a check fails.
     """
     path = Path(path)
     if path.suffix != ".onnx":
@@ -189,12 +241,15 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         dense = inference_copy(model)
         shrunk = copy.deepcopy(dense)
         result = shrink_pass(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
+        compacted = compact_layers(shrunk) if compact else []
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
         if torch_diff > TORCH_TOLERANCE:
             raise ExportError(f"the shrunk model differs from the trained model by {torch_diff:.3g} "
-                              f"(limit {TORCH_TOLERANCE:g}); export with shrink off and report this model")
-        report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "torch_max_abs_diff": torch_diff}
+                              f"(limit {TORCH_TOLERANCE:g}); no file was written. Export with shrink off "
+                              "(--no-shrink) and report this model")
+        report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "compact": compacted,
+                        "torch_max_abs_diff": torch_diff}
         if result is not None:
             report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
             report["units"] = [u.to_json() for u in result.units]
@@ -239,7 +294,8 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
                 raise ExportError(f"onnxruntime's outputs differ from the trained model's by {diff:.3g} "
                                   f"(limit {tolerance:g}); no file was written")
         with _quiet():
-            program = torch.export.export(shrunk, inputs.args, inputs.kwargs or None)
+            program = torch.export.export(shrunk, inputs.args, inputs.kwargs or None,
+                                          dynamic_shapes=_auto_dynamic(shrunk, inputs))
             torch.export.save(program, str(pt2_tmp))
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
         if compare_dense:
@@ -261,3 +317,66 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         for tmp in (onnx_tmp, dense_tmp, pt2_tmp):
             tmp.unlink(missing_ok=True)
             Path(str(tmp) + ".data").unlink(missing_ok=True)
+
+
+def print_report(report: dict) -> None:
+    """A summary of an export a person can read."""
+    lines = [f"exported {report['onnx']} (opset {report['opset']}) and {report['files']['pt2']}"]
+    if "parameters" in report:
+        p = report["parameters"]
+        lines.append(f"  parameters {p['before']:,} -> {p['after']:,} ({p['after'] / max(p['before'], 1):.1%})")
+        for u in report["units"]:
+            lines.append(f"  {' + '.join(u['layers'])} -> {u['into']}: {u['kept']} of {u['neurons']} neurons kept "
+                         f"({u['unused']} unused, {u['folded']} constant folded, {u['zero']} zero)")
+        for dst, why in report.get("not_shrunk", {}).items():
+            lines.append(f"  not shrunk: input of {dst}: {why}")
+    if report["compact"]:
+        lines.append(f"  stored as values + indices: {', '.join(report['compact'])}")
+    check = report.get("onnxruntime_max_abs_diff")
+    lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g}"
+                 + (f", onnxruntime {check:.2g} (limit {report['tolerance']:g})" if check is not None else
+                    ", onnxruntime not checked"))
+    files = report["files"]
+    if "dense_onnx_bytes" in files:
+        lines.append(f"  size {files['onnx_bytes'] / 1e6:.2f} MB vs dense export {files['dense_onnx_bytes'] / 1e6:.2f} MB "
+                     f"({report['size_ratio']:.3f}x); onnxruntime latency {report['latency_ms']['shrunk']:.3f} ms vs "
+                     f"{report['latency_ms']['dense']:.3f} ms ({report['latency_ratio']:.2f}x)")
+    print("\n".join(lines))
+
+
+def export_run(source: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+    """Export a training run (its folder, model.pt or checkpoint.pt) the way :func:`export` does."""
+    from sparsify.api import sparsify
+    from sparsify.model_file import load_model_file
+    from sparsify.policy import load_policy
+
+    source = Path(source)
+    file = source / "model.pt" if source.is_dir() else source
+    if not file.exists():
+        raise ExportError(f"{source}: no model.pt in this folder; give a run folder, model.pt or checkpoint.pt"
+                          if source.is_dir() else f"{source}: no such file")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        state, document, model_path = saved.get("state_dict", saved.get("model")), saved["policy"], saved["model_file"]
+    except Exception as exc:
+        raise ExportError(f"{file}: not a sparsify model.pt or checkpoint.pt ({type(exc).__name__}: {exc})") from None
+    model_file = load_model_file(model_path)
+    policy = load_policy(document)
+    model, handle = sparsify(model_file.build_model(), policy, model_file.example_inputs(),
+                             _calibration_for(model_file, policy))
+    model.load_state_dict(state)
+    held_out = None
+    if model_file.has("eval_data"):
+        held_out = held_out_batches(model_file.module.eval_data(policy.training.get("batch_size", 32)))
+    options = {**{k: policy.export[k] for k in ("shrink", "verify", "tolerance", "opset", "compact")
+                  if k in policy.export}, **{k: v for k, v in options.items() if v is not None}}
+    out = Path(out) if out else file.parent / "model.onnx"
+    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options)
+    print_report(report)
+    return report
+
+
+def _calibration_for(model_file, policy):
+    from sparsify.train import TRAINING_DEFAULTS, _calibration
+
+    return _calibration(model_file, policy, {**TRAINING_DEFAULTS, **policy.training}) if model_file.has("train_data") else None

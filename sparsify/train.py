@@ -304,16 +304,18 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         state.epoch, state.seconds = epoch, time.perf_counter() - started
         if ranks.main:
             atomic_write(metrics_path, _jsonl(_rows(state)))
-            _save_checkpoint(folder / CHECKPOINT, model, optimizer, state, cfg, policy, ranks)
+            _save_checkpoint(folder / CHECKPOINT, model, optimizer, state, cfg, policy, ranks, model_path)
             tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in row.items() if k != "kind"))
     epoch_bar.close()
     report = _report(handle, policy, cfg, state, model_path, anp(), ranks)
     if ranks.main:
         atomic_write(folder / "model.pt", lambda f: torch.save(
-            {"state_dict": model.state_dict(), "policy": policy.document,
+            {"state_dict": model.state_dict(), "policy": policy.document, "model_file": str(Path(model_path).resolve()),
              "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
         atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
+        if policy.export.get("onnx"):
+            report["export"] = _export(folder, handle, model_file, policy, test)
         if plots:
             report["plots"] = _plots(folder, handle, state)
         atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
@@ -347,9 +349,10 @@ def _plots(folder: Path, handle: SparseModel, state: RunState) -> list[str]:
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: dict,
-                     policy: Policy, ranks: Ranks) -> None:
+                     policy: Policy, ranks: Ranks, model_path: str) -> None:
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                  "training": cfg, "policy": policy.document, "world": ranks.world, "epoch": state.epoch,
+                  "training": cfg, "policy": policy.document, "model_file": str(Path(model_path).resolve()),
+                  "world": ranks.world, "epoch": state.epoch,
                   "step": state.step, "updates": state.updates, "epochs": state.epochs,
                   "start_masks": state.start_masks, "seconds": state.seconds}
     atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
@@ -375,6 +378,16 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     handle.evolution.history[:] = [{k: v for k, v in r.items() if k != "kind"} for r in state.updates]
     if ranks.main:
         tqdm.write(f"resuming {path.parent} after epoch {state.epoch} (step {state.step})")
+
+
+def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test: Any) -> dict:
+    """The export the policy asks for at the end of the run: folder/model.onnx, checked."""
+    from sparsify.export import export, held_out_batches, print_report
+
+    options = {k: policy.export[k] for k in ("shrink", "verify", "tolerance", "opset", "compact") if k in policy.export}
+    report = export(handle, model_file.example_inputs(), folder / "model.onnx", held_out=held_out_batches(test), **options)
+    print_report(report)
+    return report
 
 
 def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, model_path: str, anp: float,

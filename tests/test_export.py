@@ -1,0 +1,164 @@
+"""Export: the trained sparse model, shrunk, to ONNX and .pt2, checked against itself."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import sparsify
+from sparsify.export import ExportError, OnnxModel
+
+from model_zoo import load_example
+
+ROOT = Path(__file__).resolve().parent.parent
+EVERY = {"version": 1, "unmatched": "sparsify"}
+
+
+def kill(handle, rows=(), columns=()):
+    """Cut every input link of some rows and every link of some columns, as training might."""
+    with torch.no_grad():
+        for name, selection in rows:
+            handle.sites[name].module.mask[selection] = False
+        for name, selection in columns:
+            handle.sites[name].module.mask[:, selection] = False
+        for site in handle.sites.values():
+            site.module.apply_mask()
+
+
+def reference(model, inputs):
+    with torch.no_grad():
+        out = model(*inputs) if isinstance(inputs, tuple) else model(**inputs)
+    return getattr(out, "logits", out)
+
+
+def ort_outputs(path, feed):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), feed)})[0]
+
+
+def test_mlp_shrinks_folds_constants_and_matches_in_torch_and_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = load_example("mlp").MLP((20, 64, 64, 64, 5))
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.3}}, torch.randn(2, 20))
+    g = torch.Generator().manual_seed(0)
+    kill(handle, rows=[("fc1", torch.randperm(64, generator=g)[:10]), ("fc2", slice(5, 15))],
+         columns=[("fc3", slice(20, 30)), ("fc4", [1, 2, 3])])
+    held = [(torch.randn(16, 20),), (torch.randn(3, 20),)]
+    report = handle.export(tmp_path / "mlp.onnx", (torch.randn(4, 20),), held_out=held)
+    units = {u["into"]: u for u in report["units"]}
+    assert (units["fc2"]["folded"], units["fc2"]["kept"]) == (10, 54)  # relu(bias) of input-less fc1 rows
+    assert (units["fc3"]["unused"], units["fc3"]["folded"], units["fc3"]["kept"]) == (10, 10, 44)
+    assert units["fc4"]["unused"] >= 3  # the killed columns, and those the 30% density left empty
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    onnx.checker.check_model(str(tmp_path / "mlp.onnx"))
+    assert report["latency_ratio"] > 0 and report["size_ratio"] < 1
+    x = torch.randn(7, 20)  # a batch size the export never saw
+    expected = reference(model, (x,))
+    assert np.abs(ort_outputs(tmp_path / "mlp.onnx", [x]) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "mlp.pt2"))  # reloads without the model's source
+    assert (program.module()(x) - expected).abs().max() <= 1e-5
+    saved = json.loads((tmp_path / "mlp.json").read_text())
+    assert saved["units"] == report["units"]
+
+
+@pytest.mark.parametrize("name", ["llama", "hf_llama"])
+def test_gated_mlps_of_llama_decoders_shrink_with_rope_and_gqa_attention_intact(tmp_path, name):
+    module = load_example(name)
+    model, x = module.build_model(), module.example_inputs()
+    policy = {**EVERY, "defaults": {"density": 0.5}, "rules": [{"match": {"regex": ".*head.*"}, "skip": True}]}
+    model, handle = sparsify.sparsify(model, policy, x)
+    g = torch.Generator().manual_seed(1)
+    rows, columns = [], []
+    for site in handle.sites:
+        if site.endswith(("gate_proj", "up_proj", "q_proj", "k_proj")):
+            rows.append((site, torch.randperm(handle.sites[site].module.out_features, generator=g)[:24]))
+        if site.endswith("down_proj"):
+            columns.append((site, slice(40, 60)))
+    kill(handle, rows, columns)
+    tokens = torch.randint(0, 128, (3, 11), generator=g)
+    held = [{"input_ids": tokens}] if isinstance(x, dict) else [(tokens,)]
+    report = handle.export(tmp_path / "m.onnx", x, held_out=held, compare_dense=False)
+    assert all(u["kept"] < u["neurons"] for u in report["units"]) and len(report["units"]) == 2
+    assert all("attention" in why for why in report["not_shrunk"].values())
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4 and report["torch_max_abs_diff"] <= 1e-5
+    other = torch.randint(0, 128, (2, 6), generator=g)  # batch and sequence lengths the export never saw
+    expected = reference(model, {"input_ids": other} if isinstance(x, dict) else (other,))
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    if name == "hf_llama":
+        kept = {u["kept"] for u in report["units"]}
+        assert report["hf_config"]["rewritten"] == (len(kept) == 1)
+
+
+def test_hf_config_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
+    module = load_example("hf_llama")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5},
+                                              "rules": [{"match": {"name": "lm_head"}, "skip": True}]}, x)
+    kill(handle, columns=[(f"model.layers.{i}.mlp.down_proj", slice(0, 28)) for i in range(2)])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["hf_config"] == {"intermediate_size": 100, "rewritten": True}
+
+
+def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((8, 16, 16, 16, 2)),
+                                      {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 8))
+    real = OnnxModel.run
+    monkeypatch.setattr(OnnxModel, "run", lambda self, inputs: [o + 1e-3 for o in real(self, inputs)])
+    with pytest.raises(ExportError, match=r"onnxruntime's outputs differ from the trained model's by 0.001 "
+                                          r"\(limit 0.0001\); no file was written"):
+        handle.export(tmp_path / "m.onnx", (torch.randn(4, 8),))
+    assert os.listdir(tmp_path) == []  # nothing that looks valid, no temporary left either
+
+
+def test_compact_storage_keeps_values_and_indices_and_parity(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((256, 512, 512, 512, 10)),
+                                      {**EVERY, "defaults": {"density": 0.02},
+                                       "rules": [{"match": {"name": "fc4"}, "skip": True}]}, torch.randn(2, 256))
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(4, 256),), held_out=[(torch.randn(9, 256),)],
+                           compact=True)
+    assert report["compact"] == ["fc1", "fc2", "fc3"]
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["size_ratio"] < 0.1  # 2% of the weights at 8 bytes each, against 4 bytes for every position
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert "ScatterElements" in {n.op_type for n in graph.node}
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    x = torch.randn(5, 256)
+    assert (program.module()(x) - reference(model, (x,))).abs().max() <= 1e-5
+
+
+TINY_POLICY = """version: 1
+rules:
+  - match: {regex: "fc[12]"}
+    density: 0.2
+    method: CHTs
+    update: {every: 10, unit: steps}
+training: {epochs: 2, batch_size: 32, optimizer: adamw, lr: 0.01}
+export: {onnx: true, compact: true}
+"""
+
+
+def test_cli_run_exports_when_the_policy_asks_and_export_command(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TINY_POLICY)
+    out = tmp_path / "run"
+    proc = subprocess.run(["sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
+                           "--no-plots"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["compact"] == ["fc1", "fc2"] and report["export"]["onnxruntime_max_abs_diff"] <= 1e-4
+    assert (out / "model.onnx").exists() and (out / "model.pt2").exists()
+    again = subprocess.run(["sparsify", "export", str(out), "-o", str(tmp_path / "again.onnx"), "--no-shrink"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "exported" in again.stdout and "parity: PyTorch" in again.stdout
+    assert json.loads((tmp_path / "again.json").read_text())["shrink"] is False
+    missing = subprocess.run(["sparsify", "export", str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no model.pt in this folder" in missing.stderr
