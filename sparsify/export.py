@@ -344,8 +344,9 @@ def print_report(report: dict) -> None:
     print("\n".join(lines))
 
 
-def export_run(source: str | Path, out: str | Path | None = None, **options: Any) -> dict:
-    """Export a training run (its folder, model.pt or checkpoint.pt) the way :func:`export` does."""
+def load_run(source: str | Path):
+    """The trained model of a run (its folder, model.pt or checkpoint.pt), rebuilt from its model.py:
+    (handle, model file, policy, the file read)."""
     from sparsify.api import sparsify
     from sparsify.model_file import load_model_file
     from sparsify.policy import load_policy
@@ -365,6 +366,13 @@ def export_run(source: str | Path, out: str | Path | None = None, **options: Any
     model, handle = sparsify(model_file.build_model(), policy, model_file.example_inputs(),
                              _calibration_for(model_file, policy))
     model.load_state_dict(state)
+    return handle, model_file, policy, file
+
+
+def export_run(source: str | Path, out: str | Path | None = None, **options: Any) -> dict:
+    """Export a training run (its folder, model.pt or checkpoint.pt) the way :func:`export` does,
+    checked on the first batches of its eval_data."""
+    handle, model_file, policy, file = load_run(source)
     held_out = None
     if model_file.has("eval_data"):
         held_out = held_out_batches(model_file.module.eval_data(policy.training.get("batch_size", 32)))

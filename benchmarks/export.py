@@ -1,0 +1,67 @@
+"""Export of a trained run: ONNX file size and onnxruntime latency against the dense model's export.
+
+For a run folder (e.g. the Fashion-MNIST MLP trained with CHTs at 99% sparsity by
+``./scripts/quickstart.sh``), export it shrunk (dead neurons removed) and shrunk + compact
+(values + indices), each beside the dense export of the same weights. onnxruntime's latency is
+measured on the first evaluation batch and on a single example, alternating the two sessions and
+keeping each one's fastest run. Run from the repository root:
+
+    python benchmarks/export.py runs/fmnist-<time>
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sparsify.export import OnnxModel, export, held_out_batches, inference_copy, load_run, to_onnx
+from sparsify.passes.capture import ExampleInputs
+
+
+def fastest(runs: list[OnnxModel], inputs: ExampleInputs, repeat: int) -> list[float]:
+    best = [float("inf")] * len(runs)
+    for _ in range(3):
+        for i, run in enumerate(runs):
+            best[i] = min(best[i], run.latency(inputs, max(1, repeat // 3)))
+    return [b * 1e3 for b in best]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run folder with model.pt")
+    parser.add_argument("--repeat", type=int, default=60)
+    args = parser.parse_args()
+    handle, model_file, policy, _ = load_run(args.run)
+    batch = held_out_batches(model_file.module.eval_data(policy.training.get("batch_size", 32)), 1)
+    example = model_file.example_inputs()
+    single = ExampleInputs.of(tuple(t[:1] for t in batch[0]) if isinstance(batch[0], tuple) else (batch[0][:1],))
+    print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
+          f"{torch.get_num_threads()} threads · run {args.run}\n")
+    print("| export | parameters | ONNX MB | dense ONNX MB | size ratio | ms, batch of "
+          f"{len(batch[0]) if not isinstance(batch[0], tuple) else len(batch[0][0])} | dense ms | ratio | "
+          "ms, 1 example | dense ms | ratio | ORT max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path = Path(tmp) / "dense.onnx"
+        dense = inference_copy(handle.model)
+        to_onnx(dense, ExampleInputs.of(example), dense_path)
+        for label, compact in (("shrunk", False), ("shrunk + compact", True)):
+            out = Path(tmp) / f"{label.replace(' + ', '_')}.onnx"
+            report = export(handle, example, out, held_out=batch, compact=compact, compare_dense=False)
+            exported = torch.export.load(str(out.with_suffix(".pt2"))).module()
+            runs = [OnnxModel(out, exported), OnnxModel(dense_path, dense)]
+            on_batch = fastest(runs, ExampleInputs.of(batch[0]), args.repeat)
+            on_one = fastest(runs, single, args.repeat * 10)
+            size, dense_size = out.stat().st_size, dense_path.stat().st_size
+            print(f"| {label} | {report['parameters']['after']:,} of {report['parameters']['before']:,} | "
+                  f"{size / 1e6:.3f} | {dense_size / 1e6:.3f} | {size / dense_size:.3f} | {on_batch[0]:.3f} | "
+                  f"{on_batch[1]:.3f} | {on_batch[0] / on_batch[1]:.2f} | {on_one[0]:.4f} | {on_one[1]:.4f} | "
+                  f"{on_one[0] / on_one[1]:.2f} | {report['onnxruntime_max_abs_diff']:.2g} |")
+
+
+if __name__ == "__main__":
+    main()
