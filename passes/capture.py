@@ -72,9 +72,10 @@ class LeafTracer(fx.Tracer):
     """A tracer that keeps sparsify's own modules as leaves, like torch.nn's."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from sparsify.csr_linear import CsrLinear
         from sparsify.sparse_linear import SparseLinear
 
-        return isinstance(m, SparseLinear) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SparseLinear, CsrLinear)) or super().is_leaf_module(m, qualname)
 
 
 _PASSES_DIR = (os.path.dirname(os.path.abspath(__file__)),)

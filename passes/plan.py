@@ -17,7 +17,16 @@ from sparsify.passes.find_linears import Sites
 from sparsify.policy import LayerSpec, Policy, Rule
 from sparsify.topology.init import INIT_TOPOLOGIES, link_count
 
-AVAILABLE_BACKENDS = {"masked"}
+AVAILABLE_BACKENDS = {"masked", "csr"}
+# backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)
+AUTO_CSR_DENSITY = 0.10
+
+
+def resolved_backend(spec: LayerSpec) -> str:
+    """The backend a layer gets: the policy's, or for 'auto' the one measured faster at its density."""
+    if spec.backend != "auto":
+        return spec.backend
+    return "csr" if spec.initial_density <= AUTO_CSR_DENSITY else "masked"
 CALIBRATED_INIT = {"CSTI"}  # initial topologies computed from the layer's input data
 
 
@@ -98,9 +107,6 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
         takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no parameters"
         raise PlanError(f"{where}: init.{sorted(given - allowed)[0]} is not a parameter of the "
                         f"{spec.init['model']} topology ({spec.init['model']} {takes})")
-    if spec.backend not in AVAILABLE_BACKENDS | {"auto"}:
-        raise PlanError(f"{where}: backend {spec.backend!r} is not available in this version; "
-                        "use 'masked' or 'auto'")
     if spec.update is None and spec.density_decay["kind"] != "none":
         raise PlanError(f"{where}: density_decay {spec.density_decay['kind']!r} needs topology updates, but "
                         f"method {spec.method!r} has none; give 'update: {{every: N, unit: steps}}' or a method "

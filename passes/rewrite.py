@@ -15,7 +15,8 @@ from torch import fx, nn
 
 from sparsify.errors import PlanError
 from sparsify.passes.capture import ExampleInputs
-from sparsify.passes.plan import CALIBRATED_INIT, Plan
+from sparsify.passes.plan import CALIBRATED_INIT, Plan, resolved_backend
+from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.init import INIT_TOPOLOGIES
 
@@ -77,7 +78,8 @@ def _replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> 
 
 def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModule | None = None,
             calibration: Any = None) -> dict[str, SparseLinear]:
-    """Swap every planned linear of ``model`` for a SparseLinear with its initial topology."""
+    """Swap every planned linear of ``model`` for a sparse layer with its initial topology: a
+    SparseLinear (backend masked) or a CsrLinear (backend csr; auto picks by density)."""
     calibrated = layer_inputs(model, [n for n, s in plan.sparse.items() if s.init["model"] in CALIBRATED_INIT],
                               calibration)
     swaps: dict[int, nn.Module] = {}
@@ -85,12 +87,13 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
     replaced: list[nn.Module] = []  # keeps the old modules alive, so their ids stay unique
     for name, spec in plan.sparse.items():
         old = model.get_submodule(name)
-        if isinstance(old, SparseLinear):
+        if isinstance(old, (SparseLinear, CsrLinear)):
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
         mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
         if spec.init.get("rescale", True) and spec.initial_density < 1.0:
             new.rescale_to_fan_in()
+        new = new.to_backend(resolved_backend(spec))
         swaps[id(old)] = new
         created[name] = new
         replaced.append(old)

@@ -177,7 +177,7 @@ class Evolution(nn.Module):
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
             raise SparsifyError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [n for n in self.evolving if id(self._layers[n].weight) not in held]
+        missing = [n for n in self.evolving if id(self._layers[n].trainable) not in held]
         if missing:
             raise SparsifyError(f"attach: the optimizer does not hold the weight of {', '.join(missing)}; "
                                 "create it from model.parameters() after sparsify()")
@@ -258,11 +258,11 @@ class Evolution(nn.Module):
         layer = self._layers[name]
         args = {k: spec[k] for k in ("alpha", "gamma") if spec.get(k) is not None}
         if kind == "MEST":
-            if layer.weight.grad is None:
+            args["grad"] = layer.dense_weight_grad()
+            if args["grad"] is None:
                 raise SparsifyError(f"layer {name}: the MEST removal score needs the gradient of the last "
                                     "backward pass; the update runs right after optimizer.step(), before zero_grad()")
-            args["grad"] = layer.weight.grad
-        return REMOVAL_SCORES[kind](layer.weight, mask, **args)
+        return REMOVAL_SCORES[kind](layer.weight.detach(), mask, **args)
 
     def _dense_grad(self, name: str) -> torch.Tensor:
         layer = self._layers[name]
@@ -328,7 +328,8 @@ class Evolution(nn.Module):
             spec, layer, mask = self.specs[name], self._layers[name], masks[name]
             need = rows[name].pop("target") - int(mask.sum())
             if need > 0:
-                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, weight=layer.weight, grad=grads.get(name))
+                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, weight=layer.weight.detach(),
+                                                                         grad=grads.get(name))
                 grown = regrow(mask, scores, need, generator, mode=spec.regrowth["mode"])
             else:
                 grown = mask
@@ -350,24 +351,23 @@ class Evolution(nn.Module):
         return record
 
     def _commit(self, name: str, mask: torch.Tensor, regrown: torch.Tensor) -> None:
+        """The layer adopts its new mask (inactive and regrown weights 0), its explored positions grow,
+        and the optimizers' state follows the links."""
         layer = self._layers[name]
-        mask = mask.to(layer.mask.device)
-        layer.mask.copy_(mask)
-        layer.weight.mul_(mask & ~regrown.to(mask.device))  # inactive weights 0; regrown links start at 0
-        if layer.weight.grad is not None:
-            layer.weight.grad.mul_(mask)
+        source = layer.set_topology(mask, regrown)
         layer.capture_dense_grad, layer.dense_grad = False, None
-        state = self._state(name)
-        state.ever |= mask
-        self._reset_moments(name, layer.weight, mask)
+        self._state(name).ever |= layer.mask
+        self._reset_moments(name, layer, source)
 
-    def _reset_moments(self, name: str, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    def _reset_moments(self, name: str, layer, source) -> None:
+        param = layer.trainable
         for optimizer in self._optimizers:
-            for key, value in optimizer.state.get(weight, {}).items():
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
                 if not torch.is_tensor(value) or value.dim() == 0:
                     continue
-                if key in MOMENTS and value.shape == weight.shape:
-                    value.mul_(mask)
+                if key in MOMENTS and (value.shape == param.shape or source is not None):
+                    state[key] = layer.remap_state(value, source)
                 elif (type(optimizer).__name__, key) not in self._warned:
                     self._warned.add((type(optimizer).__name__, key))
                     self._reapply_masks = True

@@ -36,6 +36,7 @@ from sparsify.errors import SparsifyError
 from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.shrink import shrink as shrink_pass
+from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 
 OPSET = 18
@@ -52,7 +53,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
     dense = copy.deepcopy(model)
     remove_evolution(dense)
     for name, module in list(dense.named_modules()):
-        if isinstance(module, SparseLinear):
+        if isinstance(module, (SparseLinear, CsrLinear)):
             parent, _, leaf = name.rpartition(".")
             setattr(dense.get_submodule(parent) if parent else dense, leaf, module.to_linear())
     return dense.eval()

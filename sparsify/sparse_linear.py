@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 def _check_backend(backend: str) -> None:
     if backend != "masked":
-        raise ValueError(f"SparseLinear backend {backend!r} is not available; use 'masked'")
+        raise ValueError(f"SparseLinear stores backend 'masked'; for {backend!r} use to_backend({backend!r})")
 
 
 class SparseLinear(nn.Module):
@@ -91,6 +91,38 @@ class SparseLinear(nn.Module):
         """Scale row i by sqrt(in_features / active inputs of i): the dense layer's activation scale."""
         degree = self.mask.sum(1, keepdim=True).clamp_min(1)  # [out, 1]
         self.weight.mul_((self.in_features / degree).sqrt().to(self.weight.dtype))
+
+    # -- the protocol the evolution uses (shared with CsrLinear) --------------------------------------
+
+    @property
+    def trainable(self) -> nn.Parameter:
+        """The parameter the optimizer updates."""
+        return self.weight
+
+    def dense_weight_grad(self) -> torch.Tensor | None:
+        return self.weight.grad
+
+    @torch.no_grad()
+    def set_topology(self, mask: torch.Tensor, regrown: torch.Tensor) -> None:
+        """Adopt ``mask``: weights and gradients of inactive positions become 0, regrown links start at 0."""
+        mask = mask.to(self.mask.device, torch.bool)
+        self.mask.copy_(mask)
+        self.weight.mul_(mask & ~regrown.to(mask.device))
+        if self.weight.grad is not None:
+            self.weight.grad.mul_(mask)
+
+    def remap_state(self, value: torch.Tensor, source: None) -> torch.Tensor:
+        """An optimizer state tensor after a topology change: zero at every inactive position (regrown
+        links were inactive, so theirs is zero already)."""
+        return value.mul_(self.mask)
+
+    def to_backend(self, backend: str):
+        """This layer with ``backend`` storage ('masked' or 'csr'), weights and mask unchanged."""
+        if backend == "masked":
+            return self
+        from sparsify.csr_linear import CsrLinear
+
+        return CsrLinear.from_masked(self)
 
     @property
     def active_links(self) -> int:

@@ -49,7 +49,7 @@ def test_schema_enums_equal_code_registries():
     # every init parameter the schema allows is a parameter of some topology, and back
     params = set(defs["init"]["properties"]) - {"model", "rescale"}
     assert params == set().union(*(init_parameters(m) for m in INIT_TOPOLOGIES))
-    assert AVAILABLE_BACKENDS <= set(defs["fields"]["properties"]["backend"]["enum"])
+    assert AVAILABLE_BACKENDS | {"auto"} == set(defs["fields"]["properties"]["backend"]["enum"])
 
 
 def test_every_preset_field_is_valid_under_the_schema():

@@ -54,13 +54,6 @@ def test_density_leaving_no_link_is_an_error():
         plan(model, sites, load_policy({"version": 1, "rules": [{"match": {"name": "lm_head"}, "density": 1e-5}]}))
 
 
-def test_unavailable_backend_is_an_error_not_a_silent_fallback():
-    model, sites = llama_sites()
-    with pytest.raises(PlanError, match="backend 'csr' is not available"):
-        plan(model, sites, load_policy({"version": 1, "rules": [
-            {"match": {"name": "lm_head"}, "density": 0.5, "backend": "csr"}]}))
-
-
 def test_init_parameters_must_belong_to_the_topology():
     model, sites = llama_sites()
     policy = load_policy({"version": 1, "unmatched": "sparsify",

@@ -5,6 +5,7 @@ import torch
 from torch import fx, nn
 
 import sparsify
+from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.init import erdos_renyi, link_count
 
@@ -80,7 +81,7 @@ def test_graph_module_is_rewritten_and_recompiled():
     gm = fx.symbolic_trace(m.build_model())
     x = m.example_inputs()
     gm2, handle = sparsify.sparsify(gm, {**EVERY, "defaults": {"density": 0.1}}, x)
-    assert gm2 is gm and isinstance(gm.get_submodule("fc1"), SparseLinear)
+    assert gm2 is gm and isinstance(gm.get_submodule("fc1"), CsrLinear)  # backend auto at 10%: csr
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert targets == ["sparsify_evolution", "fc1", "fc2", "fc3", "fc4"]  # the evolution runs first
     assert "self.sparsify_evolution()" in gm.code and "sparsify_evolution" in str(gm)

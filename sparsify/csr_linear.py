@@ -1,0 +1,220 @@
+"""CsrLinear: the ``csr`` backend of a sparse linear layer, whose cost follows its active links.
+
+The trainable parameter is ``values``: one weight per active link, in row-major order of the
+mask. The three products of a training step run as sparse kernels:
+
+- forward ``y = x Wᵀ``: a CSR matrix times the dense input (``torch.sparse.mm``);
+- input gradient ``dx = dy W``: the transposed structure (kept beside the CSR one);
+- weight gradient, only at active positions: ``torch.sparse.sampled_addmm`` of ``dyᵀ x``.
+
+So optimizer state exists only for active links. ``weight`` is a dense view (zeros at inactive
+positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
+does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
+without loss. A topology change rebuilds the structure and carries each kept link's value and
+optimizer state across (:meth:`set_topology`, :meth:`remap_state`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CSR of the mask, CSR of its transpose, and the order taking row-major values to the transpose's."""
+    out_features, in_features = mask.shape
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
+    order = torch.argsort(cols * out_features + rows)
+    ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=mask.device)
+    ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
+    return {"crow": crow, "col": cols.contiguous(), "ccol": ccol, "row_t": rows[order].contiguous(), "order": order}
+
+
+class _CsrLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, layer):
+        s = layer._csr
+        weight = torch.sparse_csr_tensor(s["crow"], s["col"], values, (layer.out_features, layer.in_features),
+                                         check_invariants=False)
+        y = torch.sparse.mm(weight, x.t()).t()
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, values)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, values = ctx.saved_tensors
+        layer, s = ctx.layer, ctx.layer._csr
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            transposed = torch.sparse_csr_tensor(s["ccol"], s["row_t"], values[s["order"]],
+                                                 (layer.in_features, layer.out_features), check_invariants=False)
+            grad_x = torch.sparse.mm(transposed, grad_y.t()).t()
+        if ctx.needs_input_grad[1]:
+            pattern = torch.sparse_csr_tensor(s["crow"], s["col"], torch.zeros_like(values),
+                                              (layer.out_features, layer.in_features), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x.contiguous()).values()
+        if layer.capture_dense_grad:  # a gradient-based topology update is due: the dense gradient, once
+            dense = grad_y.t() @ x
+            layer.dense_grad = dense if layer.dense_grad is None else layer.dense_grad + dense
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_y.sum(0)
+        return grad_x, grad_values, grad_bias, None
+
+
+class CsrLinear(nn.Module):
+    """A sparse linear layer stored as CSR: ``values`` of the active links, ``mask``, ``bias``.
+
+    >>> from sparsify.sparse_linear import SparseLinear
+    >>> layer = CsrLinear.from_masked(SparseLinear.from_linear(nn.Linear(4, 3), mask=torch.eye(3, 4, dtype=torch.bool)))
+    >>> layer.values.shape, layer.weight.shape
+    (torch.Size([3]), torch.Size([3, 4]))
+    """
+
+    backend = "csr"
+
+    def __init__(self, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = mask.shape
+        self.register_buffer("mask", mask.to(torch.bool).clone())
+        self.values = nn.Parameter(weight.detach()[self.mask].clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self._csr = _structure(self.mask)
+        self.capture_dense_grad = False
+        self.dense_grad: torch.Tensor | None = None
+
+    @classmethod
+    def from_masked(cls, layer) -> "CsrLinear":
+        """The same layer (weights, bias, mask) with CSR storage; gradients and optimizer state are not carried."""
+        return cls(layer.mask, layer.weight.detach() * layer.mask, None if layer.bias is None else layer.bias)
+
+    def to_masked(self):
+        """The same layer with the masked backend."""
+        from sparsify.sparse_linear import SparseLinear
+
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return SparseLinear.from_linear(linear, mask=self.mask.clone())
+
+    def to_linear(self) -> nn.Linear:
+        return self.to_masked().to_linear()
+
+    # -- the views and the protocol the evolution uses (shared with SparseLinear) ------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (zeros at inactive positions), differentiable through ``values``."""
+        dense = self.values.new_zeros(self.out_features, self.in_features)
+        return dense.index_put((self._csr_rows(), self._csr["col"]), self.values)
+
+    def _csr_rows(self) -> torch.Tensor:
+        s = self._csr
+        return torch.repeat_interleave(torch.arange(self.out_features, device=s["crow"].device), s["crow"].diff())
+
+    @property
+    def trainable(self) -> nn.Parameter:
+        """The parameter the optimizer updates (one value per active link)."""
+        return self.values
+
+    def dense_weight_grad(self) -> torch.Tensor | None:
+        """The gradient of the last backward as a dense ``[out, in]`` tensor (zeros at inactive positions)."""
+        if self.values.grad is None:
+            return None
+        dense = self.values.grad.new_zeros(self.out_features, self.in_features)
+        return dense.index_put((self._csr_rows(), self._csr["col"]), self.values.grad)
+
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Nothing to do: inactive positions have no storage."""
+
+    @torch.no_grad()
+    def rescale_to_fan_in(self) -> None:
+        degree = self.mask.sum(1).clamp_min(1)
+        self.values.mul_((self.in_features / degree).sqrt().to(self.values.dtype)[self._csr_rows()])
+
+    @torch.no_grad()
+    def set_topology(self, mask: torch.Tensor, regrown: torch.Tensor) -> torch.Tensor:
+        """Adopt ``mask``: kept links keep their value, regrown ones start at 0. Returns, for each new
+        link, the index of its old value (-1 for a new link), for :meth:`remap_state`."""
+        mask = mask.to(self.mask.device, torch.bool)
+        old_index = torch.full((self.out_features, self.in_features), -1, dtype=torch.int64, device=mask.device)
+        old_index[self.mask] = torch.arange(int(self.mask.sum()), device=mask.device)
+        source = old_index[mask]
+        source[regrown.to(mask.device)[mask]] = -1
+        self.values.data = self._gather(self.values.data, source)
+        if self.values.grad is not None:
+            self.values.grad = self._gather(self.values.grad, source)
+        self.mask.copy_(mask)
+        self._csr = _structure(self.mask)
+        return source
+
+    @staticmethod
+    def _gather(old: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        new = old.new_zeros(source.shape[0])
+        kept = source >= 0
+        new[kept] = old[source[kept]]
+        return new
+
+    def remap_state(self, value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """An optimizer state tensor of the old links, moved to the new ones (zero for new links)."""
+        return self._gather(value, source)
+
+    # -- state_dict: the same keys as the masked backend ----------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "mask"] = self.mask
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for key in ("weight", "mask") + (("bias",) if self.bias is not None else ()):
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+        if any(k.startswith(prefix) for k in missing_keys):
+            return
+        weight, mask = state_dict[prefix + "weight"], state_dict[prefix + "mask"].to(torch.bool)
+        if tuple(weight.shape) != (self.out_features, self.in_features) or weight.shape != mask.shape:
+            error_msgs.append(f"{prefix}weight: shape {tuple(weight.shape)} and mask {tuple(mask.shape)} do not fit "
+                              f"a {self.out_features}x{self.in_features} layer")
+            return
+        with torch.no_grad():
+            self.mask.copy_(mask)
+            self._csr = _structure(self.mask)
+            self.values.data = weight.to(self.values.device, self.values.dtype)[self.mask].clone()
+            if self.bias is not None:
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._csr = _structure(self.mask)  # on the mask's new device
+        return result
+
+    @property
+    def active_links(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        return self.active_links / self.mask.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = _CsrLinearFunction.apply(x.reshape(-1, shape[-1]), self.values, self.bias, self)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density:.4f}, backend=csr")

@@ -1,0 +1,120 @@
+"""The csr backend: same numbers as the masked one, storage only for active links, evolution carried."""
+import pytest
+import torch
+from torch import nn
+
+import sparsify
+from sparsify.csr_linear import CsrLinear
+from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.init import erdos_renyi
+
+from model_zoo import load_example
+
+
+def pair(out_features, in_features, density, bias=True, seed=0):
+    torch.manual_seed(seed)
+    mask = erdos_renyi(out_features, in_features, density, torch.Generator().manual_seed(seed))
+    masked = SparseLinear.from_linear(nn.Linear(in_features, out_features, bias=bias), mask=mask)
+    return masked, CsrLinear.from_masked(masked)
+
+
+@pytest.mark.parametrize("shape,density,bias,batch", [((30, 20), 0.1, True, (7,)), ((64, 128), 0.05, False, (3, 5)),
+                                                      ((5, 300), 0.3, True, (2, 1, 4)), ((40, 40), 1.0, True, (6,))])
+def test_forward_and_both_gradients_equal_the_masked_backend(shape, density, bias, batch):
+    masked, csr = pair(*shape, density, bias)
+    assert csr.values.numel() == masked.active_links  # storage only for active links
+    x = torch.randn(*batch, shape[1])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = masked(x1), csr(x2)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(masked.weight.grad[masked.mask], csr.values.grad, atol=1e-5)
+    if bias:
+        assert torch.allclose(masked.bias.grad, csr.bias.grad, atol=1e-5)
+
+
+def test_conversions_and_state_dicts_move_between_backends_without_loss():
+    masked, csr = pair(16, 24, 0.2)
+    assert torch.equal(csr.weight, masked.weight) and torch.equal(csr.mask, masked.mask)
+    back = csr.to_masked()
+    assert torch.equal(back.weight, masked.weight) and torch.equal(back.bias, masked.bias)
+    assert set(csr.state_dict()) == set(masked.state_dict()) == {"weight", "bias", "mask"}
+    other_masked, other_csr = pair(16, 24, 0.5, seed=1)
+    other_csr.load_state_dict(masked.state_dict())  # a masked checkpoint into a csr layer, other density
+    assert torch.equal(other_csr.weight, masked.weight) and other_csr.active_links == masked.active_links
+    other_masked.load_state_dict(csr.state_dict())
+    assert torch.equal(other_masked.weight, masked.weight)
+
+
+def test_auto_backend_picks_csr_at_low_density_and_masked_above():
+    model = load_example("mlp").MLP((32, 64, 64, 64, 4))
+    policy = {"version": 1, "rules": [{"match": {"name": "fc1"}, "density": 0.05},
+                                      {"match": {"name": "fc2"}, "density": 0.5},
+                                      {"match": {"name": "fc3"}, "density": 0.05, "backend": "masked"}]}
+    model, handle = sparsify.sparsify(model, policy, torch.randn(2, 32))
+    assert isinstance(model.fc1, CsrLinear) and isinstance(model.fc2, SparseLinear)
+    assert isinstance(model.fc3, SparseLinear)
+
+
+def run(backend, method, optimizer, steps=120, seed=0, total=None):
+    torch.manual_seed(seed)
+    model = load_example("mlp").MLP((24, 48, 48, 48, 4))
+    policy = {"version": 1, "seed": 5, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.1, "method": method,
+                                                  "backend": backend, "update": {"every": 10, "unit": "steps"}}]}
+    model, handle = sparsify.sparsify(model, policy, torch.randn(2, 24))
+    opt = optimizer(model.parameters())
+    handle.attach(opt, total_steps=total or steps)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 24, generator=g)
+        loss = nn.functional.cross_entropy(model(x), x[:, :4].argmax(1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, handle, opt
+
+
+@pytest.mark.parametrize("method", ["SET", "RigL", "CHTs"])
+@pytest.mark.parametrize("optimizer", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                                       lambda p: torch.optim.Adam(p, lr=3e-3)], ids=["sgd", "adam"])
+def test_training_with_evolution_gives_the_masked_loss_curve(method, optimizer):
+    """A short run (an update at step 10, ten steps after it). The kernels round differently (a
+    sparse sum against a dense one, gradients agree to ~1e-9); over longer runs Adam amplifies
+    that, and a tie in a ranking (equal gradients of two inactive links) can pick another link."""
+    masked, handle_m, _ = run("masked", method, optimizer, steps=20)
+    csr, handle_c, _ = run("csr", method, optimizer, steps=20)
+    assert isinstance(handle_c.sites["fc2"].module, CsrLinear)
+    assert len(handle_c.history) == len(handle_m.history) == 1
+    assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
+    for name in ("fc1", "fc2", "fc3"):
+        assert torch.equal(handle_m.sites[name].module.mask, handle_c.sites[name].module.mask)
+
+
+def test_topology_update_carries_kept_links_values_and_optimizer_state():
+    _, handle, opt = run("csr", "SET", lambda p: torch.optim.Adam(p, lr=3e-3), steps=9, total=100)
+    layer = handle.sites["fc2"].module
+    before_mask, before_weight = layer.mask.clone(), layer.weight.detach().clone()
+    state = opt.state[layer.values]
+    before_avg = torch.zeros_like(before_weight)
+    before_avg[before_mask] = state["exp_avg"]
+    x = torch.randn(16, 24)
+    nn.functional.cross_entropy(handle.model(x), x[:, :4].argmax(1)).backward()
+    expected = 0.9 * before_avg + 0.1 * layer.dense_weight_grad()  # Adam's first moment after this step
+    opt.step()  # step 10: the optimizer moves every link, then the topology update
+    assert len(handle.history) == 1 and not torch.equal(layer.mask, before_mask)
+    after_avg = torch.zeros_like(before_weight)
+    after_avg[layer.mask] = opt.state[layer.values]["exp_avg"]
+    kept, grown = layer.mask & before_mask, layer.mask & ~before_mask
+    assert state["exp_avg"].shape == layer.values.shape
+    assert not after_avg[grown].any() and not layer.weight[grown].any()  # regrown: zero value, zero state
+    moved = (after_avg - expected).abs() < 1e-9
+    in_place = kept & ~moved  # removed and regrown at the same position: fresh too
+    assert not after_avg[in_place].any() and not layer.weight[in_place].any()
+    row = handle.history[0]["layers"]["fc2"]
+    assert int(in_place.sum()) == round(row["overlap"] * row["regrown"])
+    assert int((kept & moved).sum()) == int(before_mask.sum()) - row["removed"]  # every kept link kept its state
