@@ -19,7 +19,7 @@ from sparsify.topology.init import INIT_TOPOLOGIES, link_count
 
 AVAILABLE_BACKENDS = {"masked", "csr"}
 # backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)
-AUTO_CSR_DENSITY = 0.10
+AUTO_CSR_DENSITY = 0.05
 
 
 def resolved_backend(spec: LayerSpec) -> str:

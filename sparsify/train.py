@@ -393,7 +393,8 @@ def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test:
 def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, model_path: str, anp: float,
             ranks: Ranks) -> dict:
     active, total = handle.parameters_active()
-    all_params = sum(p.numel() for p in handle.model.parameters())
+    stored = sum(p.numel() for p in handle.model.parameters())
+    all_params = stored + sum(s.module.mask.numel() - s.module.trainable.numel() for s in handle.sites.values())
     evolution = handle.evolution
     layers = []
     for i, (name, site) in enumerate(handle.sites.items()):
