@@ -76,7 +76,7 @@ def table(name, case, repeat, steps):
     for density in DENSITIES:
         models = {b: prepare(build, inputs, b, density, kind, pattern) for b in ("plain", "masked", "csr")}
         best = {b: float("inf") for b in models}
-        for b, (model, opt) in models.items():
+        for model, opt in models.values():
             step_time(model, opt, inputs, loss_of, 2)  # warm up
         for _ in range(repeat):
             for b, (model, opt) in models.items():

@@ -29,14 +29,14 @@ def checksum(masks: dict) -> list[int]:
     return out
 
 
-def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: str) -> None:
+def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: str, density: float = 0.15) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = Net()
-        policy = {"version": 1, "seed": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": 0.15, "method": method,
+        policy = {"version": 1, "seed": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": density, "method": method,
                                                       "update": {"every": 5, "unit": "steps"}}]}
         if wrap_first:  # sparsify a model already inside DDP: rules see fc1, not module.fc1
             net = nn.parallel.DistributedDataParallel(model)
@@ -64,6 +64,7 @@ def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: 
             optimizer.step()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump({"sites": sorted(handle.sites), "sums": sums, "updates": len(handle.history),
+                       "backends": sorted({type(s.module).__name__ for s in handle.sites.values()}),
                        "final": checksum(handle.masks())}, f)
     finally:
         dist.destroy_process_group()

@@ -19,11 +19,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method,wrap_first", [("CHTs", False), ("RigL", False), ("SET", True)])
-def test_masks_are_identical_on_every_rank_after_every_update(tmp_path, method, wrap_first):
-    mp.start_processes(ddp_worker.train, args=(2, free_port(), method, wrap_first, str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("method,wrap_first,density", [("CHTs", False, 0.15), ("RigL", False, 0.15),
+                                                      ("SET", True, 0.15), ("CHTs", False, 0.05)])
+def test_masks_are_identical_on_every_rank_after_every_update(tmp_path, method, wrap_first, density):
+    mp.start_processes(ddp_worker.train, args=(2, free_port(), method, wrap_first, str(tmp_path), density), nprocs=2,
                        start_method="spawn", join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["backends"] == (["CsrLinear"] if density <= 0.05 else ["SparseLinear"])
     assert ranks[0]["sites"] == ranks[1]["sites"] == ["fc1", "fc2"]  # names without DDP's module. prefix
     expected = 15 if method == "SET" else 11  # steps 5..75 (SET: T_end = the whole run) or 5..55 (T_end = 60)
     assert ranks[0]["updates"] == ranks[1]["updates"] == expected
