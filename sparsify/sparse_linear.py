@@ -11,12 +11,42 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"SparseLinear stores backend 'masked'; for {backend!r} use to_backend({backend!r})")
 
 
+class _MaskedLinearFunction(torch.autograd.Function):
+    """``F.linear`` with the inactive weights (kept at zero) and their gradient masked in the backward:
+    one pass over the weight per step instead of a masked copy in the forward and another backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.save_for_backward(x, weight)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        layer = ctx.layer
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ weight
+        if ctx.needs_input_grad[1] or layer.capture_dense_grad:
+            dense = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            if layer.capture_dense_grad:  # a gradient-based topology update is due
+                layer._keep_dense_grad(dense)
+            if ctx.needs_input_grad[1]:
+                grad_w = dense.mul_(layer.float_mask())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
 class SparseLinear(nn.Module):
     """``y = x @ (weight * mask).T + bias`` with a boolean ``mask`` of active links ``[out, in]``.
 
-    Inactive weights are kept at zero and receive zero gradient (the mask multiplies the weight
-    inside the forward). ``weight``, ``bias`` and ``mask`` are all in the state_dict, under the
-    same names as nn.Linear's plus ``mask``.
+    Inactive weights are kept at zero and receive zero gradient: the backward masks the weight
+    gradient, and the mask is applied to the weight again whenever the mask changes (the forward
+    checks). Write into ``weight`` directly only at active positions, or call :meth:`apply_mask`.
+    ``weight``, ``bias`` and ``mask`` are all in the state_dict, under the same names as
+    nn.Linear's plus ``mask``.
 
     While ``capture_dense_grad`` is set (the evolution sets it only for a step that ends in a
     gradient-based topology update), the forward also keeps the *dense* gradient of the masked
@@ -66,6 +96,17 @@ class SparseLinear(nn.Module):
     def _no_capture(self) -> None:
         self.capture_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
+        self._float_mask: torch.Tensor | None = None
+        self._float_version = self._masked_version = -1
+
+    def float_mask(self) -> torch.Tensor:
+        """The mask in the weight's dtype and device (cached until the mask changes)."""
+        m = self._float_mask
+        if (m is None or self._float_version != self.mask._version or m.device != self.weight.device
+                or m.dtype != self.weight.dtype):
+            m = self._float_mask = self.mask.to(device=self.weight.device, dtype=self.weight.dtype)
+            self._float_version = self.mask._version
+        return m
 
     def _keep_dense_grad(self, grad: torch.Tensor) -> None:
         grad = grad.detach()
@@ -84,7 +125,8 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the weights of inactive links (after an optimizer step or a mask change)."""
-        self.weight.mul_(self.mask)
+        self.weight.mul_(self.float_mask())
+        self._masked_version = self.mask._version
 
     @torch.no_grad()
     def rescale_to_fan_in(self) -> None:
@@ -133,10 +175,11 @@ class SparseLinear(nn.Module):
         return self.active_links / self.mask.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * self.mask
-        if self.capture_dense_grad and weight.requires_grad:
-            weight.register_hook(self._keep_dense_grad)
-        return F.linear(x, weight, self.bias)
+        if self._masked_version != self.mask._version:  # the mask changed since the weight was masked
+            self.apply_mask()
+        if not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return _MaskedLinearFunction.apply(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
