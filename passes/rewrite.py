@@ -34,11 +34,9 @@ def initial_mask(name: str, module: nn.Linear, spec, seed: int, inputs: torch.Te
     return init(module.out_features, module.in_features, spec.initial_density, site_generator(seed, name), **params)
 
 
-def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
-    """The inputs each named linear receives over calibration ``batches`` (a list of model
-    inputs), as ``[samples, in]``."""
-    if not names:
-        return {}
+def observe_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """The inputs each named layer receives over ``batches`` (a list of model inputs), as CPU
+    ``[samples, in]`` tensors; a layer that never ran is left out."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
         lambda _m, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]).cpu()))
@@ -50,9 +48,17 @@ def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str,
     finally:
         for h in hooks:
             h.remove()
+    return {n: torch.cat(parts) for n, parts in seen.items() if parts}
+
+
+def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """The calibration inputs of the CSTI layers ``names``; refuses inputs that do not vary."""
+    if not names:
+        return {}
+    seen = observe_inputs(model, names, batches)
     out = {}
-    for n, parts in seen.items():
-        x = torch.cat(parts) if parts else torch.empty(0)
+    for n in names:
+        x = seen.get(n, torch.empty(0))
         if x.shape[0] < 2 or not bool((x.std(0) > 0).any()):
             raise PlanError(f"layer {n}: CSTI needs calibration data whose input features vary; got "
                             f"{x.shape[0]} sample(s) with no varying feature. Pass real inputs "

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Coupling
+from sparsify.passes.rewrite import observe_inputs
 
 ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
 
@@ -94,21 +94,6 @@ def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
     return units, skipped
 
 
-def _observe(model: nn.Module, names: list[str], samples: list) -> dict[str, torch.Tensor]:
-    """The inputs each of ``names`` receives over ``samples``, as ``[N, in]``."""
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda _m, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].shape[-1]))) for n in names]
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                ExampleInputs.of(sample).call(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in seen.items() if v}
-
-
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
@@ -128,7 +113,7 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
     """Remove the hidden units of ``model`` that carry nothing (see the module docstring), in place."""
     before = sum(p.numel() for p in model.parameters())
     chains_of, skipped = _units(coupling)
-    seen = _observe(model, list(chains_of), samples)
+    seen = observe_inputs(model, list(chains_of), samples)
     units = []
     for dst, chains in chains_of.items():
         sources = tuple(g.src for g in chains)
