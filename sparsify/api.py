@@ -109,7 +109,8 @@ def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_input
     torch.fx.GraphModule (its graph is recompiled); inside DistributedDataParallel, the wrapped
     module is transformed, so rules see names without the ``module.`` prefix (better: sparsify
     first, then wrap). The model gains a ``sparsify_evolution`` submodule; register the optimizer
-    with ``handle.attach(optimizer, total_steps=...)`` to evolve the topology while training. ``policy`` is a YAML path, a dict or a Policy.
+    with ``handle.attach(optimizer, total_steps=...)`` to evolve the topology while training.
+    ``policy`` is a YAML path, a dict or a Policy.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``calibration`` is a list of input batches (each of the same form) for initial topologies
     computed from data (CSTI); by default the example inputs.
