@@ -32,7 +32,10 @@ def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     order = torch.argsort(cols * out_features + rows)
     ccol = torch.zeros(in_features + 1, dtype=torch.int64, device=mask.device)
     ccol[1:] = torch.cumsum(torch.bincount(cols, minlength=in_features), 0)
-    return {"crow": crow, "col": cols.contiguous(), "ccol": ccol, "row_t": rows[order].contiguous(), "order": order}
+    # int32 indices where they fit: the CPU kernels (MKL) take int32 and would convert on every call
+    index = torch.int32 if mask.numel() < 2**31 else torch.int64
+    return {"crow": crow.to(index), "col": cols.to(index), "ccol": ccol.to(index), "row_t": rows[order].to(index),
+            "order": order, "rows": rows}
 
 
 class _CsrLinearFunction(torch.autograd.Function):
@@ -119,8 +122,7 @@ class CsrLinear(nn.Module):
         return dense.index_put((self._csr_rows(), self._csr["col"]), self.values)
 
     def _csr_rows(self) -> torch.Tensor:
-        s = self._csr
-        return torch.repeat_interleave(torch.arange(self.out_features, device=s["crow"].device), s["crow"].diff())
+        return self._csr["rows"]
 
     @property
     def trainable(self) -> nn.Parameter:
