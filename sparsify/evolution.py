@@ -340,7 +340,7 @@ class Evolution(nn.Module):
                 buffer = masks[name].to(torch.uint8)
                 dist.broadcast(buffer, 0)
                 masks[name] = buffer.bool()
-                regrown[name] = masks[name] & regrown[name]
+                regrown[name] = masks[name] & ~kept[name]  # rank 0's choice
         for name in names:
             self._commit(name, masks[name], regrown[name])
         self.rng_state.copy_(generator.get_state())
