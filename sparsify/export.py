@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from sparsify.errors import SparsifyError
+from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.shrink import shrink as shrink_pass
@@ -146,12 +146,6 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def _temporary(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
 def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET) -> None:
     """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed).
 
@@ -259,25 +253,15 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
                          compare_dense, latency_repeat)
         report["files"] = written
-        _atomic(path.with_suffix(".json"), json.dumps(report, indent=2).encode())
+        atomic_write(path.with_suffix(".json"), lambda f: json.dump(report, f, indent=2))
         return report
     finally:
         model.train(was_training)
 
 
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = _temporary(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset, compare_dense,
            latency_repeat) -> dict:
-    onnx_tmp, dense_tmp, pt2_tmp = _temporary(path), _temporary(path), _temporary(path.with_suffix(".pt2"))
+    onnx_tmp, dense_tmp, pt2_tmp = temporary(path), temporary(path), temporary(path.with_suffix(".pt2"))
     try:
         to_onnx(shrunk, inputs, onnx_tmp, opset)
         import onnx

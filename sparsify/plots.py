@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from sparsify.evolution import Evolution
+from sparsify.files import atomic_write
 from sparsify.topology.metrics import degrees
 
 HEATMAP_PIXELS = 256
@@ -22,8 +23,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, write: Callable) -> None:
-    write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), binary=True)
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), binary=True)
 
 
 def _downsampled(mask: torch.Tensor, pixels: int = HEATMAP_PIXELS) -> torch.Tensor:
@@ -35,12 +36,12 @@ def _downsampled(mask: torch.Tensor, pixels: int = HEATMAP_PIXELS) -> torch.Tens
 
 
 def write_plots(folder: Path, evolution: Evolution, updates: list[dict], epochs: list[dict],
-                start: dict[str, torch.Tensor], write: Callable) -> list[str]:
+                start: dict[str, torch.Tensor]) -> list[str]:
     """Write density.png, anp.png, degrees.png and adjacency.png into ``folder``; returns the names."""
     plt = _pyplot()
     for name, draw in PLOTS.items():
         fig = draw(plt, evolution, updates, epochs, start)
-        _save(fig, folder / name, write)
+        _save(fig, folder / name)
         plt.close(fig)
     return list(PLOTS)
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from sparsify.api import SparseModel, sparsify
 from sparsify.errors import ModelFileError, SparsifyError
 from sparsify.evolution import describe_spec
+from sparsify.files import atomic_write
 from sparsify.model_file import load_model_file
 from sparsify.passes.plan import CALIBRATED_INIT
 from sparsify.policy import Policy, load_policy
@@ -42,18 +42,6 @@ TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.
                      "weight_decay": 0.0, "lr_schedule": "linear", "device": "cpu"}
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
 CHECKPOINT = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> Path:
@@ -342,7 +330,7 @@ def _plots(folder: Path, handle: SparseModel, state: RunState) -> list[str]:
     from sparsify.plots import write_plots
 
     try:
-        return write_plots(folder, handle.evolution, state.updates, state.epochs, state.start_masks, atomic_write)
+        return write_plots(folder, handle.evolution, state.updates, state.epochs, state.start_masks)
     except ImportError as exc:
         log.warning("no plots: %s (pip install matplotlib)", exc)
         return []
