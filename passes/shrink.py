@@ -94,7 +94,8 @@ def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
     return units, skipped
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
@@ -153,7 +154,7 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
             continue
         keep = torch.tensor(unit.kept, dtype=torch.long, device=d.weight.device)
         for name, layer in zip(sources, layers):
-            _set(model, name, _linear(layer.weight[keep], None if layer.bias is None else layer.bias[keep]))
+            replace_module(model, name, _linear(layer.weight[keep], None if layer.bias is None else layer.bias[keep]))
         needs_bias = d.bias is not None or unit.folded > 0
-        _set(model, dst, _linear(d.weight[:, keep], bias if needs_bias else None))
+        replace_module(model, dst, _linear(d.weight[:, keep], bias if needs_bias else None))
     return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()))

@@ -35,7 +35,7 @@ from sparsify.errors import SparsifyError
 from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.evolve import remove_evolution
-from sparsify.passes.shrink import shrink as shrink_pass
+from sparsify.passes.shrink import replace_module, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 
@@ -54,8 +54,7 @@ def inference_copy(model: nn.Module) -> nn.Module:
     remove_evolution(dense)
     for name, module in list(dense.named_modules()):
         if isinstance(module, (SparseLinear, CsrLinear)):
-            parent, _, leaf = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, leaf, module.to_linear())
+            replace_module(dense, name, module.to_linear())
     return dense.eval()
 
 
@@ -89,8 +88,7 @@ def compact_layers(model: nn.Module) -> list[str]:
     done = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and module.weight.ne(0).float().mean() <= COMPACT_DENSITY:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, CompactLinear(module))
+            replace_module(model, name, CompactLinear(module))
             done.append(name)
     return done
 
