@@ -29,9 +29,8 @@ def insert_evolution(model: nn.Module, swapped: dict[str, SparseLinear], plan: P
     """Build the evolution of the ``swapped`` layers and insert it into ``model``."""
     if hasattr(model, NAME):
         raise ValueError(f"the model already has a {NAME!r} attribute; transform each model once")
-    evolution = Evolution(swapped, {n: plan.sparse[n] for n in swapped},
-                          NeuronGraph.from_coupling(coupling, swapped), site_generator(seed, NAME),
-                          subgraph=lambda names: NeuronGraph.from_coupling(coupling, names))
+    evolution = Evolution(swapped, {n: plan.sparse[n] for n in swapped}, site_generator(seed, NAME),
+                          lambda names: NeuronGraph.from_coupling(coupling, names))
     model.add_module(NAME, evolution)
     if isinstance(model, fx.GraphModule):
         graph = model.graph

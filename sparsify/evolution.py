@@ -72,15 +72,17 @@ class Evolution(nn.Module):
     ``listeners`` are called with each record as it is made.
     """
 
-    def __init__(self, layers: dict[str, SparseLinear], specs: dict[str, LayerSpec], graph: NeuronGraph,
-                 generator: torch.Generator, subgraph: Callable[[frozenset], NeuronGraph] | None = None):
+    def __init__(self, layers: dict[str, SparseLinear], specs: dict[str, LayerSpec], generator: torch.Generator,
+                 graph_of: Callable[[frozenset], NeuronGraph]):
+        """``graph_of(names)``: the neuron graph among ``names``, the other layers counted as dense
+        neighbours (for percolation among the layers updated together, and ANP over all)."""
         super().__init__()
         self.names = list(layers)
         self._layers = dict(layers)  # owned by the model; kept here by reference, not registered
         self.specs = dict(specs)
-        self.graph = graph
-        self._subgraph = subgraph
+        self._graph_of = graph_of
         self._graphs: dict[frozenset, NeuronGraph] = {}
+        self.graph = self._graph(frozenset(self.names))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
@@ -247,11 +249,7 @@ class Evolution(nn.Module):
 
     def _graph(self, names: frozenset) -> NeuronGraph:
         if names not in self._graphs:
-            if self._subgraph is None:
-                shapes = {n: tuple(self._layers[n].mask.shape) for n in names}
-                self._graphs[names] = NeuronGraph(shapes, open_inputs=set(names), open_outputs=set(names))
-            else:
-                self._graphs[names] = self._subgraph(names)
+            self._graphs[names] = self._graph_of(names)
         return self._graphs[names]
 
     def _scores(self, kind: str, name: str, mask: torch.Tensor, spec: dict) -> torch.Tensor:
@@ -403,10 +401,6 @@ class Evolution(nn.Module):
         methods = sorted({self.specs[n].method for n in self.names})
         parts.append(f"layers={len(self.names)} ({', '.join(methods)})")
         return ", ".join(parts)
-
-    def describe(self) -> list[str]:
-        """One line per layer: what happens to it, and when."""
-        return [f"{name}: {describe_spec(self.specs[name])}" for name in self.names]
 
 
 def _emptied(before: torch.Tensor, after: torch.Tensor) -> int:
