@@ -352,19 +352,29 @@ def load_run(source: str | Path):
     return handle, model_file, policy, file
 
 
+POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact")  # the policy's export: keys export() takes
+
+
+def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:
+    """Export a trained model as its policy's ``export`` section says (``overrides`` that are not
+    None win), checked on the first batches of ``eval_data``; prints the summary."""
+    options = {**{k: policy.export[k] for k in POLICY_OPTIONS if k in policy.export},
+               **{k: v for k, v in overrides.items() if v is not None}}
+    held_out = held_out_batches(eval_data) if eval_data is not None else None
+    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options)
+    print_report(report)
+    return report
+
+
 def export_run(source: str | Path, out: str | Path | None = None, **options: Any) -> dict:
     """Export a training run (its folder, model.pt or checkpoint.pt) the way :func:`export` does,
     checked on the first batches of its eval_data."""
     handle, model_file, policy, file = load_run(source)
-    held_out = None
+    eval_data = None
     if model_file.has("eval_data"):
-        held_out = held_out_batches(model_file.module.eval_data(policy.training.get("batch_size", 32)))
-    options = {**{k: policy.export[k] for k in ("shrink", "verify", "tolerance", "opset", "compact")
-                  if k in policy.export}, **{k: v for k, v in options.items() if v is not None}}
-    out = Path(out) if out else file.parent / "model.onnx"
-    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options)
-    print_report(report)
-    return report
+        eval_data = model_file.module.eval_data(policy.training.get("batch_size", 32))
+    return export_trained(handle, model_file, policy, Path(out) if out else file.parent / "model.onnx",
+                          eval_data, **options)
 
 
 def _calibration_for(model_file, policy):

@@ -370,12 +370,9 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test: Any) -> dict:
     """The export the policy asks for at the end of the run: folder/model.onnx, checked."""
-    from sparsify.export import export, held_out_batches, print_report
+    from sparsify.export import export_trained
 
-    options = {k: policy.export[k] for k in ("shrink", "verify", "tolerance", "opset", "compact") if k in policy.export}
-    report = export(handle, model_file.example_inputs(), folder / "model.onnx", held_out=held_out_batches(test), **options)
-    print_report(report)
-    return report
+    return export_trained(handle, model_file, policy, folder / "model.onnx", test)
 
 
 def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, model_path: str, anp: float,
