@@ -7,6 +7,8 @@ give a GraphModule whose nodes carry ``nn_module_stack``, so every call maps bac
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
@@ -149,7 +151,9 @@ def _symbolic(model: nn.Module, inputs: ExampleInputs, reference: Any) -> Captur
 
 
 def _export(model: nn.Module, inputs: ExampleInputs) -> Capture:
-    ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
+    # On failure torch.export prints its partial graph to stderr; the CaptureError says what matters.
+    with contextlib.redirect_stderr(io.StringIO()):
+        ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
     gm = ep.module()
     flat, _ = pytree.tree_flatten((inputs.args, inputs.kwargs))
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")

@@ -5,12 +5,13 @@ is an internal error and is reported with the pass that failed and the one befor
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, SparsifyWarning
 from sparsify.passes.capture import EXPORT, Capture, capture
 from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling, couple
@@ -54,6 +55,8 @@ def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None)
     result = Analysis(cap, sites, coupling)
     if policy is not None:
         result.plan = _run("plan", "couple", plan, model, sites, policy, coupling)
+        for message in result.plan.warnings():
+            warnings.warn(f"{policy.source}: {message}", SparsifyWarning, stacklevel=2)
     return result
 
 

@@ -6,15 +6,20 @@ nothing, so ``sparsify inspect`` can explain every decision.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
+import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+from sparsify.csr_linear import CsrLinear
 from sparsify.errors import PlanError
 from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
 from sparsify.policy import LayerSpec, Policy, Rule
+from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.init import INIT_TOPOLOGIES, link_count
 
 AVAILABLE_BACKENDS = {"masked", "csr"}
@@ -52,8 +57,34 @@ class Plan:
     def sparse(self) -> dict[str, LayerSpec]:
         return {n: d.spec for n, d in self.decisions.items() if d.spec is not None}
 
+    layer_names: list[str] = field(default_factory=list)
+    shadowed: dict[int, list[str]] = field(default_factory=dict)  # unused rule -> layers earlier rules took
+    notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
+
     def warnings(self) -> list[str]:
-        return [f"{r.describe()} matches no linear layer" for r in self.unused_rules]
+        """One line per rule that applies to no linear layer (with the names it may have meant), then
+        the notes on layers' specs."""
+        return [_unused(rule, self.layer_names, self.shadowed.get(rule.index, [])) for rule in self.unused_rules] \
+            + self.notes
+
+
+def _unused(rule: Rule, names: list[str], shadowed: list[str]) -> str:
+    where = f" (line {rule.line})" if rule.line else ""
+    if shadowed:
+        return (f"{rule.describe()}{where} applies to no linear layer: an earlier rule takes every layer it "
+                f"matches ({', '.join(shadowed[:3])}{', ...' if len(shadowed) > 3 else ''}); the first "
+                "matching rule wins, so move it up or narrow the earlier rule")
+    text = f"{rule.describe()}{where} matches no linear layer"
+    if rule.match_kind == "name":
+        close = difflib.get_close_matches(rule.pattern, names, n=3, cutoff=0.5)
+        return text + (f"; did you mean {', '.join(close)}?" if close else "")
+    if rule.match_kind == "regex":
+        near = [n for n in names if re.search(rule.pattern, n)]
+        if near:
+            return text + (f"; it is found inside {', '.join(near[:3])} but must match the whole name "
+                           "(add .* at either end)")
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return text + f"; the linear layers are {shown or '(none)'}"
 
 
 def _enclosing_types(model: nn.Module, name: str) -> tuple[str, ...]:
@@ -74,19 +105,28 @@ def init_parameters(model_name: str) -> set[str]:
 
 def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | None = None) -> Plan:
     """Decide, for every site, its rule and spec. Raises PlanError when nothing would be sparse."""
-    decisions, used = {}, set()
+    decisions, used, matching, notes = {}, set(), {}, []
     for name, site in sites.sites.items():
-        rule = policy.match(name, _enclosing_types(model, name))
+        types = _enclosing_types(model, name)
+        for r in policy.rules:
+            if r.matches(name, types):
+                matching.setdefault(r.index, []).append(name)
+        rule = policy.match(name, types)
         if rule is not None:
             used.add(rule.index)
         if (rule is not None and rule.skip) or (rule is None and policy.unmatched == "skip"):
             decisions[name] = Decision(name, rule, None)
             continue
         spec = policy.resolve(rule)
-        _check(name, site.out_features, site.in_features, spec, rule, policy)
+        note = _check(name, site.out_features, site.in_features, spec, rule, policy)
+        if note:
+            notes.append(note)
+        _check_weights(name, model.get_submodule(name), rule, policy)
         _check_calibrated(name, spec, rule, policy, coupling)
         decisions[name] = Decision(name, rule, spec)
-    result = Plan(decisions, [r for r in policy.rules if r.index not in used])
+    unused = [r for r in policy.rules if r.index not in used]
+    shadowed = {r.index: matching[r.index] for r in unused if r.index in matching}
+    result = Plan(decisions, unused, list(sites.sites), shadowed, notes)
     if not result.sparse:
         names = ", ".join(list(sites.sites)[:6]) + (", ..." if len(sites.sites) > 6 else "")
         raise PlanError(
@@ -96,8 +136,11 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
 
 
 def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule: Rule | None,
-           policy: Policy) -> None:
-    where = f"{policy.source}: {rule.describe() if rule else 'defaults'}: layer {name}"
+           policy: Policy) -> str | None:
+    """Raise PlanError for a spec this layer cannot take; return a warning for one it can but probably
+    should not."""
+    layer = f"{rule.describe() if rule else 'defaults'}: layer {name}"
+    where = f"{policy.source}: {layer}"
     if spec.init["model"] not in INIT_TOPOLOGIES:
         raise PlanError(f"{where}: initial topology {spec.init['model']!r} is not available; "
                         f"available: {', '.join(INIT_TOPOLOGIES)}")
@@ -111,11 +154,32 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
         raise PlanError(f"{where}: density_decay {spec.density_decay['kind']!r} needs topology updates, but "
                         f"method {spec.method!r} has none; give 'update: {{every: N, unit: steps}}' or a method "
                         "that updates (GMP prunes gradually)")
-    links = link_count(out_features, in_features, spec.initial_density)
-    if links < 1:
-        raise PlanError(f"{where} ({out_features}x{in_features}): density {spec.initial_density:g} leaves "
-                        f"no link (round(density*out*in) = 0); the smallest density that keeps one link is "
-                        f"{0.5 / (out_features * in_features):.2g}")
+    for which, density in (("density", spec.initial_density), ("final density", spec.density)):
+        links = link_count(out_features, in_features, density)
+        if links < 1:
+            raise PlanError(f"{where} ({out_features}x{in_features}): {which} {density:g} leaves "
+                            f"no link (round(density*out*in) = 0); the smallest density that keeps one link is "
+                            f"{0.5 / (out_features * in_features):.2g}")
+        if links < out_features:  # (an input neuron without links is only an unused feature)
+            return (f"{layer} ({out_features}x{in_features}): {which} {density:g} gives {links} links for "
+                    f"{out_features} output neurons, so at least {out_features - links} output neurons have no "
+                    f"input and emit a constant; a density of at least {1 / in_features:.3g} gives each one a link")
+    return None
+
+
+def _check_weights(name: str, layer: nn.Module, rule: Rule | None, policy: Policy) -> None:
+    """Initial topologies and link rankings compare weights: a NaN or inf makes them meaningless."""
+    if isinstance(layer, (SparseLinear, CsrLinear)):
+        raise PlanError(f"layer {name} is already sparse: sparsify() was applied to this model before. "
+                        "Transform a fresh model (each model once).")
+    weight = layer.weight.detach()
+    bad = ~torch.isfinite(weight)
+    if bad.any():
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise PlanError(f"{policy.source}: {rule.describe() if rule else 'defaults'}: layer {name} holds "
+                        f"{int(bad.sum())} non-finite weight(s) ({float(weight[tuple(first)])} at {first}); "
+                        "sparse topologies rank weights by magnitude and need finite values. Fix the model's "
+                        "initialization or the checkpoint it loads.")
 
 
 def _check_calibrated(name: str, spec: LayerSpec, rule: Rule | None, policy: Policy,

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Sequence
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, SparsifyWarning
 
 USAGE = """sparsify model.py policy.yaml [-o OUT] [--resume] [--nproc N]   train with topology evolution, write OUT
        sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules
@@ -88,6 +89,17 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+_show_python_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """sparsify's own warnings as one line, like its errors; others as Python shows them."""
+    if issubclass(category, SparsifyWarning):
+        print(f"sparsify: warning: {message}", file=sys.stderr)
+    else:
+        _show_python_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
@@ -101,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, command = _export_parser().parse_args(argv[1:]), export_command
     else:
         args, command = _run_parser().parse_args(argv), run_command
+    warnings.showwarning = _show_warning
     try:
         return command(args)
     except SparsifyError as exc:

@@ -34,3 +34,8 @@ class ModelFileError(SparsifyError):
 
 class PlanError(SparsifyError):
     """The policy cannot be applied to this model (for example, it matches no layer)."""
+
+
+class SparsifyWarning(UserWarning):
+    """Something in the input that is probably a mistake but does not stop the work (for example, a
+    rule that matches no layer). The CLI prints it as one line."""

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.table import Table
 
+from sparsify.errors import SparsifyWarning
 from sparsify.evolution import describe_spec
 from sparsify.model_file import load_model_file
 from sparsify.passes.pipeline import Analysis, analyze
@@ -110,5 +112,7 @@ def inspect_model(model_path: str, policy_path: str | None = None) -> InspectRep
     model_file = load_model_file(model_path)
     policy = load_policy(policy_path) if policy_path else None
     model = model_file.build_model()
-    analysis = analyze(model, model_file.example_inputs(), policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsifyWarning)  # the report lists them itself
+        analysis = analyze(model, model_file.example_inputs(), policy)
     return InspectReport(analysis, policy.source if policy else None)

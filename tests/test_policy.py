@@ -27,7 +27,8 @@ def error_of(source):
 
 
 def test_one_example_policy_per_method():
-    assert len(POLICIES) == len(METHODS)
+    # one file per method, plus CHTs with the CH3-L3p predictor (the papers' table has both)
+    assert len(POLICIES) == len(METHODS) + 1
     methods = set()
     for path in POLICIES:
         policy = load_policy(path)
@@ -36,6 +37,8 @@ def test_one_example_policy_per_method():
         assert spec.density == pytest.approx(0.01)
         assert policy.rules[0].skip and policy.rules[0].pattern == "fc4"
     assert methods == set(METHODS)
+    l3p = load_policy(ROOT / "examples" / "policies" / "chts_l3p.yaml")
+    assert l3p.resolve(l3p.rules[1]).regrowth["predictor"] == "CH3_L3p"
 
 
 def test_schema_enums_equal_code_registries():

@@ -1,0 +1,194 @@
+"""The sparse-training papers' Fashion-MNIST table, reproduced with sparsify's policies.
+
+The MLP 784-1568-1568-1568-10 (examples/models/mlp.py) trains on real Fashion-MNIST (the
+example's loader, examples/fmnist/model.py) with the papers' protocol: batch 32, SGD with momentum
+0.9, lr 0.025 decayed linearly to 0, cross-entropy; the three hidden layers at 99% sparsity and the
+output layer dense. Each method is one policy file in examples/policies (FC is the dense model);
+the policy's seed is replaced by the run's seed, which also seeds the weights and the data order.
+
+Every finished run is appended to a JSON-lines file (default benchmarks/results/fmnist_mlp.jsonl)
+with its accuracy after every epoch, ANP, link count, wall time and topology updates; a run already
+in the file (same method, seed and epochs) is skipped, so an interrupted sweep picks up where it
+stopped. At the end a table (mean ± std over seeds) is printed beside the papers' Table 4 numbers,
+and the accuracy curves are plotted. Run from the repository root:
+
+    python benchmarks/fmnist_mlp.py --epochs 3 --seeds 0 1 2
+    python benchmarks/fmnist_mlp.py --epochs 100 --seeds 0 --methods FC CHTs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+import sparsify
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ROOT / "examples" / "policies"
+
+# method -> policy file (None: the dense model). Order of the table.
+METHODS = {
+    "FC": None,
+    "SET": "set.yaml",
+    "RigL": "rigl.yaml",
+    "MEST": "mest.yaml",
+    "GMP": "gmp.yaml",
+    "GraNet": "granet.yaml",
+    "CHT": "cht.yaml",
+    "CHTs (CH2-L3n)": "chts.yaml",
+    "CHTs (CH3-L3p)": "chts_l3p.yaml",
+    "CHTss": "chtss.yaml",
+}
+# Fashion-MNIST test accuracy (%) after 100 epochs in the CHTs paper's Table 4 (ALGORITHMS.md);
+# None where the table gives no number for this MLP.
+PAPER = {"FC": 90.88, "SET": 89.00, "RigL": 89.91, "MEST": None, "GMP": None, "GraNet": None,
+         "CHT": 88.70, "CHTs (CH2-L3n)": 90.67, "CHTs (CH3-L3p)": 90.93, "CHTss": None}
+LR, BATCH = 0.025, 32
+
+
+def example():
+    spec = importlib.util.spec_from_file_location("fmnist_example", ROOT / "examples" / "fmnist" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def accuracy(model: nn.Module, test) -> float:
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in test)
+    model.train()
+    return correct / len(test.images)
+
+
+def run(method: str, seed: int, epochs: int, data) -> dict:
+    """Train one method with one seed; returns the record stored in the results file."""
+    torch.manual_seed(seed)
+    model = data.build_model()
+    handle = None
+    if METHODS[method] is not None:
+        policy = yaml.safe_load((POLICIES / METHODS[method]).read_text())
+        policy["seed"] = seed
+        model, handle = sparsify.sparsify(model, policy, data.example_inputs())
+    train_data, test = data.train_data(BATCH), data.eval_data(1000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    total = epochs * len(train_data)
+    if handle is not None:
+        handle.attach(optimizer, total_steps=total, steps_per_epoch=len(train_data))
+    curve, step, seconds = [], 0, 0.0
+    for epoch in range(1, epochs + 1):
+        train_data.set_epoch(epoch + 1000 * seed)
+        start = time.perf_counter()
+        for x, y in train_data:
+            for group in optimizer.param_groups:
+                group["lr"] = LR * (1 - step / total)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        seconds += time.perf_counter() - start
+        curve.append(accuracy(model, test))
+        print(f"  {method} seed {seed} epoch {epoch}/{epochs}: test accuracy {curve[-1]:.4f} "
+              f"({seconds:.0f} s)", flush=True)
+    record = {"method": method, "seed": seed, "epochs": epochs, "accuracy": curve[-1], "curve": curve,
+              "seconds": round(seconds, 1), "date": str(datetime.date.today()), "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if handle is None:
+        record.update(anp=1.0, links=sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)),
+                      updates=0, backends=["Linear"])
+    else:
+        from sparsify.topology.metrics import active_neuron_rate
+        active, _ = handle.parameters_active()
+        dense_out = model.fc4.weight.numel()
+        record.update(anp=active_neuron_rate(handle.masks(), handle.neuron_graph()), links=active + dense_out,
+                      updates=len(handle.history),
+                      backends=sorted({type(s.module).__name__ for s in handle.sites.values()}))
+    return record
+
+
+def load(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(records: list[dict], epochs: int) -> str:
+    lines = [f"| method | seeds | test accuracy % ({epochs} epochs) | ANP | links | seconds per run | "
+             "paper (100 epochs) |", "|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method and r["epochs"] == epochs]
+        if not rows:
+            continue
+        acc = [100 * r["accuracy"] for r in rows]
+        spread = f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""
+        anp = statistics.mean(r["anp"] for r in rows)
+        paper = f"{PAPER[method]:.2f}" if PAPER[method] is not None else "–"
+        lines.append(f"| {method} | {len(rows)} | {statistics.mean(acc):.2f}{spread} | {100 * anp:.1f}% | "
+                     f"{round(statistics.mean(r['links'] for r in rows)):,} | "
+                     f"{statistics.mean(r['seconds'] for r in rows):.0f} | {paper} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], epochs: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method and r["epochs"] == epochs]
+        if rows:
+            mean = [100 * statistics.mean(c) for c in zip(*(r["curve"] for r in rows))]
+            ax.plot(range(1, len(mean) + 1), mean, marker="o", label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy % (mean over seeds)")
+    ax.set_title(f"Fashion-MNIST MLP, hidden layers 99% sparse, {epochs} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                        help=f"subset of: {', '.join(METHODS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "fmnist_mlp.jsonl")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = example()
+    print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
+          f"{torch.get_num_threads()} threads · {args.epochs} epochs · seeds {args.seeds}\n", flush=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for method in args.methods:
+            done = load(args.results)
+            if any(r["method"] == method and r["seed"] == seed and r["epochs"] == args.epochs for r in done):
+                continue
+            record = run(method, seed, args.epochs, data)
+            with args.results.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    records = [r for r in load(args.results) if r["method"] in args.methods and r["seed"] in args.seeds]
+    print(table(records, args.epochs))
+    figure = args.results.with_name(f"fmnist_mlp_{args.epochs}ep.png")
+    plot(records, args.epochs, figure)
+    print(f"\naccuracy curves: {figure.relative_to(ROOT) if figure.is_relative_to(ROOT) else figure}")
+
+
+if __name__ == "__main__":
+    main()
