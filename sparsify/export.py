@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from sparsify import checkpoint
 from sparsify.errors import SparsifyError
 from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs
@@ -339,16 +340,13 @@ def load_run(source: str | Path):
     if not file.exists():
         raise ExportError(f"{source}: no model.pt in this folder; give a run folder, model.pt or checkpoint.pt"
                           if source.is_dir() else f"{source}: no such file")
-    try:
-        saved = torch.load(file, map_location="cpu", weights_only=False)
-        state, document, model_path = saved.get("state_dict", saved.get("model")), saved["policy"], saved["model_file"]
-    except Exception as exc:
-        raise ExportError(f"{file}: not a sparsify model.pt or checkpoint.pt ({type(exc).__name__}: {exc})") from None
+    saved = checkpoint.read(file)
+    state, document, model_path = saved.get("state_dict", saved.get("model")), saved["policy"], saved["model_file"]
     model_file = load_model_file(model_path)
     policy = load_policy(document)
     model, handle = sparsify(model_file.build_model(), policy, model_file.example_inputs(),
                              _calibration_for(model_file, policy))
-    model.load_state_dict(state)
+    checkpoint.load_state(model, state, file, model_path)
     return handle, model_file, policy, file
 
 

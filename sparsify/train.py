@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sparsify.api import SparseModel, sparsify
+from sparsify.checkpoint import load_state, read as read_checkpoint
 from sparsify.errors import ModelFileError, SparsifyError
 from sparsify.evolution import describe_spec
 from sparsify.files import atomic_write
@@ -336,6 +337,10 @@ def _plots(folder: Path, handle: SparseModel, state: RunState) -> list[str]:
         return []
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "rng", "training", "policy", "model_file", "world", "epoch", "step",
+                   "updates", "epochs", "start_masks", "seconds")
+
+
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: dict,
                      policy: Policy, ranks: Ranks, model_path: str) -> None:
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
@@ -348,17 +353,14 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, handle: SparseModel,
                      state: RunState, cfg: dict, ranks: Ranks) -> None:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise SparsifyError(f"{path}: cannot read the checkpoint: {exc}") from exc
+    checkpoint = read_checkpoint(path, CHECKPOINT_KEYS)
     for key in ("epochs", "batch_size", "lr", "lr_schedule", "optimizer"):
         if checkpoint["training"].get(key) != cfg.get(key):
             raise SparsifyError(f"{path}: the run was started with training.{key} = {checkpoint['training'].get(key)!r}, "
                                 f"now {cfg.get(key)!r}; resume with the same settings (the schedules depend on them)")
     if checkpoint["world"] != ranks.world:
         raise SparsifyError(f"{path}: the run was started with {checkpoint['world']} process(es), now {ranks.world}")
-    model.load_state_dict(checkpoint["model"])
+    load_state(model, checkpoint["model"], path, checkpoint["model_file"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     for key in ("epoch", "step", "updates", "epochs", "start_masks", "seconds"):
