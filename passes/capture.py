@@ -106,6 +106,17 @@ def _reason(exc: BaseException) -> str:
     return f"{_first_line(exc)}" + (f" at {where}" if where else "")
 
 
+def _advice(reasons: str) -> str:
+    """What to change in forward(), from the captures' reasons."""
+    if "numpy" in reasons:
+        return "keep forward() in torch operations: .numpy() and torch.from_numpy leave the graph."
+    if ".item()" in reasons or "tolist" in reasons or "TruncToInt" in reasons or "specialized integer" in reasons:
+        return ("do not turn tensor values into Python numbers (.item(), .tolist(), int(tensor)); keep them "
+                "tensors.")
+    return ("replace Python control flow on tensor values (if tensor: ...) with torch operations "
+            "(torch.where, masks).")
+
+
 def _placeholder_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list:
     """Match example inputs to a symbolically traced graph's placeholders (by position, then name)."""
     values, args = [], list(inputs.args)
@@ -187,13 +198,13 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         try:
             result = _export(model, inputs)
         except Exception as exc:
+            export_reason = _reason(exc)
             raise CaptureError(
                 "could not capture the model as a graph.\n"
                 f"  torch.fx.symbolic_trace: {trace_reason}\n"
-                f"  torch.export.export(strict=False): {_reason(exc)}\n"
-                "What to do: remove Python control flow that depends on tensor values from forward() "
-                "(or move it into a submodule that needs no sparsification), or pass a torch.fx.GraphModule "
-                "you traced yourself."
+                f"  torch.export.export(strict=False): {export_reason}\n"
+                f"What to do: {_advice(trace_reason + export_reason)} Or move that code into a submodule that "
+                "needs no sparsification, or pass a torch.fx.GraphModule you traced yourself."
             ) from exc
         result.fallback_reason = trace_reason
         return result

@@ -271,7 +271,8 @@ def _resolve_ref(root: dict, ref: str) -> dict:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    same_letters = [str(c) for c in choices if str(c).lower() == str(word).lower()]
+    close = same_letters or difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -316,10 +317,14 @@ def _type_name(value: Any) -> str:
 
 
 def _check_rules(doc: dict, where: _Where) -> list[str]:
+    """Regexes that do not compile (the schema has checked the types; where it found them wrong,
+    the regex is skipped here)."""
     problems = []
-    for i, rule in enumerate(doc.get("rules", [])):
-        regex = rule.get("match", {}).get("regex")
-        if regex is None:
+    rules = doc.get("rules")
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        match = rule.get("match") if isinstance(rule, dict) else None
+        regex = match.get("regex") if isinstance(match, dict) else None
+        if not isinstance(regex, str):
             continue
         try:
             re.compile(regex)

@@ -267,7 +267,10 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
                 group["lr"] = cfg["lr"] * _lr_factor(cfg["lr_schedule"], state.step, total_steps)
             loss = loss_fn(_forward(net, _to(inputs, device)), _to(targets, device))
             if not torch.isfinite(loss):
-                raise SparsifyError(f"the loss became {float(loss)} at epoch {epoch}, step {seen + 1}; "
+                bar.close()
+                epoch_bar.close()
+                kept = f"; the checkpoint of epoch {state.epoch} is kept" if state.epoch else ""
+                raise SparsifyError(f"the loss became {loss.detach().item()} at epoch {epoch}, step {seen + 1}{kept}; "
                                     "lower training.lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -79,3 +79,13 @@ def test_csti_only_for_layers_reading_the_model_input():
     with pytest.raises(PlanError, match=r"layer fc2: init model CSTI correlates the model's raw input features, "
                                         r"but this layer reads another layer's output"):
         plan(model, sites, bad, coupling)
+
+
+def test_a_model_is_sparsified_once():
+    import sparsify
+
+    m = load_example("mlp")
+    policy = {"version": 1, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.1}]}
+    model, _ = sparsify.sparsify(m.build_model(), policy, m.example_inputs())
+    with pytest.raises(PlanError, match="layer fc1 is already sparse: sparsify\\(\\) was applied to this model before"):
+        sparsify.sparsify(model, policy, m.example_inputs())
