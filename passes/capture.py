@@ -172,6 +172,21 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> Capture:
     return Capture(EXPORT, gm, flat)
 
 
+@contextlib.contextmanager
+def without_kv_cache(model: nn.Module):
+    """Hugging Face models built with ``use_cache=True`` return a cache object that neither capture
+    nor the ONNX export can carry; the graph is the same without it, so it is off meanwhile."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", False) is True
+    if cached:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = True
+
+
 def capture(model: nn.Module, example_inputs: Any) -> Capture:
     """Capture ``model`` as a graph; see the module docstring for the order of attempts."""
     inputs = ExampleInputs.of(example_inputs)
@@ -179,6 +194,11 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         return Capture(GIVEN, model, _placeholder_inputs(model, inputs))
     was_training = model.training
     model.eval()
+    with without_kv_cache(model):
+        return _capture(model, inputs, was_training)
+
+
+def _capture(model: nn.Module, inputs: ExampleInputs, was_training: bool) -> Capture:
     try:
         try:
             with torch.no_grad():

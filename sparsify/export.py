@@ -50,9 +50,12 @@ class ExportError(SparsifyError):
 
 def inference_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference: sparse layers become plain nn.Linear (inactive weights
-    zero), the topology evolution is removed, eval mode."""
+    zero), the topology evolution is removed, eval mode, and a Hugging Face model's key/value cache is
+    off (an ONNX graph returns tensors only)."""
     dense = copy.deepcopy(model)
     remove_evolution(dense)
+    if getattr(getattr(dense, "config", None), "use_cache", False) is True:
+        dense.config.use_cache = False
     for name, module in list(dense.named_modules()):
         if isinstance(module, (SparseLinear, CsrLinear)):
             replace_module(dense, name, module.to_linear())

@@ -25,7 +25,7 @@ def analyze(name):
     return model, couple(cap, find_linears(model, cap))
 
 
-@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "hf_llama"])
+@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi"])
 def test_golden_dump(name):
     _, coupling = analyze(name)
     text = coupling.dump()
