@@ -283,7 +283,8 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         with _quiet():
             program = torch.export.export(shrunk, inputs.args, inputs.kwargs or None,
                                           dynamic_shapes=_auto_dynamic(shrunk, inputs))
-            torch.export.save(program, str(pt2_tmp))
+            with open(pt2_tmp, "wb") as f:  # through a file object, the archive's root is not the temporary name
+                torch.export.save(program, f)
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
         if compare_dense:
             to_onnx(dense, inputs, dense_tmp, opset)
