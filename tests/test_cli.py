@@ -24,7 +24,7 @@ def test_inspect_table_groups_and_unmatched_rules(tmp_path, capsys):
     assert "capture: torch.fx.symbolic_trace" in out
     assert "1568 x 784" in out and "1,230,880" in out  # fc1's shape and parameters
     assert "chain  fc1 -> relu -> fc2  (1568 features, in order)" in out
-    assert "warning: rules[2] name='nothing' matches no linear layer" in out
+    assert "warning: rules[2] name='nothing' (line 8) matches no linear layer" in out
     assert ("fc1, fc2, fc3: RigL: every 100 steps until 75% of training; remove zeta 0.3 (cosine) by WM hard; "
             "regrow gradient hard") in out
 
