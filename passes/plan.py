@@ -52,14 +52,13 @@ class Decision:
 class Plan:
     decisions: dict[str, Decision]
     unused_rules: list[Rule] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    shadowed: dict[int, list[str]] = field(default_factory=dict)  # unused rule -> layers earlier rules took
+    notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
 
     @property
     def sparse(self) -> dict[str, LayerSpec]:
         return {n: d.spec for n, d in self.decisions.items() if d.spec is not None}
-
-    layer_names: list[str] = field(default_factory=list)
-    shadowed: dict[int, list[str]] = field(default_factory=dict)  # unused rule -> layers earlier rules took
-    notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
 
     def warnings(self) -> list[str]:
         """One line per rule that applies to no linear layer (with the names it may have meant), then
@@ -154,17 +153,18 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
         raise PlanError(f"{where}: density_decay {spec.density_decay['kind']!r} needs topology updates, but "
                         f"method {spec.method!r} has none; give 'update: {{every: N, unit: steps}}' or a method "
                         "that updates (GMP prunes gradually)")
+    note = None
     for which, density in (("density", spec.initial_density), ("final density", spec.density)):
         links = link_count(out_features, in_features, density)
         if links < 1:
             raise PlanError(f"{where} ({out_features}x{in_features}): {which} {density:g} leaves "
                             f"no link (round(density*out*in) = 0); the smallest density that keeps one link is "
                             f"{0.5 / (out_features * in_features):.2g}")
-        if links < out_features:  # (an input neuron without links is only an unused feature)
-            return (f"{layer} ({out_features}x{in_features}): {which} {density:g} gives {links} links for "
+        if links < out_features and note is None:  # (an input neuron without links is only an unused feature)
+            note = (f"{layer} ({out_features}x{in_features}): {which} {density:g} gives {links} links for "
                     f"{out_features} output neurons, so at least {out_features - links} output neurons have no "
                     f"input and emit a constant; a density of at least {1 / in_features:.3g} gives each one a link")
-    return None
+    return note
 
 
 def _check_weights(name: str, layer: nn.Module, rule: Rule | None, policy: Policy) -> None:
