@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import statistics
@@ -31,6 +30,7 @@ import yaml
 from torch import nn
 
 import sparsify
+from fmnist_run import example  # the Fashion-MNIST example's model.py, loaded from this folder's script
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "examples" / "policies"
@@ -53,13 +53,6 @@ METHODS = {
 PAPER = {"FC": 90.88, "SET": 89.00, "RigL": 89.91, "MEST": None, "GMP": None, "GraNet": None,
          "CHT": 88.70, "CHTs (CH2-L3n)": 90.67, "CHTs (CH3-L3p)": 90.93, "CHTss": None}
 LR, BATCH = 0.025, 32
-
-
-def example():
-    spec = importlib.util.spec_from_file_location("fmnist_example", ROOT / "examples" / "fmnist" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def accuracy(model: nn.Module, test) -> float:
@@ -175,15 +168,16 @@ def main() -> None:
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
           f"{torch.get_num_threads()} threads · {args.epochs} epochs · seeds {args.seeds}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    done = load(args.results)
     for seed in args.seeds:
         for method in args.methods:
-            done = load(args.results)
             if any(r["method"] == method and r["seed"] == seed and r["epochs"] == args.epochs for r in done):
                 continue
             record = run(method, seed, args.epochs, data)
             with args.results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-    records = [r for r in load(args.results) if r["method"] in args.methods and r["seed"] in args.seeds]
+            done.append(record)
+    records = [r for r in done if r["method"] in args.methods and r["seed"] in args.seeds]
     print(table(records, args.epochs))
     figure = args.results.with_name(f"fmnist_mlp_{args.epochs}ep.png")
     plot(records, args.epochs, figure)
