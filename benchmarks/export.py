@@ -1,10 +1,12 @@
 """Export of a trained run: ONNX file size and onnxruntime latency against the dense model's export.
 
 For a run folder (e.g. the Fashion-MNIST MLP trained with CHTs at 99% sparsity by
-``./scripts/quickstart.sh``), export it shrunk (dead neurons removed) and shrunk + compact
-(values + indices), each beside the dense export of the same weights. onnxruntime's latency is
-measured on the first evaluation batch and on a single example, alternating the two sessions and
-keeping each one's fastest run. Run from the repository root:
+``./scripts/quickstart.sh``), export it shrunk (dead neurons removed), shrunk + compact (values +
+indices) and shrunk + sparse matmul (layers at most 10% dense multiply only their links), each
+beside the dense export of the same weights. onnxruntime's latency is measured on the first
+evaluation batch and on a single example, alternating the two sessions and keeping each one's
+fastest run, with onnxruntime's default intra-op threads and again with one thread for both.
+Run from the repository root:
 
     python benchmarks/export.py runs/fmnist-<time>
 """
@@ -41,27 +43,30 @@ def main() -> None:
     single = ExampleInputs.of(tuple(t[:1] for t in batch[0]) if isinstance(batch[0], tuple) else (batch[0][:1],))
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
           f"{torch.get_num_threads()} threads · run {args.run}\n")
-    print("| export | parameters | ONNX MB | dense ONNX MB | size ratio | ms, batch of "
+    print("| export | threads | parameters | ONNX MB | dense ONNX MB | size ratio | ms, batch of "
           f"{len(batch[0]) if not isinstance(batch[0], tuple) else len(batch[0][0])} | dense ms | ratio | "
           "ms, 1 example | dense ms | ratio | ORT max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = Path(tmp) / "dense.onnx"
         dense = inference_copy(handle.model)
         to_onnx(dense, ExampleInputs.of(example), dense_path)
-        for label, compact in (("shrunk", False), ("shrunk + compact", True)):
-            out = Path(tmp) / f"{label.replace(' + ', '_')}.onnx"
-            report = export(handle, example, out, held_out=batch, compact=compact, compare_dense=False)
+        variants = (("shrunk", {}), ("shrunk + compact", {"compact": True}),
+                    ("shrunk + sparse matmul", {"sparse_matmul": True}))
+        for label, options in variants:
+            out = Path(tmp) / f"{len(options)}{''.join(options)}.onnx"
+            report = export(handle, example, out, held_out=batch, compare_dense=False, **options)
             exported = torch.export.load(str(out.with_suffix(".pt2"))).module()
-            runs = [OnnxModel(out, exported), OnnxModel(dense_path, dense)]
-            on_batch = fastest(runs, ExampleInputs.of(batch[0]), args.repeat)
-            on_one = fastest(runs, single, args.repeat * 10)
-            size, dense_size = out.stat().st_size, dense_path.stat().st_size
-            print(f"| {label} | {report['parameters']['after']:,} of {report['parameters']['before']:,} | "
-                  f"{size / 1e6:.3f} | {dense_size / 1e6:.3f} | {size / dense_size:.3f} | {on_batch[0]:.3f} | "
-                  f"{on_batch[1]:.3f} | {on_batch[0] / on_batch[1]:.2f} | {on_one[0]:.4f} | {on_one[1]:.4f} | "
-                  f"{on_one[0] / on_one[1]:.2f} | {report['onnxruntime_max_abs_diff']:.2g} |")
-
+            for threads in (None, 1):
+                runs = [OnnxModel(out, exported, threads), OnnxModel(dense_path, dense, threads)]
+                on_batch = fastest(runs, ExampleInputs.of(batch[0]), args.repeat)
+                on_one = fastest(runs, single, args.repeat * 10)
+                size, dense_size = out.stat().st_size, dense_path.stat().st_size
+                print(f"| {label} | {threads or 'default'} | {report['parameters']['after']:,} of "
+                      f"{report['parameters']['before']:,} | {size / 1e6:.3f} | {dense_size / 1e6:.3f} | "
+                      f"{size / dense_size:.3f} | {on_batch[0]:.3f} | {on_batch[1]:.3f} | {on_batch[0] / on_batch[1]:.2f} | "
+                      f"{on_one[0]:.4f} | {on_one[1]:.4f} | {on_one[0] / on_one[1]:.2f} | "
+                      f"{report['onnxruntime_max_abs_diff']:.2g} |")
 
 if __name__ == "__main__":
     main()

@@ -40,6 +40,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset, 17 or newer (default 18)")
     p.add_argument("--compact", action="store_true", default=None,
                    help="store layers at most half dense as values + indices inside the ONNX file")
+    p.add_argument("--sparse-matmul", action="store_true", default=None,
+                   help="layers at most 10%% dense multiply only their non-zero weights: faster for small "
+                        "batches, slower for large ones (the report gives both latencies)")
     return p
 
 
@@ -73,7 +76,7 @@ def export_command(args: argparse.Namespace) -> int:
     from sparsify.export import export_run
 
     export_run(args.run, args.out, shrink=args.shrink, verify=args.verify, tolerance=args.tolerance,
-               opset=args.opset, compact=args.compact)
+               opset=args.opset, compact=args.compact, sparse_matmul=args.sparse_matmul)
     return 0
 
 

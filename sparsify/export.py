@@ -38,6 +38,7 @@ from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.shrink import replace_module, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear
+from sparsify.onnx_layers import COMPACT_DENSITY, GATHER_DENSITY, CompactLinear, GatherLinear
 from sparsify.sparse_linear import SparseLinear
 
 OPSET = 18
@@ -62,39 +63,25 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return dense.eval()
 
 
-class CompactLinear(nn.Module):
-    """A linear layer stored as its non-zero weights and their flat positions (int32), rebuilt
-    into the dense weight inside the graph; onnxruntime folds the rebuild once, at load time."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        weight = linear.weight.detach()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        flat = weight.flatten()
-        positions = torch.nonzero(flat).flatten()
-        if flat.numel() >= 2**31:
-            raise ExportError(f"a {self.out_features}x{self.in_features} layer has too many positions for int32 indices")
-        self.register_buffer("values", flat[positions].clone())
-        self.register_buffer("indices", positions.to(torch.int32))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
-        weight = weight.scatter(0, self.indices.long(), self.values).view(self.out_features, self.in_features)
-        return nn.functional.linear(x, weight, self.bias)
-
-
-COMPACT_DENSITY = 0.5  # above it, values + indices take more room than the dense weight
-
-
-def compact_layers(model: nn.Module) -> list[str]:
-    """Store every nn.Linear of ``model`` with at most half its weights non-zero as a CompactLinear."""
-    done = []
+def store_sparse(model: nn.Module, compact: bool, sparse_matmul: bool) -> tuple[list[str], list[str]]:
+    """Replace the plain nn.Linear layers of ``model``: those at most GATHER_DENSITY dense by a
+    GatherLinear when ``sparse_matmul``, then those at most COMPACT_DENSITY dense by a
+    CompactLinear when ``compact``. Returns the names of each kind."""
+    gathered, compacted = [], []
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and module.weight.ne(0).float().mean() <= COMPACT_DENSITY:
-            replace_module(model, name, CompactLinear(module))
-            done.append(name)
-    return done
+        if type(module) is not nn.Linear:
+            continue
+        density = float(module.weight.ne(0).float().mean())
+        try:
+            if sparse_matmul and density <= GATHER_DENSITY:
+                replace_module(model, name, GatherLinear(module))
+                gathered.append(name)
+            elif compact and density <= COMPACT_DENSITY:
+                replace_module(model, name, CompactLinear(module))
+                compacted.append(name)
+        except ValueError as exc:
+            raise ExportError(f"{name}: {exc}") from exc
+    return gathered, compacted
 
 
 def held_out_batches(data: Any, count: int = 2) -> list:
@@ -168,11 +155,13 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
 class OnnxModel:
     """An onnxruntime session fed from the same inputs as the PyTorch model."""
 
-    def __init__(self, path: Path, model: nn.Module):
+    def __init__(self, path: Path, model: nn.Module, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
         self.model = model
@@ -214,12 +203,14 @@ def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
 
 def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
            verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compact: bool = False,
-           compare_dense: bool = True, latency_repeat: int = 30) -> dict:
+           sparse_matmul: bool = False, compare_dense: bool = True, latency_repeat: int = 30) -> dict:
     """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
 
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
     the checks compare on, by default the example inputs. ``compact`` stores layers at most half
-    dense as values + int32 positions. Raises ExportError when a check fails.
+    dense as values + int32 positions; ``sparse_matmul`` makes layers at most 10% dense multiply
+    only their non-zero weights (faster at small batches, slower at large ones: see the report's
+    latencies). Raises ExportError when a check fails.
     """
     path = Path(path)
     if path.suffix != ".onnx":
@@ -238,7 +229,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         dense = inference_copy(model)
         shrunk = copy.deepcopy(dense)
         result = shrink_pass(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
-        compacted = compact_layers(shrunk) if compact else []
+        gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
         if torch_diff > TORCH_TOLERANCE:
@@ -246,6 +237,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
                               f"(limit {TORCH_TOLERANCE:g}); no file was written. Export with shrink off "
                               "(--no-shrink) and report this model")
         report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "compact": compacted,
+                        "sparse_matmul": gathered,
                         "torch_max_abs_diff": torch_diff}
         if result is not None:
             report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
@@ -259,6 +251,26 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         return report
     finally:
         model.train(was_training)
+
+
+def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
+    """``inputs`` cut to their first example, when every tensor input has the same batch size
+    above one along its first dimension; else None."""
+    tensors = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or sizes == {1}:
+        return None
+    cut = lambda v: v[:1] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
+
+
+def _fastest(runtimes: dict, inputs: ExampleInputs, repeat: int) -> dict:
+    """Each runtime's fastest run on ``inputs`` in seconds, alternating them three times."""
+    best = {name: float("inf") for name in runtimes}
+    for _ in range(3):
+        for name, runtime in runtimes.items():
+            best[name] = min(best[name], runtime.latency(inputs, max(1, repeat // 3)))
+    return best
 
 
 def _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset, compare_dense,
@@ -289,14 +301,15 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         if compare_dense:
             to_onnx(dense, inputs, dense_tmp, opset)
             dense_runtime = OnnxModel(dense_tmp, dense)
-            sample = checks[0]
-            times = {"dense": float("inf"), "shrunk": float("inf")}
-            for _ in range(3):  # alternate, keep each one's fastest
-                times["dense"] = min(times["dense"], dense_runtime.latency(sample, latency_repeat // 3 or 1))
-                times["shrunk"] = min(times["shrunk"], runtime.latency(sample, latency_repeat // 3 or 1))
+            batch = _fastest({"dense": dense_runtime, "shrunk": runtime}, checks[0], latency_repeat)
+            report["latency_ms"] = {k: round(v * 1e3, 4) for k, v in batch.items()}
+            report["latency_ratio"] = batch["shrunk"] / batch["dense"]
+            one = first_example(checks[0])
+            if one is not None:  # the latency of a single example, where small batches differ most
+                single = _fastest({"dense": dense_runtime, "shrunk": runtime}, one, latency_repeat * 5)
+                report["latency_one_example_ms"] = {k: round(v * 1e3, 4) for k, v in single.items()}
+                report["latency_one_example_ratio"] = single["shrunk"] / single["dense"]
             sizes["dense_onnx_bytes"] = dense_tmp.stat().st_size
-            report["latency_ms"] = {k: round(v * 1e3, 4) for k, v in times.items()}
-            report["latency_ratio"] = times["shrunk"] / times["dense"]
             report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
         os.replace(onnx_tmp, path)
         os.replace(pt2_tmp, path.with_suffix(".pt2"))
@@ -320,6 +333,8 @@ def print_report(report: dict) -> None:
             lines.append(f"  not shrunk: input of {dst}: {why}")
     if report["compact"]:
         lines.append(f"  stored as values + indices: {', '.join(report['compact'])}")
+    if report.get("sparse_matmul"):
+        lines.append(f"  multiplying only their non-zero weights: {', '.join(report['sparse_matmul'])}")
     check = report.get("onnxruntime_max_abs_diff")
     lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g}"
                  + (f", onnxruntime {check:.2g} (limit {report['tolerance']:g})" if check is not None else
@@ -327,8 +342,12 @@ def print_report(report: dict) -> None:
     files = report["files"]
     if "dense_onnx_bytes" in files:
         lines.append(f"  size {files['onnx_bytes'] / 1e6:.2f} MB vs dense export {files['dense_onnx_bytes'] / 1e6:.2f} MB "
-                     f"({report['size_ratio']:.3f}x); onnxruntime latency {report['latency_ms']['shrunk']:.3f} ms vs "
-                     f"{report['latency_ms']['dense']:.3f} ms ({report['latency_ratio']:.2f}x)")
+                     f"({report['size_ratio']:.3f}x)")
+        lines.append(f"  onnxruntime latency {report['latency_ms']['shrunk']:.3f} ms vs {report['latency_ms']['dense']:.3f} ms "
+                     f"dense ({report['latency_ratio']:.2f}x)"
+                     + (f"; one example {report['latency_one_example_ms']['shrunk']:.3f} ms vs "
+                        f"{report['latency_one_example_ms']['dense']:.3f} ms ({report['latency_one_example_ratio']:.2f}x)"
+                        if "latency_one_example_ms" in report else ""))
     print("\n".join(lines))
 
 
@@ -354,7 +373,7 @@ def load_run(source: str | Path):
     return handle, model_file, policy, file
 
 
-POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact")  # the policy's export: keys export() takes
+POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact", "sparse_matmul")  # the policy's export: keys export() takes
 
 
 def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:

@@ -134,10 +134,42 @@ def test_compact_storage_keeps_values_and_indices_and_parity(tmp_path):
     assert (program.module()(x) - reference(model, (x,))).abs().max() <= 1e-5
 
 
+def test_sparse_matmul_multiplies_only_the_links_with_parity(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((256, 512, 512, 512, 10)),
+                                      {**EVERY, "defaults": {"density": 0.02},
+                                       "rules": [{"match": {"name": "fc3"}, "density": 0.3},
+                                                 {"match": {"name": "fc4"}, "skip": True}]}, torch.randn(2, 256))
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(4, 256),), held_out=[(torch.randn(9, 256),)],
+                           sparse_matmul=True, compact=True)
+    assert report["sparse_matmul"] == ["fc1", "fc2"] and report["compact"] == ["fc3"]  # fc3: 30% > 10%
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4 and report["torch_max_abs_diff"] <= 1e-5
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert ops.count("GatherElements") >= 2 and "ScatterElements" in ops
+    assert set(report["latency_one_example_ms"]) == {"dense", "shrunk"} and report["latency_one_example_ratio"] > 0
+    for x in (torch.randn(1, 256), torch.randn(13, 256)):  # batch sizes the export never saw
+        expected = reference(model, (x,))
+        assert np.abs(ort_outputs(tmp_path / "m.onnx", [x]) - expected.numpy()).max() <= 1e-4
+        assert (torch.export.load(str(tmp_path / "m.pt2")).module()(x) - expected).abs().max() <= 1e-5
+
+
+def test_sparse_matmul_on_a_decoder_with_sequence_inputs(tmp_path):
+    module = load_example("llama")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.05},
+                                              "rules": [{"match": {"regex": ".*head.*"}, "skip": True}]}, x)
+    tokens = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(0))
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[(tokens,)], sparse_matmul=True, compare_dense=False)
+    assert len(report["sparse_matmul"]) == len(handle.sites)
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = torch.randint(0, 128, (2, 6))
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - reference(model, (other,)).numpy()).max() <= 1e-4
+
+
 TINY_POLICY = """version: 1
 rules:
   - match: {regex: "fc[12]"}
-    density: 0.2
+    density: 0.05
     method: CHTs
     update: {every: 10, unit: steps}
 training: {epochs: 2, batch_size: 32, optimizer: adamw, lr: 0.01}
@@ -155,10 +187,12 @@ def test_cli_run_exports_when_the_policy_asks_and_export_command(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["compact"] == ["fc1", "fc2"] and report["export"]["onnxruntime_max_abs_diff"] <= 1e-4
     assert (out / "model.onnx").exists() and (out / "model.pt2").exists()
-    again = subprocess.run(["sparsify", "export", str(out), "-o", str(tmp_path / "again.onnx"), "--no-shrink"],
-                           capture_output=True, text=True)
+    again = subprocess.run(["sparsify", "export", str(out), "-o", str(tmp_path / "again.onnx"), "--no-shrink",
+                            "--sparse-matmul"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "exported" in again.stdout and "parity: PyTorch" in again.stdout
-    assert json.loads((tmp_path / "again.json").read_text())["shrink"] is False
+    again_report = json.loads((tmp_path / "again.json").read_text())
+    assert again_report["shrink"] is False and again_report["sparse_matmul"] == ["fc1", "fc2"]
+    assert "multiplying only their non-zero weights: fc1" in again.stdout
     missing = subprocess.run(["sparsify", "export", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and "no model.pt in this folder" in missing.stderr

@@ -19,7 +19,7 @@ from sparsify.topology.removal import REMOVAL_SCORES, remove
 KEYS = ["version", "seed", "rules", "defaults", "unmatched", "training", "export", "match", "name", "regex", "type",
         "density", "sparsity", "skip", "method", "init", "model", "removal", "regrowth", "zeta", "delta", "start",
         "end", "update", "every", "unit", "backend", "t_end", "percolation", "density_decay", "kind", "epochs",
-        "lr", "optimizer", "onnx", "compact", "mode", "score", "predictor", "r", "alpha", "early_stop"]
+        "lr", "optimizer", "onnx", "compact", "sparse_matmul", "mode", "score", "predictor", "r", "alpha", "early_stop"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 200), st.floats(allow_nan=True, allow_infinity=True),
                     st.sampled_from(["fc1", "fc[1-3]", "fc[1-", "(", ".*", "CHTs", "SET", "ER", "BRF", "soft",
                                      "hard", "steps", "epochs", "sgd", "lion", "masked", "csr", "auto", "", "1e-3"]),

@@ -1,0 +1,122 @@
+"""Linear layers for export that keep only a sparse weight's non-zero entries.
+
+- :class:`CompactLinear` stores values + flat positions and rebuilds the dense weight inside the
+  graph; onnxruntime folds the rebuild once, at load time, so the file is small and the product
+  is the dense one.
+- :class:`GatherLinear` never rebuilds the weight: each output neuron gathers the inputs it is
+  linked to, multiplies them by its weights and sums. The work follows the links, not the dense
+  shape, which pays off where a dense product is bound by reading its weights: small batches.
+
+GatherLinear lays the links out as padded rows (ELLPACK): the neurons, sorted by their number of
+links, are cut into a few bins, each padded only to its own longest row. Where the cuts go is
+chosen by dynamic programming to minimise the gathered elements plus a fixed cost per bin (each
+bin is a few more graph nodes). The gathers use ``torch.gather``, onnx GatherElements, which
+onnxruntime runs several times faster per element than Gather.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPACT_DENSITY = 0.5  # above it, values + indices take more room than the dense weight
+GATHER_DENSITY = 0.1  # above it, a gathered product costs more than the dense one (benchmarks/export.py)
+BIN_COST = 1024  # a bin's fixed cost, in gathered elements: onnxruntime's overhead for its 4-5 nodes
+
+
+def _int32_positions(linear: nn.Linear) -> None:
+    if linear.in_features * linear.out_features >= 2**31:
+        raise ValueError(f"a {linear.out_features}x{linear.in_features} layer has too many positions "
+                         "for int32 indices")
+
+
+def _frozen_bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+
+class CompactLinear(nn.Module):
+    """A linear layer stored as its non-zero weights and their flat positions (int32), rebuilt
+    into the dense weight inside the graph; onnxruntime folds the rebuild once, at load time."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        _int32_positions(linear)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        flat = linear.weight.detach().flatten()
+        positions = torch.nonzero(flat).flatten()
+        self.register_buffer("values", flat[positions].clone())
+        self.register_buffer("indices", positions.to(torch.int32))
+        self.bias = _frozen_bias(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        weight = weight.scatter(0, self.indices.long(), self.values).view(self.out_features, self.in_features)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+def bins(counts: torch.Tensor, bin_cost: int = BIN_COST) -> list[int]:
+    """Cut points over ``counts`` sorted ascending: ends of contiguous bins minimising
+    sum(len(bin) * max(bin)) + bin_cost * number of bins. Cuts fall only where the count changes."""
+    ordered = counts.sort().values.tolist()
+    ends = [i + 1 for i in range(len(ordered)) if i + 1 == len(ordered) or ordered[i + 1] != ordered[i]]
+    starts = [0] + ends
+    best, previous = [0.0], [0]
+    for j in range(1, len(starts)):
+        width = max(ordered[starts[j] - 1], 1)  # a bin of link-less rows still gathers one (zero) element
+        cost, i = min((best[i] + (starts[j] - starts[i]) * width + bin_cost, i) for i in range(j))
+        best.append(cost)
+        previous.append(i)
+    cuts, j = [], len(starts) - 1
+    while j > 0:
+        cuts.append(starts[j])
+        j = previous[j]
+    return cuts[::-1]
+
+
+class GatherLinear(nn.Module):
+    """y = x Wᵀ + b computed from W's non-zero entries only (gather, multiply, sum per bin of
+    neurons), with the same outputs as the dense product up to float rounding."""
+
+    def __init__(self, linear: nn.Linear, bin_cost: int = BIN_COST):
+        super().__init__()
+        _int32_positions(linear)
+        weight = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        counts = weight.ne(0).sum(1)
+        order = torch.sort(counts, stable=True).indices
+        self.shapes: list[tuple[int, int]] = []  # (neurons, links per neuron) of each bin
+        start = 0
+        for end in bins(counts, bin_cost):
+            rows = order[start:end]
+            width = max(int(counts[rows].max()), 1)
+            row, col = torch.nonzero(weight[rows], as_tuple=True)  # row-major: each row's links in order
+            slot = torch.arange(len(row)) - torch.searchsorted(row, row)  # position within its row
+            columns = torch.zeros(len(rows), width, dtype=torch.long)
+            values = torch.zeros(len(rows), width, dtype=weight.dtype)
+            columns[row, slot] = col
+            values[row, slot] = weight[rows][row, col]
+            self.register_buffer(f"columns{len(self.shapes)}", columns.flatten())
+            self.register_buffer(f"values{len(self.shapes)}", values)
+            self.shapes.append((len(rows), width))
+            start = end
+        self.reorder = not torch.equal(order, torch.arange(self.out_features))
+        self.register_buffer("inverse", torch.argsort(order))
+        self.bias = _frozen_bias(linear)
+
+    def links(self) -> int:
+        """Gathered elements per input row, padding included."""
+        return sum(rows * width for rows, width in self.shapes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        n = flat.shape[0]
+        parts = []
+        for b, (rows, width) in enumerate(self.shapes):
+            gathered = torch.gather(flat, 1, getattr(self, f"columns{b}").expand(n, -1)).view(-1, rows, width)
+            parts.append((gathered * getattr(self, f"values{b}")).sum(-1))
+        y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        if self.reorder:
+            y = torch.gather(y, 1, self.inverse.expand(n, -1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
