@@ -197,6 +197,15 @@ def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
     return f"paired: {len(np.unique(np.stack([lo, hi], 1), axis=0))} pairs"
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One scaled_dot_product_attention call whose query, key and value each come from one site."""
+
+    q: str
+    k: str
+    v: str
+
+
 @dataclass
 class Coupling:
     """Sites, coupling groups and boundaries of one model, with a stable text dump."""
@@ -207,6 +216,7 @@ class Coupling:
     paired: dict[str, np.ndarray] = field(default_factory=dict)
     boundaries: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (site, 'in'|'out') -> reasons
     notes: list[str] = field(default_factory=list)
+    attentions: list[Attention] = field(default_factory=list)
 
     def groups_of(self, site: str) -> list:
         return [g for g in self.groups if site in g.sites]
@@ -318,6 +328,7 @@ class _Propagator(fx.Interpreter):
         self.paired: dict[str, list[np.ndarray]] = {}
         self.boundaries: dict[tuple[str, str], set[str]] = {}
         self.notes: list[str] = []
+        self.attentions: list[tuple[list[str], list[str], list[str]]] = []  # q, k, v sites of each call
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _boundary(self, site: str, side: str, reason: str) -> None:
@@ -586,6 +597,7 @@ class _Propagator(fx.Interpreter):
         nodes = [node.args[i] if len(node.args) > i else node.kwargs.get(names[i]) for i in range(3)]
         q, k, v = (self.env[n] for n in nodes)
         tq, tk, tv = (dict(self.tags.get(n) or {}) for n in nodes)
+        self.attentions.append((list(tq), list(tk), list(tv)))
         if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:  # enable_gqa: kv heads shared by q heads
             rep = q.shape[-3] // k.shape[-3]
             tk = {s: _Tag(t.idx.repeat_interleave(rep, dim=-3), t.trail) for s, t in tk.items()}
@@ -710,4 +722,9 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         rope = {s: result.paired[s] for s in (q, k) if s in result.paired}
         result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope))
     result.boundaries = prop.boundaries
+    for q, k, v in prop.attentions:
+        if len(q) == len(k) == len(v) == 1 and len({q[0], k[0], v[0]}) == 3:
+            attention = Attention(q[0], k[0], v[0])
+            if attention not in result.attentions:
+                result.attentions.append(attention)
     return result

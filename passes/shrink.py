@@ -10,9 +10,21 @@ act(gate) · up → down), with nothing but ``dst`` reading those rows. A unit g
 - one factor of a product has no input and no bias and the feature measured exactly zero on every
   sample (act(0) · up = 0 for the activations used in gated MLPs): dropped, nothing to fold.
 
-Features that go through a reshape (attention heads: v → o, q · k) and the residual stream are
-not touched in this version. The pass works on plain ``nn.Linear`` layers (call it on a copy whose
-SparseLinear layers were made dense with ``to_linear``) and replaces the changed layers in place.
+Attention keeps one head size, so its dimensions go by whole heads, and under grouped-query
+attention by whole groups (a kv head with the q heads sharing it), which keeps the q/kv ratio. A
+group goes when its output reaches nothing: o's columns of its q heads have no weight left, or its
+v rows have no input weight, so every head of the group outputs v's bias (the attention weights sum
+to one), which is folded into o's bias. Its q, k and v rows and o's columns are then dropped
+together, RoPE pairs included since they stay inside a head. This needs the model to read the head
+count from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do); a model whose
+views fix it fails with fewer heads. So each attention's change is run on the sample inputs and
+kept only when the outputs are unchanged (within 1e-5); otherwise it is undone and the reason
+reported. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
+with o's columns) would need the views' head size rewritten, and are not shrunk. The residual
+stream is never touched.
+
+The pass works on plain ``nn.Linear`` layers (call it on a copy whose SparseLinear layers were
+made dense with ``to_linear``) and replaces the changed layers in place.
 """
 from __future__ import annotations
 
@@ -22,10 +34,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Coupling
+from torch.utils._pytree import tree_leaves
+
+from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.rewrite import observe_inputs
 
 ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
+HEAD_TOLERANCE = 1e-5  # max abs change of the model's outputs allowed when an attention loses heads
 
 
 @dataclass
@@ -50,11 +66,29 @@ class Unit:
 
 
 @dataclass
+class Heads:
+    """The heads of one attention (q, k, v -> o) and which the pass kept."""
+
+    sources: tuple[str, str, str]
+    dst: str
+    heads: int
+    kv_heads: int
+    kept: list[int]  # q heads
+    kept_kv: list[int]
+    folded: int  # groups whose constant output (v's bias) went into o's bias
+
+    def to_json(self) -> dict:
+        return {"layers": list(self.sources), "into": self.dst, "heads": self.heads, "kv_heads": self.kv_heads,
+                "kept": len(self.kept), "kept_kv": len(self.kept_kv), "folded": self.folded}
+
+
+@dataclass
 class Shrink:
     units: list[Unit]
     skipped: dict[str, str]  # dst -> why its features were left as they are
     parameters_before: int
     parameters_after: int
+    heads: list[Heads] = field(default_factory=list)
 
 
 def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
@@ -157,4 +191,105 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
             replace_module(model, name, _linear(layer.weight[keep], None if layer.bias is None else layer.bias[keep]))
         needs_bias = d.bias is not None or unit.folded > 0
         replace_module(model, dst, _linear(d.weight[:, keep], bias if needs_bias else None))
-    return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()))
+    heads = _shrink_heads(model, coupling, samples, skipped)
+    return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()), heads)
+
+
+def _outputs(model: nn.Module, samples: list) -> list[torch.Tensor]:
+    return [t for batch in samples for t in tree_leaves(ExampleInputs.of(batch).call(model))
+            if isinstance(t, torch.Tensor)]
+
+
+def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.Module]):
+    """(o, why not, head_dim, q heads of each kv head) of an attention: ``why not`` is None when its
+    heads can go, else the reason; None when the attention does not feed a linear layer."""
+    dot = next((g for g in coupling.groups if g.kind == "dot" and (g.q, g.k) == (attention.q, attention.k)), None)
+    chain = next((g for g in coupling.groups if g.kind == "chain" and g.src == attention.v and "attention" in g.trail),
+                 None)
+    if dot is None or chain is None:
+        return None
+    o = chain.dst
+    if not all(isinstance(layers.get(n), nn.Linear) for n in (attention.q, attention.k, attention.v, o)):
+        return o, "attention: its layers are not plain nn.Linear", 0, {}
+    q, k, v, out = (layers[n] for n in (attention.q, attention.k, attention.v, o))
+    hd = dot.head_dim
+    q_heads, kv_heads, share = dot.heads()
+    group_of = {h: g for g, hs in share.items() for h in hs}
+    if (q.out_features != q_heads * hd or k.out_features != kv_heads * hd or v.out_features != kv_heads * hd
+            or out.in_features != q_heads * hd or sorted(group_of) != list(range(q_heads))
+            or sorted(share) != list(range(kv_heads)) or dot.pairs.min() != 0):
+        return o, "attention: its projections are not laid out as whole heads of one size", 0, {}
+    columns = np.arange(out.in_features)
+    expected = np.array([group_of[j // hd] * hd + j % hd for j in columns])
+    if not np.array_equal(chain.mapping, expected):
+        return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", 0, {}
+    for site in (attention.q, attention.k, attention.v):
+        if (site, "out") in coupling.boundaries:
+            return o, f"attention: {site}'s output is also read elsewhere", 0, {}
+    return o, None, hd, share
+
+
+@torch.no_grad()
+def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: dict[str, str]) -> list[Heads]:
+    """Drop the dead heads (whole grouped-query groups) of every attention, keeping each change only
+    when the model's outputs on ``samples`` stay within HEAD_TOLERANCE."""
+    done = []
+    reference = None
+    for attention in coupling.attentions:
+        layers = {n: model.get_submodule(n) for n in coupling.sites.sites}
+        layout = _head_layout(coupling, attention, layers)
+        if layout is None:
+            continue
+        o, why_not, hd, share = layout
+        if why_not is not None or not samples:
+            skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
+            continue
+        q, k, v, out = (layers[n] for n in (attention.q, attention.k, attention.v, o))
+        heads_of = {g: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in hs]) for g, hs in share.items()}
+        dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
+        for g, cols in heads_of.items():
+            rows = slice(g * hd, (g + 1) * hd)
+            if out.weight[:, cols].eq(0).all():
+                dead[g] = None
+            elif v.weight[rows].eq(0).all():
+                constant = v.bias is not None and bool(v.bias[rows].ne(0).any())
+                dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(share[g])) if constant else None
+        if len(dead) == len(share):  # keep one group: an attention without heads is not a valid model
+            dead.pop(min(dead))
+        if not dead:
+            skipped[o] = "attention: no whole head (grouped-query group) is dead; dimensions within heads are not shrunk"
+            continue
+        bias = out.bias.clone() if out.bias is not None else torch.zeros(out.out_features, dtype=out.weight.dtype)
+        constants = [c for c in dead.values() if c is not None]
+        for c in constants:
+            bias += c
+        folded = len(constants)
+        kept_kv = [g for g in share if g not in dead]
+        kept = sorted(h for g in kept_kv for h in share[g])
+        if reference is None:
+            reference = _outputs(model, samples)
+        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept])
+        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept_kv])
+        before = {n: layers[n] for n in (attention.q, attention.k, attention.v, o)}
+        replace_module(model, attention.q, _linear(q.weight[q_rows], None if q.bias is None else q.bias[q_rows]))
+        for name, layer in ((attention.k, k), (attention.v, v)):
+            replace_module(model, name, _linear(layer.weight[kv_rows], None if layer.bias is None else layer.bias[kv_rows]))
+        replace_module(model, o, _linear(out.weight[:, q_rows], bias if out.bias is not None or folded else None))
+        why = None
+        try:
+            diff = max((float((a - b).abs().max()) for a, b in zip(reference, _outputs(model, samples)) if a.numel()),
+                       default=0.0)
+            if not diff <= HEAD_TOLERANCE:
+                why = f"the outputs changed by {diff:.3g}"
+        except Exception as exc:  # the model's own code refused fewer heads
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if why is not None:
+            for name, layer in before.items():
+                replace_module(model, name, layer)
+            skipped[o] = (f"attention: {len(dead)} dead head group(s) kept, the model does not run with fewer heads "
+                          f"({why}); read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
+            continue
+        skipped.pop(o, None)
+        done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),
+                          len(share), kept, kept_kv, folded))
+    return done

@@ -7,8 +7,11 @@
   whose outputs must match the trained sparse model's on held-out inputs;
 - ``<name>.pt2``: the shrunk model as a ``torch.export`` program, which reloads with
   ``torch.export.load`` without the model's source;
-- ``<name>.json``: the report (parameters and neurons before and after, parity, file sizes and
-  onnxruntime latency of the dense export against the shrunk one), also returned.
+- ``<name>.json``: the report (parameters, neurons and heads before and after, parity, file
+  sizes and onnxruntime latency of the dense export against the shrunk one), also returned;
+- ``<name>_hf/``, for a Hugging Face model whose config can describe the shrunk sizes: its
+  ``save_pretrained`` folder, written only once ``from_pretrained`` reloaded it with outputs
+  matching the trained model's.
 
 Files are written under temporary names and renamed only once every check passed: a failed
 check leaves no file that looks valid.
@@ -201,6 +204,25 @@ def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
             "why": "the MLPs kept different widths" if len(widths) > 1 else "no MLP changed width"}
 
 
+def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
+    """Rewrite a Hugging Face config's head counts when every attention kept the same heads (the
+    head size is written out as head_dim, since the config would otherwise derive it anew)."""
+    config = getattr(shrunk, "config", None)
+    count = getattr(config, "num_attention_heads", None)
+    if count is None or not heads:
+        return None
+    kept = {(len(h.kept), len(h.kept_kv)) for h in heads}
+    if len(heads) != attentions or len(kept) != 1:
+        return {"rewritten": False, "why": "the attentions kept different numbers of heads"}
+    if not hasattr(config, "head_dim") or not hasattr(config, "num_key_value_heads"):
+        return {"rewritten": False, "why": f"{type(config).__name__} has no head_dim or num_key_value_heads"}
+    head_dim = config.head_dim or config.hidden_size // count
+    config.num_attention_heads, config.num_key_value_heads = kept.pop()
+    config.head_dim = head_dim
+    return {"rewritten": True, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim}
+
+
 def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
            verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compact: bool = False,
            sparse_matmul: bool = False, compare_dense: bool = True, latency_repeat: int = 30) -> dict:
@@ -229,6 +251,13 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         dense = inference_copy(model)
         shrunk = copy.deepcopy(dense)
         result = shrink_pass(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
+        configs = {}
+        if result is not None:  # a Hugging Face config follows the shrunk sizes where it can
+            configs["hf_config"] = _hf_config(shrunk, result.units)
+            heads = _hf_heads(shrunk, result.heads, len(handle.coupling.attentions))
+            if heads is not None:
+                configs["hf_config_heads"] = heads
+        pretrained = copy.deepcopy(shrunk) if hasattr(shrunk, "save_pretrained") else None  # before storage swaps
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
@@ -242,10 +271,15 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         if result is not None:
             report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
             report["units"] = [u.to_json() for u in result.units]
+            report["heads"] = [h.to_json() for h in result.heads]
             report["not_shrunk"] = result.skipped
-            report["hf_config"] = _hf_config(shrunk, result.units)
+            report.update(configs)
         written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
                          compare_dense, latency_repeat)
+        if pretrained is not None:
+            hints = [c["why"] for c in configs.values() if c and not c["rewritten"] and c.get("why") != "no MLP changed width"]
+            report["hf_pretrained"] = _save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks, reference,
+                                                       getattr(model.config, "use_cache", None), "; ".join(hints))
         report["files"] = written
         atomic_write(path.with_suffix(".json"), lambda f: json.dump(report, f, indent=2))
         return report
@@ -320,6 +354,36 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
             Path(str(tmp) + ".data").unlink(missing_ok=True)
 
 
+def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: list, use_cache: Any,
+                     hint: str) -> dict:
+    """``save_pretrained`` of a shrunk Hugging Face model, kept only when ``from_pretrained`` reloads
+    it with its config and its outputs match the trained model's within TORCH_TOLERANCE."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        if use_cache is not None:
+            model.config.use_cache = use_cache  # as trained; off only while checking
+        with _quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own progress bars
+            model.save_pretrained(tmp)
+            try:
+                loaded = type(model).from_pretrained(tmp, use_cache=False).eval()
+            except Exception as exc:  # the config does not describe the shrunk sizes
+                return {"written": False, "why": "from_pretrained cannot reload it: its config does not describe "
+                        f"the shrunk sizes ({hint or type(exc).__name__})"}
+        with torch.no_grad():
+            diff = max(_max_diff(r, _tensors(c.call(loaded))) for r, c in zip(reference, checks))
+        if not diff <= TORCH_TOLERANCE:
+            return {"written": False, "why": f"reloaded, its outputs differ by {diff:.3g}"}
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return {"written": True, "folder": str(folder), "max_abs_diff": diff}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def print_report(report: dict) -> None:
     """A summary of an export a person can read."""
     lines = [f"exported {report['onnx']} (opset {report['opset']}) and {report['files']['pt2']}"]
@@ -329,6 +393,9 @@ def print_report(report: dict) -> None:
         for u in report["units"]:
             lines.append(f"  {' + '.join(u['layers'])} -> {u['into']}: {u['kept']} of {u['neurons']} neurons kept "
                          f"({u['unused']} unused, {u['folded']} constant folded, {u['zero']} zero)")
+        for h in report.get("heads", []):
+            lines.append(f"  {' + '.join(h['layers'])} -> {h['into']}: {h['kept']} of {h['heads']} heads kept "
+                         f"({h['kept_kv']} of {h['kv_heads']} kv heads; {h['folded']} dead groups' bias folded)")
         for dst, why in report.get("not_shrunk", {}).items():
             lines.append(f"  not shrunk: input of {dst}: {why}")
     if report["compact"]:
@@ -339,6 +406,10 @@ def print_report(report: dict) -> None:
     lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g}"
                  + (f", onnxruntime {check:.2g} (limit {report['tolerance']:g})" if check is not None else
                     ", onnxruntime not checked"))
+    pretrained = report.get("hf_pretrained")
+    if pretrained:
+        lines.append(f"  from_pretrained folder: {pretrained['folder']} (reloaded, max abs diff {pretrained['max_abs_diff']:.2g})"
+                     if pretrained["written"] else f"  no from_pretrained folder: {pretrained['why']}")
     files = report["files"]
     if "dense_onnx_bytes" in files:
         lines.append(f"  size {files['onnx_bytes'] / 1e6:.2f} MB vs dense export {files['dense_onnx_bytes'] / 1e6:.2f} MB "

@@ -95,6 +95,91 @@ def test_gated_mlps_of_llama_decoders_shrink_with_rope_and_gqa_attention_intact(
         assert report["hf_config"]["rewritten"] == (len(kept) == 1)
 
 
+@pytest.mark.parametrize("name", ["llama", "hf_llama", "hf_bert", "hf_phi"])
+def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name):
+    module = load_example(name)
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5},
+                                              "rules": [{"match": {"regex": ".*(head|pooler|classifier).*"},
+                                                         "skip": True}]}, x)
+    first, second = handle.coupling.attentions[:2]
+    o_of = {g.src: g.dst for g in handle.coupling.groups if g.kind == "chain" and "attention" in g.trail}
+    kv_heads = handle.sites[first.k].module.out_features // 16  # head_dim 16, 4 q heads in every example
+    group = 4 // kv_heads * 16  # o's columns of the q heads sharing one kv head
+    with torch.no_grad():
+        v = handle.sites[first.v].module
+        v.mask[16:32] = False  # the second kv group's v rows have no input: it outputs v's bias
+        v.apply_mask()
+        if v.bias is not None:
+            v.bias[16:32] = torch.linspace(-1, 1, 16)  # a constant that must be folded into o's bias
+        o = handle.sites[o_of[second.v]].module
+        o.mask[:, :group] = False  # nothing reads the first group's heads
+        o.apply_mask()
+    g = torch.Generator().manual_seed(2)
+
+    def inputs(batch, length):  # token ids, and an attention mask where the model takes one
+        tokens = torch.randint(0, 100, (batch, length), generator=g)
+        return {k: tokens if k == "input_ids" else torch.ones_like(tokens) for k in x} if isinstance(x, dict) \
+            else (tokens,)
+
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[inputs(3, 11)], compare_dense=False)
+    heads = {h["into"]: h for h in report["heads"]}
+    assert len(heads) == 2 and {h["kept_kv"] for h in heads.values()} == {kv_heads - 1}
+    assert {h["kept"] for h in heads.values()} == {4 - 4 // kv_heads}
+    assert heads[o_of[first.v]]["folded"] == (1 if v.bias is not None else 0)
+    if name in ("hf_llama", "hf_bert"):  # every attention kept the same heads: the config follows if it can
+        assert report["hf_config_heads"] == ({"rewritten": True, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                              "head_dim": 16} if name == "hf_llama" else
+                                             {"rewritten": False, "why": "BertConfig has no head_dim or "
+                                                                         "num_key_value_heads"})
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    other = inputs(2, 6)  # batch and sequence lengths the export never saw
+    expected = reference(model, other)
+    feed = list(other.values()) if isinstance(other, dict) else list(other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", feed) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    got = program(**other) if isinstance(other, dict) else program(*other)
+    assert (getattr(got, "logits", got) - expected).abs().max() <= 1e-5
+    if name == "hf_llama":  # save_pretrained of the shrunk model, which from_pretrained reloads without sparsify
+        loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
+        assert loaded.config.num_attention_heads == 2 and loaded.model.layers[0].self_attn.q_proj.out_features == 32
+        assert (reference(loaded, other) - expected).abs().max() <= 1e-5
+    if name == "hf_bert":
+        assert report["hf_pretrained"] == {"written": False, "why": "from_pretrained cannot reload it: its config "
+                                           "does not describe the shrunk sizes (BertConfig has no head_dim or "
+                                           "num_key_value_heads)"}
+
+
+class FixedHeads(torch.nn.Module):
+    """Attention whose views fix the head count: it cannot run with fewer heads."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_heads_stay_when_the_model_fixes_the_head_count(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(FixedHeads(), {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 32))
+    with torch.no_grad():
+        handle.sites["v"].module.mask[:8] = False
+        handle.sites["v"].module.apply_mask()
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
+    assert report["heads"] == []
+    assert report["not_shrunk"]["o"].startswith("attention: 1 dead head group(s) kept, the model does not run with "
+                                                "fewer heads (RuntimeError: shape")
+    assert "view(B, T, -1, head_dim)" in report["not_shrunk"]["o"]
+    assert report["onnxruntime_max_abs_diff"] <= 1e-4
+
+
 def test_hf_config_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
     module = load_example("hf_llama")
     model, x = module.build_model(), module.example_inputs()
@@ -103,6 +188,9 @@ def test_hf_config_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
     kill(handle, columns=[(f"model.layers.{i}.mlp.down_proj", slice(0, 28)) for i in range(2)])
     report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
     assert report["hf_config"] == {"intermediate_size": 100, "rewritten": True}
+    assert report["hf_pretrained"]["written"] and report["hf_pretrained"]["max_abs_diff"] <= 1e-5
+    loaded = type(model).from_pretrained(tmp_path / "m_hf")
+    assert loaded.config.intermediate_size == 100 and loaded.model.layers[0].mlp.down_proj.in_features == 100
 
 
 def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
