@@ -89,12 +89,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for every contender (default: torch's)")
+    parser.add_argument("--cases", default="mlp32,mlp256,block", help="comma-separated: mlp32, mlp256, block")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = {"mlp32": ("MLP 784-1568-1568-1568-10, batch 32", lambda: mlp_case(32)),
+             "mlp256": ("MLP 784-1568-1568-1568-10, batch 256", lambda: mlp_case(256)),
+             "block": ("LLaMA-style block (dim 512, MLP 1376), 8 x 64 tokens", block_case)}
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
           f"{torch.get_num_threads()} threads")
-    table("MLP 784-1568-1568-1568-10, batch 32", mlp_case(32), args.repeat, args.steps)
-    table("MLP 784-1568-1568-1568-10, batch 256", mlp_case(256), args.repeat, args.steps)
-    table("LLaMA-style block (dim 512, MLP 1376), 8 x 64 tokens", block_case(), args.repeat, args.steps)
+    for key in args.cases.split(","):
+        name, case = cases[key]
+        table(name, case(), args.repeat, args.steps)
 
 
 if __name__ == "__main__":

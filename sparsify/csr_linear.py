@@ -7,7 +7,11 @@ mask. The three products of a training step run as sparse kernels:
 - input gradient ``dx = dy W``: the transposed structure (kept beside the CSR one);
 - weight gradient, only at active positions: ``torch.sparse.sampled_addmm`` of ``dyᵀ x``.
 
-So optimizer state exists only for active links. ``weight`` is a dense view (zeros at inactive
+So optimizer state exists only for active links. The products take their dense operands
+transposed (features × batch, contiguous), and the output is returned as the transpose of such a
+tensor, so a stack of CsrLinear layers with elementwise ops between them passes activations and
+gradients on without copies (``.reshape`` it, since ``.view`` cannot merge its batch and feature
+dimensions). ``weight`` is a dense view (zeros at inactive
 positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
 does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
 without loss. A topology change rebuilds the structure and carries each kept link's value and
@@ -38,37 +42,50 @@ def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
             "order": order, "rows": rows}
 
 
+def _transposed(a: torch.Tensor) -> torch.Tensor:
+    """``a.t()`` as a contiguous tensor, copying only when ``a`` is not already laid out that way."""
+    t = a.t()
+    return t if t.is_contiguous() else t.contiguous()
+
+
 class _CsrLinearFunction(torch.autograd.Function):
+    """The products run on transposed operands (features × batch, contiguous), the layout the sparse
+    kernels take without a copy. The output is returned as the transpose of such a tensor, so the
+    next CsrLinear (after elementwise ops, which keep the layout) takes it without a copy either."""
+
     @staticmethod
     def forward(ctx, x, values, bias, layer):
         s = layer._csr
         weight = torch.sparse_csr_tensor(s["crow"], s["col"], values, (layer.out_features, layer.in_features),
                                          check_invariants=False)
-        y = torch.sparse.mm(weight, x.t()).t()
-        if bias is not None:
-            y = y + bias
-        ctx.save_for_backward(x, values)
+        xt = _transposed(x)
+        if bias is None:
+            yt = torch.sparse.mm(weight, xt)
+        else:
+            yt = torch.addmm(bias.unsqueeze(1).expand(-1, xt.shape[1]), weight, xt)
+        ctx.save_for_backward(xt, values)
         ctx.layer, ctx.has_bias = layer, bias is not None
-        return y
+        return yt.t()
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, values = ctx.saved_tensors
+        xt, values = ctx.saved_tensors
         layer, s = ctx.layer, ctx.layer._csr
         grad_x = grad_values = grad_bias = None
+        gyt = _transposed(grad_y)
         if ctx.needs_input_grad[0]:
-            transposed = torch.sparse_csr_tensor(s["ccol"], s["row_t"], values[s["order"]],
+            transposed = torch.sparse_csr_tensor(s["ccol"], s["row_t"], values.index_select(0, s["order"]),
                                                  (layer.in_features, layer.out_features), check_invariants=False)
-            grad_x = torch.sparse.mm(transposed, grad_y.t()).t()
+            grad_x = torch.sparse.mm(transposed, gyt).t()
         if ctx.needs_input_grad[1]:
             pattern = torch.sparse_csr_tensor(s["crow"], s["col"], torch.zeros_like(values),
                                               (layer.out_features, layer.in_features), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad_y.t().contiguous(), x.contiguous()).values()
+            grad_values = torch.sparse.sampled_addmm(pattern, gyt, xt.t()).values()
         if layer.capture_dense_grad:  # a gradient-based topology update is due: the dense gradient, once
-            dense = grad_y.t() @ x
+            dense = gyt @ xt.t()
             layer.dense_grad = dense if layer.dense_grad is None else layer.dense_grad + dense
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.sum(0)
+            grad_bias = gyt.sum(1)
         return grad_x, grad_values, grad_bias, None
 
 

@@ -36,6 +36,26 @@ def test_forward_and_both_gradients_equal_the_masked_backend(shape, density, bia
         assert torch.allclose(masked.bias.grad, csr.bias.grad, atol=1e-5)
 
 
+def test_any_input_layout_gives_the_same_numbers_and_chained_layers_pass_the_kernel_layout_on():
+    masked, csr = pair(48, 32, 0.1)
+    _, after = pair(16, 48, 0.1, seed=1)
+    base = torch.randn(6, 32)
+    layouts = {"row-major": base.clone(), "transposed view": base.t().contiguous().t(),
+               "strided slice": torch.stack([base, base], 2)[:, :, 0], "3-D": base.view(2, 3, 32)}
+    expected = masked(base)
+    for name, x in layouts.items():
+        x = x.clone().requires_grad_() if x.is_contiguous() else x.detach().requires_grad_()
+        y = csr(x)
+        assert torch.allclose(y.reshape(6, 48), expected, atol=1e-5), name
+        y.sum().backward()
+        assert torch.allclose(x.grad.reshape(6, 32), masked.weight.sum(0).expand(6, 32), atol=1e-5), name
+    hidden = csr(base)
+    assert hidden.t().is_contiguous()  # the layout the next layer's kernels take, after elementwise ops too
+    assert torch.relu(hidden).t().is_contiguous()
+    assert torch.allclose(after(torch.relu(hidden)), after.to_masked()(torch.relu(masked(base))), atol=1e-5)
+    assert hidden.reshape(-1).shape == (6 * 48,)  # reshape works on it; view(-1) would need a copy
+
+
 def test_conversions_and_state_dicts_move_between_backends_without_loss():
     masked, csr = pair(16, 24, 0.2)
     assert torch.equal(csr.weight, masked.weight) and torch.equal(csr.mask, masked.mask)
