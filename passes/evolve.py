@@ -31,6 +31,14 @@ def insert_evolution(model: nn.Module, swapped: dict[str, SparseLinear], plan: P
         raise ValueError(f"the model already has a {NAME!r} attribute; transform each model once")
     evolution = Evolution(swapped, {n: plan.sparse[n] for n in swapped}, site_generator(seed, NAME),
                           lambda names: NeuronGraph.from_coupling(coupling, names))
+    for name, layer in swapped.items():  # where each layer sits, for a later switch of its storage backend
+        parent, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:  # names relative to a wrapped model (DDP): no switch there
+            continue
+        if getattr(owner, leaf, None) is layer:
+            evolution._parents[name] = (owner, leaf)
     model.add_module(NAME, evolution)
     if isinstance(model, fx.GraphModule):
         graph = model.graph

@@ -33,9 +33,17 @@ class SparseModel:
         self.model = model
         self.policy = policy
         self.analysis = analysis
-        self.sites = {name: SparseSite(name, module, analysis.plan.decisions[name].spec,
-                                       analysis.plan.decisions[name].rule_text)
-                      for name, module in analysis.swapped.items()}
+        self._sites = {name: SparseSite(name, module, analysis.plan.decisions[name].spec,
+                                        analysis.plan.decisions[name].rule_text)
+                       for name, module in analysis.swapped.items()}
+
+    @property
+    def sites(self) -> dict[str, SparseSite]:
+        """The sparse layers by name; a layer whose backend auto moved it to csr is the new module."""
+        if self.evolution is not None:
+            for name, site in self._sites.items():
+                site.module = self.evolution.layer(name)
+        return self._sites
 
     @property
     def evolution(self) -> Evolution:

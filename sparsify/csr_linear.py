@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch import nn
 
+from sparsify.errors import SparsifyError
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
@@ -171,12 +173,29 @@ class CsrLinear(nn.Module):
         old_index[self.mask] = torch.arange(int(self.mask.sum()), device=mask.device)
         source = old_index[mask]
         source[regrown.to(mask.device)[mask]] = -1
-        self.values.data = self._gather(self.values.data, source)
-        if self.values.grad is not None:
-            self.values.grad = self._gather(self.values.grad, source)
+        grad = None if self.values.grad is None else self._gather(self.values.grad, source)
+        if source.shape[0] == self.values.shape[0]:
+            self.values.data = self._gather(self.values.data, source)
+            self.values.grad = grad
+        else:  # a new number of links: resize the Parameter in place (optimizers and hooks keep the object)
+            self._resize_values(self._gather(self.values.detach(), source), grad)
         self.mask.copy_(mask)
         self._csr = _structure(self.mask)
         return source
+
+    def _resize_values(self, values: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Give ``values`` a new length. Assigning .data would leave the parameter's cached gradient
+        accumulator, which an earlier graph may still hold, at the old length; swapping in a new
+        tensor does not, but needs the parameter held only by its module and optimizers."""
+        fresh = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        fresh.grad = grad
+        try:
+            torch.utils.swap_tensors(self.values, fresh)
+        except RuntimeError as exc:
+            raise SparsifyError(
+                f"a csr layer ({self.out_features}x{self.in_features}) must change its number of links "
+                f"({self.values.shape[0]} -> {values.shape[0]}, a density schedule), but its parameter is held "
+                "elsewhere (DistributedDataParallel registers it once): use backend masked for this layer") from exc
 
     @staticmethod
     def _gather(old: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,11 @@ class LayerState(nn.Module):
         super().__init__()
         self.register_buffer("ever", mask.detach().clone())
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=mask.device))
+        self.register_buffer("csr", torch.zeros((), dtype=torch.bool, device=mask.device))  # switched from masked
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "csr", torch.zeros((), dtype=torch.bool))  # saved before backend switches
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _world_size() -> int:
@@ -94,6 +99,8 @@ class Evolution(nn.Module):
         self._armed_for: int | None = None
         self.history: list[dict] = []
         self.listeners: list[Callable[[dict], None]] = []
+        self._parents: dict[str, tuple[nn.Module, str]] = {}  # where each layer sits, to switch its backend
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._replay_switches())
 
     # -- the schedule ----------------------------------------------------------------------------
 
@@ -341,6 +348,9 @@ class Evolution(nn.Module):
                 regrown[name] = masks[name] & ~kept[name]  # rank 0's choice
         for name in names:
             self._commit(name, masks[name], regrown[name])
+            if self._switchable(name):
+                self._to_csr(name)
+                rows[name]["backend"] = "csr"
         self.rng_state.copy_(generator.get_state())
         record = self._record(step, names, before, kept, rows, regrown, time.perf_counter() - started)
         self.history.append(record)
@@ -356,6 +366,48 @@ class Evolution(nn.Module):
         layer.capture_dense_grad, layer.dense_grad = False, None
         self._state(name).ever |= layer.mask
         self._reset_moments(name, layer, source)
+
+    # -- backend auto: masked while dense enough, csr once the density falls into csr's range ---------
+
+    def _switchable(self, name: str) -> bool:
+        """Whether layer ``name`` should move to csr storage now: its policy said backend auto, it
+        is masked on the CPU, its density is in csr's range, and no process group would need its
+        parameters to stay (DDP registers them once)."""
+        from sparsify.passes.plan import AUTO_CSR_DENSITY
+
+        layer = self._layers[name]
+        return (self.specs[name].backend == "auto" and isinstance(layer, SparseLinear) and name in self._parents
+                and layer.mask.device.type == "cpu" and layer.density <= AUTO_CSR_DENSITY
+                and not (dist.is_available() and dist.is_initialized()))
+
+    def _to_csr(self, name: str) -> None:
+        """Layer ``name`` continues as a CsrLinear: same weights, mask and bias (the same Parameter),
+        and in every attached optimizer its weight's place and per-weight state go to the values."""
+        from sparsify.csr_linear import CsrLinear
+
+        old = self._layers[name]
+        new = CsrLinear.from_masked(old).train(old.training)
+        new.bias = old.bias
+        if old.weight.grad is not None:
+            new.values.grad = old.weight.grad[old.mask].clone()
+        parent, leaf = self._parents[name]
+        setattr(parent, leaf, new)
+        self._layers[name] = new
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [new.values if p is old.weight else p for p in group["params"]]
+            if old.weight in optimizer.state:
+                state = optimizer.state.pop(old.weight)
+                optimizer.state[new.values] = {k: v[old.mask].clone() if torch.is_tensor(v) and v.shape == old.mask.shape
+                                               else v for k, v in state.items()}
+        self._state(name).csr.fill_(True)
+
+    def _replay_switches(self) -> None:
+        """After loading a state in which layers had moved to csr, move them again (before the
+        optimizer's state is loaded: its per-weight tensors have the values' shape)."""
+        for name in self.names:
+            if bool(self._state(name).csr) and isinstance(self._layers[name], SparseLinear) and name in self._parents:
+                self._to_csr(name)
 
     def _reset_moments(self, name: str, layer, source) -> None:
         param = layer.trainable

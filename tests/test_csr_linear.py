@@ -1,4 +1,6 @@
 """The csr backend: same numbers as the masked one, storage only for active links, evolution carried."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,60 @@ def test_topology_update_carries_kept_links_values_and_optimizer_state():
     row = handle.history[0]["layers"]["fc2"]
     assert int(in_place.sum()) == round(row["overlap"] * row["regrown"])
     assert int((kept & moved).sum()) == int(before_mask.sum()) - row["removed"]  # every kept link kept its state
+
+
+def gmp_run(backend, steps=60, interrupt_at=None, initial=None):
+    """AdamW on a small MLP whose three layers prune (GMP) to 3%; optionally rebuilt and resumed from
+    the model's and the optimizer's state_dicts at step ``interrupt_at``. The loss of every step."""
+    policy = {"version": 1, "seed": 0, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.03, "method": "GMP",
+                                                  "backend": backend, "update": {"every": 5, "unit": "steps"},
+                                                  **({"density_decay": {"kind": "cubic", "initial_sparsity": 1 - initial}}
+                                                     if initial else {})}]}
+
+    def build():
+        torch.manual_seed(0)
+        model, handle = sparsify.sparsify(load_example("mlp").MLP((32, 64, 64, 64, 10)), policy, torch.randn(2, 32))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+        handle.attach(optimizer, total_steps=steps)
+        return model, handle, optimizer
+
+    model, handle, optimizer = build()
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(steps):
+        if step == interrupt_at:
+            saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+            model, handle, optimizer = build()
+            model.load_state_dict(saved[0])
+            optimizer.load_state_dict(saved[1])
+        x, y = torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)  # stays alive into the next step, graph and all
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses, handle, optimizer
+
+
+@pytest.mark.filterwarnings("ignore::sparsify.SparsifyWarning")
+def test_backend_auto_moves_a_pruned_layer_to_csr_mid_training_and_a_resume_replays_it():
+    masked, masked_handle, _ = gmp_run("masked")
+    auto, handle, optimizer = gmp_run("auto")
+    assert all(type(s.module) is SparseLinear for s in masked_handle.sites.values())  # masked was asked for
+    assert all(type(s.module) is CsrLinear for s in handle.sites.values())  # dense at first, csr at <= 5%
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(s.module.values) in held and s.module.values in optimizer.state for s in handle.sites.values())
+    switched = [r["step"] for r in handle.evolution.history if r["layers"]["fc2"].get("backend") == "csr"]
+    assert len(switched) == 1 and all(s.module.density == pytest.approx(0.03, abs=0.001) for s in handle.sites.values())
+    assert max(abs(a - b) / abs(a) for a, b in zip(masked, auto)) <= 1e-4  # the same training, other storage
+    resumed, again, _ = gmp_run("auto", interrupt_at=switched[0] + 7)
+    assert resumed == auto and all(type(s.module) is CsrLinear for s in again.sites.values())
+
+
+@pytest.mark.filterwarnings("ignore::sparsify.SparsifyWarning")
+def test_a_csr_layer_whose_link_count_shrinks_trains_like_the_masked_one():
+    masked, _, _ = gmp_run("masked", initial=0.05)
+    csr, handle, _ = gmp_run("csr", initial=0.05)
+    assert all(type(s.module) is CsrLinear and s.module.values.numel() < 0.04 * s.module.mask.numel()
+               for s in handle.sites.values())
+    assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
