@@ -63,7 +63,7 @@ def accuracy(model: nn.Module, test) -> float:
     return correct / len(test.images)
 
 
-def run(method: str, seed: int, epochs: int, data) -> dict:
+def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -> dict:
     """Train one method with one seed; returns the record stored in the results file."""
     torch.manual_seed(seed)
     model = data.build_model()
@@ -71,6 +71,9 @@ def run(method: str, seed: int, epochs: int, data) -> dict:
     if METHODS[method] is not None:
         policy = yaml.safe_load((POLICIES / METHODS[method]).read_text())
         policy["seed"] = seed
+        if backend:  # every rule's storage backend replaced (the policies leave it at auto)
+            for rule in policy["rules"]:
+                rule["backend"] = backend
         model, handle = sparsify.sparsify(model, policy, data.example_inputs())
     train_data, test = data.train_data(BATCH), data.eval_data(1000)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -161,6 +164,9 @@ def main() -> None:
                         help=f"subset of: {', '.join(METHODS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "fmnist_mlp.jsonl")
+    parser.add_argument("--backend", choices=("masked", "csr", "auto"),
+                        help="storage backend of every sparse layer (default: the policies', auto); keep such "
+                             "runs in their own --results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +179,7 @@ def main() -> None:
         for method in args.methods:
             if any(r["method"] == method and r["seed"] == seed and r["epochs"] == args.epochs for r in done):
                 continue
-            record = run(method, seed, args.epochs, data)
+            record = run(method, seed, args.epochs, data, args.backend)
             with args.results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             done.append(record)

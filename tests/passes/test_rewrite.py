@@ -47,7 +47,7 @@ def test_user_class_methods_and_state_dict_survive():
     assert isinstance(model.layers[0].self_attn.q_proj, SparseLinear)
     masks = {f"{n}.mask" for n in handle.sites}
     evolution = {f"sparsify_evolution.{k}" for k in ("step_count", "total_steps", "steps_per_epoch", "rng_state")}
-    explored = {f"sparsify_evolution.state.{i}.{k}" for i in range(len(handle.sites)) for k in ("ever", "frozen")}
+    explored = {f"sparsify_evolution.state.{i}.{k}" for i in range(len(handle.sites)) for k in ("ever", "frozen", "csr")}
     assert set(model.state_dict()) == keys | masks | evolution | explored
     clone = copy.deepcopy(model)
     assert torch.equal(clone(*x), model(*x))
