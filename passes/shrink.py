@@ -259,7 +259,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         if not dead:
             skipped[o] = "attention: no whole head (grouped-query group) is dead; dimensions within heads are not shrunk"
             continue
-        bias = out.bias.clone() if out.bias is not None else torch.zeros(out.out_features, dtype=out.weight.dtype)
+        bias = out.bias.clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
         constants = [c for c in dead.values() if c is not None]
         for c in constants:
             bias += c
@@ -280,14 +280,15 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             diff = max((float((a - b).abs().max()) for a, b in zip(reference, _outputs(model, samples)) if a.numel()),
                        default=0.0)
             if not diff <= HEAD_TOLERANCE:
-                why = f"the outputs changed by {diff:.3g}"
+                why = f"attention: {len(dead)} dead head group(s) kept, the outputs moved by {diff:.3g} without them"
         except Exception as exc:  # the model's own code refused fewer heads
-            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            why = (f"attention: {len(dead)} dead head group(s) kept, the model does not run with fewer heads "
+                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); read the head count "
+                   "from the tensors, e.g. view(B, T, -1, head_dim)")
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)
-            skipped[o] = (f"attention: {len(dead)} dead head group(s) kept, the model does not run with fewer heads "
-                          f"({why}); read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
+            skipped[o] = why
             continue
         skipped.pop(o, None)
         done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),

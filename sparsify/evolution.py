@@ -65,6 +65,10 @@ class LayerState(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _replay_switches_after_load(evolution: "Evolution", _incompatible_keys) -> None:
+    evolution._replay_switches()
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -100,7 +104,7 @@ class Evolution(nn.Module):
         self.history: list[dict] = []
         self.listeners: list[Callable[[dict], None]] = []
         self._parents: dict[str, tuple[nn.Module, str]] = {}  # where each layer sits, to switch its backend
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._replay_switches())
+        self.register_load_state_dict_post_hook(_replay_switches_after_load)
 
     # -- the schedule ----------------------------------------------------------------------------
 

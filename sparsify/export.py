@@ -366,7 +366,10 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
         if use_cache is not None:
             model.config.use_cache = use_cache  # as trained; off only while checking
         with _quiet(), contextlib.redirect_stderr(io.StringIO()):  # transformers' own progress bars
-            model.save_pretrained(tmp)
+            try:
+                model.save_pretrained(tmp)
+            except Exception as exc:  # a secondary artifact: the ONNX and .pt2 stand, the report says why
+                return {"written": False, "why": f"save_pretrained failed: {type(exc).__name__}: {exc}"}
             try:
                 loaded = type(model).from_pretrained(tmp, use_cache=False).eval()
             except Exception as exc:  # the config does not describe the shrunk sizes

@@ -21,6 +21,7 @@ from torch import nn
 COMPACT_DENSITY = 0.5  # above it, values + indices take more room than the dense weight
 GATHER_DENSITY = 0.1  # above it, a gathered product costs more than the dense one (benchmarks/export.py)
 BIN_COST = 1024  # a bin's fixed cost, in gathered elements: onnxruntime's overhead for its 4-5 nodes
+MAX_CUTS = 256  # candidate cut points the search considers (quadratic in them)
 
 
 def _int32_positions(linear: nn.Linear) -> None:
@@ -55,9 +56,12 @@ class CompactLinear(nn.Module):
 
 def bins(counts: torch.Tensor, bin_cost: int = BIN_COST) -> list[int]:
     """Cut points over ``counts`` sorted ascending: ends of contiguous bins minimising
-    sum(len(bin) * max(bin)) + bin_cost * number of bins. Cuts fall only where the count changes."""
+    sum(len(bin) * max(bin)) + bin_cost * number of bins. Cuts fall only where the count changes
+    (optimal; with more than MAX_CUTS such places, at MAX_CUTS of them spread evenly)."""
     ordered = counts.sort().values.tolist()
     ends = [i + 1 for i in range(len(ordered)) if i + 1 == len(ordered) or ordered[i + 1] != ordered[i]]
+    if len(ends) > MAX_CUTS:
+        ends = [ends[round(k * (len(ends) - 1) / (MAX_CUTS - 1))] for k in range(MAX_CUTS)]
     starts = [0] + ends
     best, previous = [0.0], [0]
     for j in range(1, len(starts)):
