@@ -197,3 +197,30 @@ def test_a_csr_layer_whose_link_count_shrinks_trains_like_the_masked_one():
     assert all(type(s.module) is CsrLinear and s.module.values.numel() < 0.04 * s.module.mask.numel()
                for s in handle.sites.values())
     assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["nanogpt", "hf_llama"])
+def test_transformers_train_on_csr_as_on_masked(name):
+    """Their code views and splits the projections' outputs, which csr returns transposed."""
+    def losses(backend):
+        module = load_example(name)
+        torch.manual_seed(0)
+        model, x = module.build_model(), module.example_inputs()
+        model, handle = sparsify.sparsify(model, {"version": 1, "unmatched": "sparsify", "defaults": {
+            "density": 0.04, "backend": backend, "method": "SET", "update": {"every": 2, "unit": "steps"}}}, x)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        handle.attach(optimizer, total_steps=6)
+        out = []
+        for _ in range(5):
+            output = model(**x) if isinstance(x, dict) else model(*x)
+            logits = output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
+            loss = logits.float().pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(float(loss))
+        assert {type(s.module) for s in handle.sites.values()} == {CsrLinear if backend == "csr" else SparseLinear}
+        return out
+
+    masked, csr = losses("masked"), losses("csr")
+    assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
