@@ -224,3 +224,14 @@ def test_transformers_train_on_csr_as_on_masked(name):
 
     masked, csr = losses("masked"), losses("csr")
     assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
+
+
+def test_a_link_count_change_on_a_parameter_held_elsewhere_is_a_clear_error():
+    _, csr = pair(16, 24, 0.2)
+    held = csr.values.view(-1)  # as DistributedDataParallel's buckets hold it
+    mask = csr.mask.clone()
+    mask[mask.nonzero()[0].tolist()] = False  # one link fewer
+    with pytest.raises(sparsify.SparsifyError, match=r"must change its number of links \(\d+ -> \d+, a density "
+                                                     r"schedule\), but its parameter is held elsewhere .*use backend masked"):
+        csr.set_topology(mask, torch.zeros_like(mask))
+    assert held.numel() == csr.values.numel() and not torch.equal(csr.mask, mask)  # the layer is left as it was
