@@ -82,7 +82,6 @@ class GatherLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bin_cost: int = BIN_COST):
         super().__init__()
-        _int32_positions(linear)
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         counts = weight.ne(0).sum(1)
