@@ -20,16 +20,13 @@ from pathlib import Path
 
 import torch
 
-from sparsify.export import OnnxModel, export, held_out_batches, inference_copy, load_run, to_onnx
+from sparsify.export import (OnnxModel, export, fastest, first_example, held_out_batches, inference_copy, load_run,
+                             to_onnx)
 from sparsify.passes.capture import ExampleInputs
 
 
-def fastest(runs: list[OnnxModel], inputs: ExampleInputs, repeat: int) -> list[float]:
-    best = [float("inf")] * len(runs)
-    for _ in range(3):
-        for i, run in enumerate(runs):
-            best[i] = min(best[i], run.latency(inputs, max(1, repeat // 3)))
-    return [b * 1e3 for b in best]
+def milliseconds(runs: dict[str, OnnxModel], inputs: ExampleInputs, repeat: int) -> dict[str, float]:
+    return {name: seconds * 1e3 for name, seconds in fastest(runs, inputs, repeat).items()}
 
 
 def main() -> None:
@@ -40,7 +37,7 @@ def main() -> None:
     handle, model_file, policy, _ = load_run(args.run)
     batch = held_out_batches(model_file.module.eval_data(policy.training.get("batch_size", 32)), 1)
     example = model_file.example_inputs()
-    single = ExampleInputs.of(tuple(t[:1] for t in batch[0]) if isinstance(batch[0], tuple) else (batch[0][:1],))
+    single = first_example(ExampleInputs.of(batch[0]))
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
           f"{torch.get_num_threads()} threads · run {args.run}\n")
     print("| export | threads | parameters | ONNX MB | dense ONNX MB | size ratio | ms, batch of "
@@ -58,9 +55,9 @@ def main() -> None:
             report = export(handle, example, out, held_out=batch, compare_dense=False, **options)
             exported = torch.export.load(str(out.with_suffix(".pt2"))).module()
             for threads in (None, 1):
-                runs = [OnnxModel(out, exported, threads), OnnxModel(dense_path, dense, threads)]
-                on_batch = fastest(runs, ExampleInputs.of(batch[0]), args.repeat)
-                on_one = fastest(runs, single, args.repeat * 10)
+                runs = {"shrunk": OnnxModel(out, exported, threads), "dense": OnnxModel(dense_path, dense, threads)}
+                on_batch = list(milliseconds(runs, ExampleInputs.of(batch[0]), args.repeat).values())
+                on_one = list(milliseconds(runs, single, args.repeat * 10).values())
                 size, dense_size = out.stat().st_size, dense_path.stat().st_size
                 print(f"| {label} | {threads or 'default'} | {report['parameters']['after']:,} of "
                       f"{report['parameters']['before']:,} | {size / 1e6:.3f} | {dense_size / 1e6:.3f} | "

@@ -195,6 +195,11 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
     return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()), heads)
 
 
+def _head_rows(heads, head_dim: int) -> torch.Tensor:
+    """The rows (or columns) of ``heads``, each ``head_dim`` wide, in order."""
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
 def _outputs(model: nn.Module, samples: list) -> list[torch.Tensor]:
     return [t for batch in samples for t in tree_leaves(ExampleInputs.of(batch).call(model))
             if isinstance(t, torch.Tensor)]
@@ -245,7 +250,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
             continue
         q, k, v, out = (layers[n] for n in (attention.q, attention.k, attention.v, o))
-        heads_of = {g: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in hs]) for g, hs in share.items()}
+        heads_of = {g: _head_rows(hs, hd) for g, hs in share.items()}
         dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
         for g, cols in heads_of.items():
             rows = slice(g * hd, (g + 1) * hd)
@@ -268,8 +273,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         kept = sorted(h for g in kept_kv for h in share[g])
         if reference is None:
             reference = _outputs(model, samples)
-        q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept])
-        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept_kv])
+        q_rows, kv_rows = _head_rows(kept, hd), _head_rows(kept_kv, hd)
         before = {n: layers[n] for n in (attention.q, attention.k, attention.v, o)}
         replace_module(model, attention.q, _linear(q.weight[q_rows], None if q.bias is None else q.bias[q_rows]))
         for name, layer in ((attention.k, k), (attention.v, v)):

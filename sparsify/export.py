@@ -298,8 +298,9 @@ def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
     return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
 
 
-def _fastest(runtimes: dict, inputs: ExampleInputs, repeat: int) -> dict:
-    """Each runtime's fastest run on ``inputs`` in seconds, alternating them three times."""
+def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int) -> dict:
+    """Each runtime's fastest run on ``inputs`` in seconds, alternating them three times
+    (``repeat`` runs each in all)."""
     best = {name: float("inf") for name in runtimes}
     for _ in range(3):
         for name, runtime in runtimes.items():
@@ -335,12 +336,12 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         if compare_dense:
             to_onnx(dense, inputs, dense_tmp, opset)
             dense_runtime = OnnxModel(dense_tmp, dense)
-            batch = _fastest({"dense": dense_runtime, "shrunk": runtime}, checks[0], latency_repeat)
+            batch = fastest({"dense": dense_runtime, "shrunk": runtime}, checks[0], latency_repeat)
             report["latency_ms"] = {k: round(v * 1e3, 4) for k, v in batch.items()}
             report["latency_ratio"] = batch["shrunk"] / batch["dense"]
             one = first_example(checks[0])
             if one is not None:  # the latency of a single example, where small batches differ most
-                single = _fastest({"dense": dense_runtime, "shrunk": runtime}, one, latency_repeat * 5)
+                single = fastest({"dense": dense_runtime, "shrunk": runtime}, one, latency_repeat * 5)
                 report["latency_one_example_ms"] = {k: round(v * 1e3, 4) for k, v in single.items()}
                 report["latency_one_example_ratio"] = single["shrunk"] / single["dense"]
             sizes["dense_onnx_bytes"] = dense_tmp.stat().st_size
