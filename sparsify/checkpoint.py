@@ -33,16 +33,21 @@ def read(path: Path, keys: tuple[str, ...] = ("policy", "model_file")) -> dict:
 
 
 def load_state(module: nn.Module, state: dict, path: Path, model_path: str) -> None:
-    """``module.load_state_dict(state)``, or a SparsifyError naming what does not fit."""
+    """``module.load_state_dict(state)``, or a SparsifyError naming what does not fit.
+
+    Keys are judged by the load itself, so a module that fills in a key older files lack (a
+    default in its ``_load_from_state_dict``) loads them; shapes are checked before anything loads."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
     shapes = [f"{k} is {list(state[k].shape)} in the file but {list(own[k].shape)} in the model"
               for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if shapes:
+        missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    else:
+        result = module.load_state_dict(state, strict=False)
+        missing, unexpected = result.missing_keys, result.unexpected_keys
     problems = shapes + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise SparsifyError(f"{path} does not fit the model that {model_path} builds with this policy: "
                             f"{'; '.join(problems[:3])}{more}. Was model.py or the policy changed after the run? "
                             "Restore them, or start a new run.")
-    module.load_state_dict(state)

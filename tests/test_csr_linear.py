@@ -235,3 +235,16 @@ def test_a_link_count_change_on_a_parameter_held_elsewhere_is_a_clear_error():
                                                      r"schedule\), but its parameter is held elsewhere .*use backend masked"):
         csr.set_topology(mask, torch.zeros_like(mask))
     assert held.numel() == csr.values.numel() and not torch.equal(csr.mask, mask)  # the layer is left as it was
+
+
+@pytest.mark.filterwarnings("ignore::sparsify.SparsifyWarning")
+def test_checkpoints_saved_before_backend_moves_existed_still_load(tmp_path):
+    from sparsify.checkpoint import load_state
+
+    _, handle, _ = gmp_run("auto", steps=20)
+    model = handle.model
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith(".csr")}  # as an older version saved it
+    load_state(model, old, tmp_path / "model.pt", "model.py")
+    assert not any(bool(s.csr) for s in handle.evolution.state)
+    with pytest.raises(sparsify.SparsifyError, match=r"missing fc1\.weight"):
+        load_state(model, {k: v for k, v in old.items() if k != "fc1.weight"}, tmp_path / "model.pt", "model.py")
