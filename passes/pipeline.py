@@ -1,4 +1,4 @@
-"""The pass pipeline: capture -> find_linears -> couple -> plan -> rewrite -> evolve, in one readable function.
+"""The pass pipeline: linearize -> capture -> find_linears -> couple -> plan -> rewrite -> evolve, in one readable function.
 
 User errors (SparsifyError) pass through unchanged: they already say what to do. Anything else
 is an internal error and is reported with the pass that failed and the one before it.
@@ -6,7 +6,7 @@ is an internal error and is reported with the pass that failed and the one befor
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
@@ -17,6 +17,7 @@ from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling, couple
 from sparsify.passes.evolve import insert_evolution
 from sparsify.passes.find_linears import Sites, find_linears
+from sparsify.passes.linearize import linearize
 from sparsify.passes.plan import Plan, plan
 from sparsify.passes.rewrite import rewrite
 from sparsify.policy import Policy
@@ -31,6 +32,7 @@ class Analysis:
     plan: Plan | None = None
     swapped: dict[str, SparseLinear] | None = None
     evolution: Evolution | None = None
+    linearized: dict[str, str] = field(default_factory=dict)  # name -> the layer it was, swapped for nn.Linear
 
 
 class PassFailed(RuntimeError):
@@ -48,11 +50,13 @@ def _run(name: str, previous: str | None, fn: Callable, *args: Any) -> Any:
 
 
 def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None) -> Analysis:
-    """Capture and analyze ``model``; plan the policy's rules onto it when a policy is given."""
-    cap = _run("capture", None, capture, model, example_inputs)
+    """Capture and analyze ``model``; plan the policy's rules onto it when a policy is given.
+    Linear layers stored transposed (transformers Conv1D) become nn.Linear first, in place."""
+    linearized = _run("linearize", None, linearize, model)
+    cap = _run("capture", "linearize", capture, model, example_inputs)
     sites = _run("find_linears", "capture", find_linears, model, cap)
     coupling = _run("couple", "find_linears", couple, cap, sites)
-    result = Analysis(cap, sites, coupling)
+    result = Analysis(cap, sites, coupling, linearized=linearized)
     if policy is not None:
         result.plan = _run("plan", "couple", plan, model, sites, policy, coupling)
         for message in result.plan.warnings():

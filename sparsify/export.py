@@ -39,6 +39,7 @@ from sparsify.errors import SparsifyError
 from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.evolve import remove_evolution
+from sparsify.passes.linearize import transposed_back
 from sparsify.passes.shrink import replace_module, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear
 from sparsify.onnx_layers import COMPACT_DENSITY, GATHER_DENSITY, CompactLinear, GatherLinear
@@ -190,17 +191,33 @@ class OnnxModel:
         return best
 
 
+MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")  # Llama/BERT/NeoX..., GPT-2, OPT
+
+
+def _mlp_size(config) -> tuple[str, int] | None:
+    """The key of a Hugging Face config that sizes its MLPs, and the size (GPT-2's n_inner None is 4 x n_embd)."""
+    for key in MLP_SIZE_KEYS:
+        if hasattr(config, key):
+            size = getattr(config, key)
+            if size is None and key == "n_inner" and isinstance(getattr(config, "n_embd", None), int):
+                size = 4 * config.n_embd
+            if isinstance(size, int):
+                return key, size
+    return None
+
+
 def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
-    """Rewrite a Hugging Face config's intermediate_size when every MLP kept the same width."""
-    config = getattr(shrunk, "config", None)
-    size = getattr(config, "intermediate_size", None)
-    if size is None:
+    """Rewrite a Hugging Face config's MLP size (intermediate_size, n_inner or ffn_dim) when every
+    MLP kept the same width."""
+    found = _mlp_size(getattr(shrunk, "config", None))
+    if found is None:
         return None
+    key, size = found
     widths = {len(u.kept) for u in units if u.width == size}
     if len(widths) == 1 and widths != {size}:
-        config.intermediate_size = widths.pop()
-        return {"intermediate_size": config.intermediate_size, "rewritten": True}
-    return {"intermediate_size": size, "rewritten": False,
+        setattr(shrunk.config, key, widths.pop())
+        return {key: getattr(shrunk.config, key), "rewritten": True}
+    return {key: size, "rewritten": False,
             "why": "the MLPs kept different widths" if len(widths) > 1 else "no MLP changed width"}
 
 
@@ -257,7 +274,10 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             heads = _hf_heads(shrunk, result.heads, len(handle.coupling.attentions))
             if heads is not None:
                 configs["hf_config_heads"] = heads
-        pretrained = copy.deepcopy(shrunk) if hasattr(shrunk, "save_pretrained") else None  # before storage swaps
+        pretrained = None
+        if hasattr(shrunk, "save_pretrained"):  # before storage swaps; in the model class's own layers
+            pretrained = copy.deepcopy(shrunk)
+            transposed_back(pretrained, sorted(handle.analysis.linearized))
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparsify.errors import SparsifyWarning
@@ -58,6 +59,7 @@ class InspectReport:
             "policy": self.policy_source,
             "sites": self.rows(),
             "excluded": [{"name": n, "reason": r} for n, r in sorted(self.analysis.sites.excluded.items())],
+            "linearized": [{"name": n, "was": w} for n, w in sorted(self.analysis.linearized.items())],
             "groups": coupling["groups"],
             "boundaries": coupling["boundaries"],
             "evolution": self.evolution(),
@@ -71,6 +73,12 @@ class InspectReport:
             if not console.is_terminal:
                 console = Console(highlight=False, width=200)
         console.print(f"[bold]capture:[/bold] {self.analysis.capture.describe()}")
+        linearized = self.analysis.linearized
+        if linearized:
+            kinds = sorted(set(linearized.values()))
+            console.print("[bold]linearized:[/bold] " + escape(
+                f"{len(linearized)} layer(s) of {', '.join(kinds)} swapped for nn.Linear with the weight "
+                "transposed (state_dict 'weight' is now [out, in])"))
         table = Table(title=f"linear sites ({len(self.analysis.sites.sites)})", title_justify="left")
         table.add_column("name", no_wrap=True)
         for col, just in ( ("shape (out x in)", "right"), ("parameters", "right"),

@@ -284,3 +284,20 @@ def test_cli_run_exports_when_the_policy_asks_and_export_command(tmp_path):
     assert "multiplying only their non-zero weights: fc1" in again.stdout
     missing = subprocess.run(["sparsify", "export", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and "no model.pt in this folder" in missing.stderr
+
+
+def test_gpt2_exports_shrunk_and_reloads_as_gpt2_with_conv1d_layers(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    module = load_example("hf_gpt2")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[(f"transformer.h.{i}.mlp.c_proj", slice(0, 56)) for i in range(2)])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["hf_config"] == {"n_inner": 200, "rewritten": True}
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["hf_pretrained"]["written"] and report["hf_pretrained"]["max_abs_diff"] <= 1e-5
+    loaded = type(model).from_pretrained(tmp_path / "m_hf")
+    fc = loaded.transformer.h[0].mlp.c_fc
+    assert loaded.config.n_inner == 200 and isinstance(fc, Conv1D) and fc.weight.shape == (64, 200)
+    assert (reference(loaded, x) - reference(model, x)).abs().max() <= 1e-5

@@ -12,6 +12,7 @@ import pytest
 from sparsify.passes.capture import capture
 from sparsify.passes.couple import DotGroup, MulGroup, ChainGroup, couple
 from sparsify.passes.find_linears import find_linears
+from sparsify.passes.linearize import linearize
 
 from model_zoo import load_example
 
@@ -21,11 +22,12 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 def analyze(name):
     m = load_example(name)
     model = m.build_model()
+    linearize(model)
     cap = capture(model, m.example_inputs())
     return model, couple(cap, find_linears(model, cap))
 
 
-@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi"])
+@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_gpt2"])
 def test_golden_dump(name):
     _, coupling = analyze(name)
     text = coupling.dump()
