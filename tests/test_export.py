@@ -301,3 +301,19 @@ def test_gpt2_exports_shrunk_and_reloads_as_gpt2_with_conv1d_layers(tmp_path):
     fc = loaded.transformer.h[0].mlp.c_fc
     assert loaded.config.n_inner == 200 and isinstance(fc, Conv1D) and fc.weight.shape == (64, 200)
     assert (reference(loaded, x) - reference(model, x)).abs().max() <= 1e-5
+
+
+def test_opt_ffn_dim_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                     attn_implementation="sdpa")).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[(f"model.decoder.layers.{i}.fc2", slice(0, 28)) for i in range(2)])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["hf_config"] == {"ffn_dim": 100, "rewritten": True}
+    assert report["hf_pretrained"]["written"]
+    assert type(model).from_pretrained(tmp_path / "m_hf").model.decoder.layers[1].fc1.out_features == 100
