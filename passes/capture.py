@@ -172,18 +172,24 @@ def _export(model: nn.Module, inputs: ExampleInputs) -> Capture:
     return Capture(EXPORT, gm, flat)
 
 
+def caching_configs(model: nn.Module) -> list:
+    """The distinct Hugging Face configs held by ``model``'s modules that have ``use_cache`` on."""
+    configs = {id(c): c for m in model.modules() if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    return list(configs.values())
+
+
 @contextlib.contextmanager
 def without_kv_cache(model: nn.Module):
     """Hugging Face models built with ``use_cache=True`` return a cache object that neither capture
-    nor the ONNX export can carry; the graph is the same without it, so it is off meanwhile."""
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", False) is True
-    if cached:
+    nor the ONNX export can carry; the graph is the same without it, so it is off meanwhile, in
+    every config the model holds (an encoder-decoder's decoder has its own)."""
+    configs = caching_configs(model)
+    for config in configs:
         config.use_cache = False
     try:
         yield
     finally:
-        if cached:
+        for config in configs:
             config.use_cache = True
 
 

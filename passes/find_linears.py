@@ -110,6 +110,10 @@ def find_linears(model: nn.Module, cap: Capture) -> Sites:
     types = linear_types()
     linears = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     excluded = tied_weights(model)
+    for name, module in linears.items():  # the linearize pass swapped those computing the plain product
+        if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+            excluded.setdefault(name, f"{type(module).__name__} overrides nn.Linear.forward with more than the "
+                                      "linear product; a sparse layer in its place would drop the rest")
     sites: dict[str, LinearSite] = {}
     node_to_site, node_to_excluded = {}, {}
     for node in cap.graph_module.graph.nodes:

@@ -100,9 +100,9 @@ class SparseModel:
         active, total = self.parameters_active()
         lines = [f"{len(self.sites)} sparse layers, {active:,} of {total:,} weights active "
                  f"({active / max(total, 1):.2%}); capture: {self.capture}"]
-        if self.analysis.linearized:
-            kinds = ", ".join(sorted(set(self.analysis.linearized.values())))
-            lines.append(f"  {len(self.analysis.linearized)} layer(s) of {kinds} became nn.Linear (weight transposed)")
+        for was in sorted(set(self.analysis.linearized.values())):
+            count = sum(w == was for w in self.analysis.linearized.values())
+            lines.append(f"  linearized: {count} layer(s) became nn.Linear: {was}")
         for s in self.sites.values():
             lines.append(f"  {s.name}: {s.module.out_features}x{s.module.in_features} density "
                          f"{s.module.density:.4f} method {s.spec.method} ({s.rule})")

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 from sparsify import checkpoint
 from sparsify.errors import SparsifyError
 from sparsify.files import atomic_write, temporary
-from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.capture import ExampleInputs, caching_configs
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.linearize import transposed_back
 from sparsify.passes.shrink import replace_module, shrink as shrink_pass
@@ -59,8 +60,8 @@ def inference_copy(model: nn.Module) -> nn.Module:
     off (an ONNX graph returns tensors only)."""
     dense = copy.deepcopy(model)
     remove_evolution(dense)
-    if getattr(getattr(dense, "config", None), "use_cache", False) is True:
-        dense.config.use_cache = False
+    for config in caching_configs(dense):
+        config.use_cache = False
     for name, module in list(dense.named_modules()):
         if isinstance(module, (SparseLinear, CsrLinear)):
             replace_module(dense, name, module.to_linear())
@@ -153,7 +154,22 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
                                         optimize=not compact)
             program.save(str(path))
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}" + "".join(
+            f"\n  caused by {_first_line(cause)}" for cause in _causes(exc))) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exceptions behind ``exc`` (torch.onnx puts the actual reason there), innermost last."""
+    chain, seen = [], {id(exc)}
+    while (exc := exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+    return chain[-2:]
 
 
 class OnnxModel:
@@ -277,7 +293,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         pretrained = None
         if hasattr(shrunk, "save_pretrained"):  # before storage swaps; in the model class's own layers
             pretrained = copy.deepcopy(shrunk)
-            transposed_back(pretrained, sorted(handle.analysis.linearized))
+            transposed_back(pretrained, handle.analysis.linearized)
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))

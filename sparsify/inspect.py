@@ -73,12 +73,11 @@ class InspectReport:
             if not console.is_terminal:
                 console = Console(highlight=False, width=200)
         console.print(f"[bold]capture:[/bold] {self.analysis.capture.describe()}")
-        linearized = self.analysis.linearized
-        if linearized:
-            kinds = sorted(set(linearized.values()))
-            console.print("[bold]linearized:[/bold] " + escape(
-                f"{len(linearized)} layer(s) of {', '.join(kinds)} swapped for nn.Linear with the weight "
-                "transposed (state_dict 'weight' is now [out, in])"))
+        kinds: dict[str, int] = {}
+        for was in self.analysis.linearized.values():
+            kinds[was] = kinds.get(was, 0) + 1
+        for was, count in sorted(kinds.items()):
+            console.print("[bold]linearized:[/bold] " + escape(f"{count} layer(s) became nn.Linear: {was}"))
         table = Table(title=f"linear sites ({len(self.analysis.sites.sites)})", title_justify="left")
         table.add_column("name", no_wrap=True)
         for col, just in ( ("shape (out x in)", "right"), ("parameters", "right"),

@@ -317,3 +317,24 @@ def test_opt_ffn_dim_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
     assert report["hf_config"] == {"ffn_dim": 100, "rewritten": True}
     assert report["hf_pretrained"]["written"]
     assert type(model).from_pretrained(tmp_path / "m_hf").model.decoder.layers[1].fc1.out_features == 100
+
+
+def test_a_failed_onnx_conversion_names_its_cause(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((8, 16, 16, 16, 2)),
+                                      {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 8))
+
+    def failing(*args, **kwargs):
+        try:
+            raise ValueError("No ONNX function found for <OpOverload(op='custom.op')>")
+        except ValueError as cause:
+            raise RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m"
+                               "\nNext steps: ...") from cause
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(ExportError) as err:
+        handle.export(tmp_path / "m.onnx", torch.randn(2, 8), compare_dense=False)
+    assert str(err.value) == ("torch.onnx.export failed: RuntimeError: Failed to convert the exported program to an "
+                              "ONNX model. This is step 3/3\n  caused by ValueError: No ONNX function found for "
+                              "<OpOverload(op='custom.op')>")
+    assert not (tmp_path / "m.onnx").exists()

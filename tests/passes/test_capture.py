@@ -58,3 +58,21 @@ def test_capture_leaves_training_mode_as_it_was():
     model = load_example("mlp").build_model().train()
     capture(model, (torch.zeros(2, 784),))
     assert model.training
+
+
+def test_an_encoder_decoder_whose_decoder_has_its_own_cache_config_is_captured():
+    """T5's decoder holds a copy of the config: its cache is off during capture too, then back on."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sparsify.passes.find_linears import find_linears
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                num_heads=4, decoder_start_token_id=0)).eval()
+    configs = {id(m.config): m.config for m in model.modules() if getattr(m, "config", None) is not None}
+    before = {k: c.use_cache for k, c in configs.items()}
+    assert list(before.values()).count(True) == 2  # the model's and its decoder's (the encoder's is off)
+    x = {"input_ids": torch.randint(0, 128, (2, 8)), "decoder_input_ids": torch.randint(0, 128, (2, 5))}
+    cap = capture(model, x)
+    assert cap.kind == EXPORT
+    assert len(find_linears(model, cap).sites) == 32  # q, k, v, o and two MLP layers per block, cross-attention too
+    assert {k: c.use_cache for k, c in configs.items()} == before

@@ -33,7 +33,7 @@ def test_gpt2_conv1d_layers_become_linear_with_the_same_outputs():
     assert linearize(model) == {}  # nothing left to swap
 
     back = copy.deepcopy(model)
-    transposed_back(back, sorted(found))
+    transposed_back(back, found)
     assert type(back.transformer.h[1].attn.c_attn) is Conv1D
     assert back.transformer.h[1].attn.c_attn.weight.shape == (64, 192)
     assert (logits(back, x) - before).abs().max() <= 1e-5
@@ -51,3 +51,51 @@ def test_other_layers_named_conv1d_are_left_alone():
     model = nn.Sequential(Conv1D(), nn.Linear(3, 2))
     assert linearize(model) == {}
     assert isinstance(model[0], Conv1D) and type(model[1]) is nn.Linear
+
+
+class HandWritten(nn.Linear):
+    """Falcon's FalconLinear: the linear product written by hand (a matmul in the graph)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class Shifted(nn.Linear):
+    """A subclass that is not a plain linear product."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_linear_subclasses_with_their_own_forward_are_swapped_only_when_they_compute_the_product():
+    torch.manual_seed(0)
+    model = nn.Sequential(HandWritten(6, 5), nn.ReLU(), HandWritten(5, 4, bias=False), nn.ReLU(), Shifted(4, 3))
+    first, second = model[0].weight, model[2].weight
+    x = torch.randn(2, 6)
+    before = model(x).detach()
+    found = linearize(model)
+    assert sorted(found) == ["0", "2"] and "HandWritten" in found["0"]
+    assert type(model[0]) is nn.Linear and model[0].weight is first and model[2].weight is second
+    assert model[2].bias is None and type(model[4]) is Shifted
+    assert torch.equal(model(x), before)
+    transposed_back(model, found)  # only Conv1D-made layers go back
+    assert type(model[0]) is nn.Linear
+
+
+def test_falcon_gets_its_linear_sites_and_a_subclass_doing_more_is_left_dense_with_the_reason():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    import sparsify
+
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           new_decoder_architecture=False)).eval()
+    model.transformer.h[1].mlp.dense_4h_to_h.__class__ = Shifted
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {"version": 1, "unmatched": "sparsify", "defaults": {"density": 0.5}}, x)
+    assert len(handle.sites) == 7
+    why = handle.analysis.sites.excluded["transformer.h.1.mlp.dense_4h_to_h"]
+    assert why == ("Shifted overrides nn.Linear.forward with more than the linear product; a sparse layer in its "
+                   "place would drop the rest")
+    assert type(model.transformer.h[1].mlp.dense_4h_to_h) is Shifted
+    assert "linearized: 7 layer(s) became nn.Linear: FalconLinear" in handle.summary()
