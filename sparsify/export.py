@@ -207,16 +207,19 @@ class OnnxModel:
         return best
 
 
-MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")  # Llama/BERT/NeoX..., GPT-2, OPT
+# Llama/BERT/NeoX/ViT..., GPT-2, OPT, Falcon, DistilBERT
+MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim")
 
 
 def _mlp_size(config) -> tuple[str, int] | None:
-    """The key of a Hugging Face config that sizes its MLPs, and the size (GPT-2's n_inner None is 4 x n_embd)."""
+    """The key of a Hugging Face config that sizes its MLPs, and the size (GPT-2's n_inner and
+    Falcon's ffn_hidden_size, when None, mean 4 x the model width)."""
+    defaults = {"n_inner": "n_embd", "ffn_hidden_size": "hidden_size"}
     for key in MLP_SIZE_KEYS:
         if hasattr(config, key):
             size = getattr(config, key)
-            if size is None and key == "n_inner" and isinstance(getattr(config, "n_embd", None), int):
-                size = 4 * config.n_embd
+            if size is None and isinstance(getattr(config, defaults.get(key, ""), None), int):
+                size = 4 * getattr(config, defaults[key])
             if isinstance(size, int):
                 return key, size
     return None
@@ -225,9 +228,12 @@ def _mlp_size(config) -> tuple[str, int] | None:
 def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
     """Rewrite a Hugging Face config's MLP size (intermediate_size, n_inner or ffn_dim) when every
     MLP kept the same width."""
-    found = _mlp_size(getattr(shrunk, "config", None))
+    config = getattr(shrunk, "config", None)
+    found = _mlp_size(config)
     if found is None:
-        return None
+        if config is None or not units:
+            return None
+        return {"rewritten": False, "why": f"{type(config).__name__} has no MLP size ({', '.join(MLP_SIZE_KEYS)})"}
     key, size = found
     widths = {len(u.kept) for u in units if u.width == size}
     if len(widths) == 1 and widths != {size}:
@@ -408,10 +414,11 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
             except Exception as exc:  # a secondary artifact: the ONNX and .pt2 stand, the report says why
                 return {"written": False, "why": f"save_pretrained failed: {type(exc).__name__}: {exc}"}
             try:
-                loaded = type(model).from_pretrained(tmp, use_cache=False).eval()
+                cache = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
+                loaded = type(model).from_pretrained(tmp, **cache).eval()
             except Exception as exc:  # the config does not describe the shrunk sizes
                 return {"written": False, "why": "from_pretrained cannot reload it: its config does not describe "
-                        f"the shrunk sizes ({hint or type(exc).__name__})"}
+                        f"the shrunk sizes ({'; '.join(filter(None, [hint, _unlike_config(model)])) or _first_line(exc)[:300]})"}
         with torch.no_grad():
             diff = max(_max_diff(r, _tensors(c.call(loaded))) for r, c in zip(reference, checks))
         if not diff <= TORCH_TOLERANCE:
@@ -422,6 +429,20 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
         return {"written": True, "folder": str(folder), "max_abs_diff": diff}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unlike_config(model: nn.Module) -> str:
+    """The weights of a Hugging Face ``model`` whose shapes its config does not give (a model of its
+    class built from its config, on the meta device, for the shapes only)."""
+    try:
+        with torch.device("meta"):
+            built = type(model)(model.config)
+    except Exception:  # noqa: BLE001 - only a better reason is at stake
+        return ""
+    expected = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    unlike = [f"{k} {list(v.shape)} where the config gives {list(expected[k])}" for k, v in model.state_dict().items()
+              if k in expected and tuple(v.shape) != expected[k]]
+    return "; ".join(unlike[:3]) + (f"; {len(unlike) - 3} more" if len(unlike) > 3 else "")
 
 
 def print_report(report: dict) -> None:

@@ -1,0 +1,121 @@
+"""Hugging Face architectures beyond the model zoo, each through the whole tool from a tiny config.
+
+For each architecture (random weights, no download): the transform (every linear layer it owns at
+density 0.5, CHTs, an update every 2 steps), 8 AdamW steps in training mode, a quarter of every MLP
+chain's hidden units cut as training might, then the export (shrink, ONNX, .pt2, save_pretrained)
+checked against the trained model on held-out inputs of a batch and length the export never saw.
+Prints one row per architecture: what was found, the parameters kept, the parity, or the error
+sparsify raised. Run from the repository root:
+
+    python benchmarks/hf_architectures.py [--only gpt2,falcon]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers as T
+
+import sparsify
+from sparsify.errors import SparsifyError
+from sparsify.passes.couple import ChainGroup
+
+POLICY = {"version": 1, "unmatched": "sparsify",
+          "defaults": {"density": 0.5, "method": "CHTs", "update": {"every": 2, "unit": "steps"}}}
+DECODER = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+
+
+def architectures():
+    """name -> (build, inputs of a given batch and length)."""
+    tokens = lambda b, t: {"input_ids": torch.randint(0, 128, (b, t))}  # noqa: E731
+    return {
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                        bos_token_id=0, eos_token_id=0)), tokens),
+        "qwen2": (lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER)), tokens),
+        "mistral": (lambda: T.MistralForCausalLM(T.MistralConfig(**DECODER)), tokens),
+        "gemma": (lambda: T.GemmaForCausalLM(T.GemmaConfig(**DECODER, head_dim=16)), tokens),
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=64,
+                                                     word_embed_proj_dim=64)), tokens),
+        "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)), tokens),
+        "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                              num_attention_heads=4, new_decoder_architecture=False)),
+                   tokens),
+        "gptj": (lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                                        n_positions=64)), tokens),
+        "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=128, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64)), tokens),
+        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+            patch_size=8, num_labels=10)), lambda b, t: {"pixel_values": torch.randn(b, 3, 32, 32)}),
+        "t5": (lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128,
+                                                               num_layers=2, num_heads=4, decoder_start_token_id=0)),
+               lambda b, t: {**tokens(b, t), "decoder_input_ids": torch.randint(0, 128, (b, t - 2))}),
+        "mixtral": (lambda: T.MixtralForCausalLM(T.MixtralConfig(**DECODER, num_local_experts=4, num_experts_per_tok=2)),
+                    tokens),
+    }
+
+
+def logits(output):
+    return getattr(output, "logits", output)
+
+
+def run(name: str, build, inputs, folder: Path) -> str:
+    torch.manual_seed(0)
+    x = inputs(2, 8)
+    model, handle = sparsify.sparsify(build().eval(), POLICY, x)
+    found = (f"{len(handle.sites)} sites, {len(handle.coupling.groups)} groups, "
+             f"{len(handle.coupling.attentions)} sdpa attentions, {len(handle.analysis.linearized)} linearized")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle.attach(optimizer, total_steps=8)
+    for _ in range(8):
+        loss = logits(model(**x)).float().square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for group in handle.coupling.groups:
+            if isinstance(group, ChainGroup) and "attention" not in group.trail:
+                dst = handle.sites[group.dst].module
+                dst.mask[:, : dst.in_features // 4] = False
+                dst.apply_mask()
+    model.eval()
+    report = handle.export(folder / f"{name}.onnx", x, held_out=[inputs(3, 11)], compare_dense=False)
+    p = report["parameters"]
+    pretrained = report.get("hf_pretrained", {})
+    return (f"{found} | {p['after']:,} of {p['before']:,} | {report['torch_max_abs_diff']:.1e} | "
+            f"{report['onnxruntime_max_abs_diff']:.1e} | "
+            f"{'reloads' if pretrained.get('written') else 'not written: ' + pretrained.get('why', '-')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated architecture names")
+    args = parser.parse_args()
+    names = args.only.split(",") if args.only else list(architectures())
+    warnings.filterwarnings("ignore")
+    T.logging.set_verbosity_error()
+    print(f"# {datetime.date.today()} · torch {torch.__version__} · transformers {T.__version__}\n")
+    print("| architecture | found | parameters after shrink | torch diff | onnxruntime diff | save_pretrained | s |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            build, inputs = architectures()[name]
+            start = time.perf_counter()
+            try:
+                row = run(name, build, inputs, Path(tmp))
+            except SparsifyError as exc:
+                cause = str(exc).replace("\n", " ").replace("|", "/")
+                row = f"**failed**: {type(exc).__name__}: {cause[:400]} | | | | "
+            print(f"| {name} | {row} | {time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
