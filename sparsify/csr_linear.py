@@ -61,13 +61,17 @@ class _CsrLinearFunction(torch.autograd.Function):
         weight = torch.sparse_csr_tensor(s["crow"], s["col"], values, (layer.out_features, layer.in_features),
                                          check_invariants=False)
         xt = _transposed(x)
+        # the output is allocated transposed rather than returned as a view of yt: a custom Function
+        # returning a view refuses in-place changes to it (Falcon adds its bias in place)
+        y = torch.empty_strided((xt.shape[1], layer.out_features), (1, xt.shape[1]), dtype=values.dtype,
+                                device=values.device)
         if bias is None:
-            yt = torch.sparse.mm(weight, xt)
+            torch.mm(weight, xt, out=y.t())
         else:
-            yt = torch.addmm(bias.unsqueeze(1).expand(-1, xt.shape[1]), weight, xt)
+            torch.addmm(bias.unsqueeze(1).expand(-1, xt.shape[1]), weight, xt, out=y.t())
         ctx.save_for_backward(xt, values)
         ctx.layer, ctx.has_bias = layer, bias is not None
-        return yt.t()
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -58,6 +58,21 @@ def test_any_input_layout_gives_the_same_numbers_and_chained_layers_pass_the_ker
     assert hidden.reshape(-1).shape == (6 * 48,)  # reshape works on it; view(-1) would need a copy
 
 
+def test_the_output_can_be_changed_in_place_as_a_linear_layer_s_can():
+    """Falcon adds its bias to the projection's output in place: a custom Function returning a view
+    would refuse that."""
+    masked, csr = pair(24, 16, 0.2, bias=False)
+    x = torch.randn(2, 3, 16)
+    grads = []
+    for layer in (masked, csr):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y += 1.0
+        y.mul_(2.0).sum().backward()
+        grads.append((y.detach(), xi.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
 def test_conversions_and_state_dicts_move_between_backends_without_loss():
     masked, csr = pair(16, 24, 0.2)
     assert torch.equal(csr.weight, masked.weight) and torch.equal(csr.mask, masked.mask)
