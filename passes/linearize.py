@@ -17,7 +17,7 @@ The outputs stay the same up to float rounding.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 TRANSPOSED = "transformers Conv1D (weight stored [in, out]; the nn.Linear holds it transposed)"
 OWN_FORWARD = "{}, an nn.Linear subclass computing the linear product in its own forward (same Parameters)"
@@ -61,7 +61,10 @@ def _own_forward(module: nn.Module) -> bool:
 
 def linearize(model: nn.Module) -> dict[str, str]:
     """Swap every linear layer of ``model`` written another way for an equivalent nn.Linear;
-    returns name -> what it was."""
+    returns name -> what it was. A GraphModule is left as given: its graph may read those layers'
+    weights directly."""
+    if isinstance(model, fx.GraphModule):
+        return {}
     swapped = {}
     for name, module in list(model.named_modules()):
         if _own_forward(module) and _computes_linear(module):

@@ -51,7 +51,8 @@ def _run(name: str, previous: str | None, fn: Callable, *args: Any) -> Any:
 
 def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None) -> Analysis:
     """Capture and analyze ``model``; plan the policy's rules onto it when a policy is given.
-    Linear layers stored transposed (transformers Conv1D) become nn.Linear first, in place."""
+    Linear layers written another way (transformers Conv1D, nn.Linear subclasses computing the
+    product by hand) become nn.Linear first, in place: see the linearize pass."""
     linearized = _run("linearize", None, linearize, model)
     cap = _run("capture", "linearize", capture, model, example_inputs)
     sites = _run("find_linears", "capture", find_linears, model, cap)

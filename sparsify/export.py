@@ -226,12 +226,12 @@ def _mlp_size(config) -> tuple[str, int] | None:
 
 
 def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
-    """Rewrite a Hugging Face config's MLP size (intermediate_size, n_inner or ffn_dim) when every
-    MLP kept the same width."""
+    """Rewrite a Hugging Face config's MLP size (the first of MLP_SIZE_KEYS it has) when every MLP
+    kept the same width."""
     config = getattr(shrunk, "config", None)
     found = _mlp_size(config)
     if found is None:
-        if config is None or not units:
+        if config is None or not units or not hasattr(shrunk, "save_pretrained"):
             return None
         return {"rewritten": False, "why": f"{type(config).__name__} has no MLP size ({', '.join(MLP_SIZE_KEYS)})"}
     key, size = found

@@ -99,3 +99,19 @@ def test_falcon_gets_its_linear_sites_and_a_subclass_doing_more_is_left_dense_wi
                    "place would drop the rest")
     assert type(model.transformer.h[1].mlp.dense_4h_to_h) is Shifted
     assert "linearized: 7 layer(s) became nn.Linear: FalconLinear" in handle.summary()
+
+
+def test_a_graph_module_is_left_as_given():
+    """A GraphModule's graph may read a layer's [in, out] weight directly, so none of its layers is swapped."""
+    from torch import fx
+
+    class KeepConv1D(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, Conv1D) or super().is_leaf_module(m, qualname)
+
+    root = nn.Sequential(Conv1D(3, 4))
+    graph_module = fx.GraphModule(root, KeepConv1D().trace(root))
+    x = torch.randn(2, 4)
+    before = graph_module(x)
+    assert linearize(graph_module) == {}
+    assert isinstance(graph_module.get_submodule("0"), Conv1D) and torch.equal(graph_module(x), before)
