@@ -71,13 +71,20 @@ class Capture:
 
 
 class LeafTracer(fx.Tracer):
-    """A tracer that keeps sparsify's own modules as leaves, like torch.nn's."""
+    """A tracer that keeps sparsify's own modules as leaves, like torch.nn's, and traces into
+    torch.nn modules that hold linear layers (nn.TransformerEncoder and its layers), so their
+    linear calls are in the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         from sparsify.csr_linear import CsrLinear
         from sparsify.sparse_linear import SparseLinear
 
-        return isinstance(m, (SparseLinear, CsrLinear)) or super().is_leaf_module(m, qualname)
+        linear = (nn.Linear, SparseLinear, CsrLinear)
+        if isinstance(m, linear):
+            return True
+        if any(isinstance(child, linear) for child in m.modules()):
+            return False
+        return super().is_leaf_module(m, qualname)
 
 
 _PASSES_DIR = (os.path.dirname(os.path.abspath(__file__)),)

@@ -11,16 +11,124 @@ call (``aten.linear``) and site:
   ``x @ W.T + b`` by hand, which the graph shows as a matmul, not a linear call): the swap shares
   their Parameters, and is made only when their output on a random input is the linear product's.
   Any other subclass is left alone.
+- ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer`` and friends) keeps q, k and v in
+  one packed parameter and, in eval mode, runs inside one fused kernel: no linear call to find.
+  It becomes a :class:`SplitMultiheadAttention` with the same weights as four nn.Linear layers and
+  the product through ``scaled_dot_product_attention``, which couple then reads like any attention.
 
 The outputs stay the same up to float rounding.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
-TRANSPOSED = "transformers Conv1D (weight stored [in, out]; the nn.Linear holds it transposed)"
-OWN_FORWARD = "{}, an nn.Linear subclass computing the linear product in its own forward (same Parameters)"
+TRANSPOSED = "transformers Conv1D (weight stored [in, out]) became nn.Linear holding the weight transposed"
+OWN_FORWARD = "{} (an nn.Linear subclass computing the product in its own forward) became nn.Linear, same Parameters"
+ATTENTION = "nn.MultiheadAttention became SplitMultiheadAttention: q, k, v and out as nn.Linear layers"
+
+
+def _shared(linear: nn.Module) -> nn.Linear:
+    """A plain nn.Linear holding ``linear``'s own weight and bias Parameters."""
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    plain.weight, plain.bias = linear.weight, linear.bias
+    return plain
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """nn.MultiheadAttention's masks as added to the scores: True (or a float) means masked out / added."""
+    if mask is None or mask.is_floating_point():
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+class SplitMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention computed from four nn.Linear layers (q_proj, k_proj, v_proj, out_proj)
+    and ``scaled_dot_product_attention``: the same call, arguments, outputs and weights (the packed
+    in_proj weight split in three). With separate projections, nn.TransformerEncoderLayer's fused
+    fast path does not apply, which its checks read from ``_qkv_same_embed_dim`` and
+    ``in_proj_weight``/``in_proj_bias``."""
+
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.head_dim = mha.embed_dim, mha.num_heads, mha.head_dim
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        if mha._qkv_same_embed_dim:
+            weights = mha.in_proj_weight.detach().chunk(3)
+        else:
+            weights = (mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach())
+        biases = (None,) * 3 if mha.in_proj_bias is None else mha.in_proj_bias.detach().chunk(3)
+        projections = []
+        for weight, bias in zip(weights, biases):
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                               dtype=weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if bias is not None:
+                    linear.bias.copy_(bias)
+            projections.append(linear)
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.out_proj = _shared(mha.out_proj)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)  # [batch, heads, length, head_dim]
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        # is_causal is only a hint in nn.MultiheadAttention: attn_mask carries the causal mask
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        batch, target, source = query.shape[0], query.shape[1], key.shape[1]
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:  # [batch * heads, target, source]
+            mask = mask.view(batch, -1, target, source)
+        padding = _additive(key_padding_mask, q.dtype)
+        if padding is not None:
+            padding = padding.view(batch, 1, 1, source)
+            mask = padding if mask is None else mask + padding
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q * math.sqrt(1.0 / self.head_dim)) @ k.transpose(-2, -1)
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            out = F.dropout(weights, dropout) @ v if dropout > 0 else weights @ v
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, target, self.embed_dim))
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _split_attention(model: nn.Module) -> dict[str, str]:
+    """Swap every nn.MultiheadAttention without extra key/value biases or zero attention."""
+    found = {name: m for name, m in model.named_modules() if type(m) is nn.MultiheadAttention
+             and m.bias_k is None and m.bias_v is None and not m.add_zero_attn}
+    for module in found.values():
+        _swap(model, module, SplitMultiheadAttention(module))
+    for encoder in model.modules():  # its nested-tensor fast path reads the packed weights
+        if isinstance(encoder, nn.TransformerEncoder) and any(
+                isinstance(layer.self_attn, SplitMultiheadAttention) for layer in encoder.layers):
+            encoder.use_nested_tensor = False
+    return {name: ATTENTION for name in found}
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -65,13 +173,10 @@ def linearize(model: nn.Module) -> dict[str, str]:
     weights directly."""
     if isinstance(model, fx.GraphModule):
         return {}
-    swapped = {}
+    swapped = _split_attention(model)
     for name, module in list(model.named_modules()):
         if _own_forward(module) and _computes_linear(module):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device="meta")
-            linear.weight, linear.bias = module.weight, module.bias  # the same Parameters
-            _swap(model, module, linear)
+            _swap(model, module, _shared(module))
             swapped[name] = OWN_FORWARD.format(type(module).__name__)
     found = {name: m for name, m in model.named_modules() if _is_conv1d(m)}
     for module in found.values():

@@ -102,7 +102,7 @@ class SparseModel:
                  f"({active / max(total, 1):.2%}); capture: {self.capture}"]
         for was in sorted(set(self.analysis.linearized.values())):
             count = sum(w == was for w in self.analysis.linearized.values())
-            lines.append(f"  linearized: {count} layer(s) became nn.Linear: {was}")
+            lines.append(f"  linearized: {count} module(s): {was}")
         for s in self.sites.values():
             lines.append(f"  {s.name}: {s.module.out_features}x{s.module.in_features} density "
                          f"{s.module.density:.4f} method {s.spec.method} ({s.rule})")

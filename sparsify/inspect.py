@@ -77,7 +77,7 @@ class InspectReport:
         for was in self.analysis.linearized.values():
             kinds[was] = kinds.get(was, 0) + 1
         for was, count in sorted(kinds.items()):
-            console.print("[bold]linearized:[/bold] " + escape(f"{count} layer(s) became nn.Linear: {was}"))
+            console.print("[bold]linearized:[/bold] " + escape(f"{count} module(s): {was}"))
         table = Table(title=f"linear sites ({len(self.analysis.sites.sites)})", title_justify="left")
         table.add_column("name", no_wrap=True)
         for col, just in ( ("shape (out x in)", "right"), ("parameters", "right"),

@@ -1,11 +1,12 @@
 """Linearize pass: transformers Conv1D layers (weight [in, out]) become nn.Linear, outputs unchanged."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparsify.passes.linearize import TRANSPOSED, linearize, transposed_back
+from sparsify.passes.linearize import TRANSPOSED, SplitMultiheadAttention, linearize, transposed_back
 
 from model_zoo import load_example
 
@@ -98,7 +99,7 @@ def test_falcon_gets_its_linear_sites_and_a_subclass_doing_more_is_left_dense_wi
     assert why == ("Shifted overrides nn.Linear.forward with more than the linear product; a sparse layer in its "
                    "place would drop the rest")
     assert type(model.transformer.h[1].mlp.dense_4h_to_h) is Shifted
-    assert "linearized: 7 layer(s) became nn.Linear: FalconLinear" in handle.summary()
+    assert "linearized: 7 module(s): FalconLinear (an nn.Linear subclass" in handle.summary()
 
 
 def test_a_graph_module_is_left_as_given():
@@ -115,3 +116,55 @@ def test_a_graph_module_is_left_as_given():
     before = graph_module(x)
     assert linearize(graph_module) == {}
     assert isinstance(graph_module.get_submodule("0"), Conv1D) and torch.equal(graph_module(x), before)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind", ["packed", "kdim", "no bias"])
+def test_split_attention_gives_multihead_attention_s_outputs_and_weights(batch_first, kind):
+    torch.manual_seed(0)
+    kdim = 24 if kind == "kdim" else None
+    mha = nn.MultiheadAttention(32, 4, bias=kind != "no bias", kdim=kdim, vdim=kdim, batch_first=batch_first).eval()
+    split = SplitMultiheadAttention(mha).eval()
+    b, t, s = 3, 5, 7
+    def layout(x):
+        return x if batch_first else x.transpose(0, 1)
+    q, k = layout(torch.randn(b, t, 32)), layout(torch.randn(b, s, kdim or 32))
+    v = layout(torch.randn(b, s, kdim or 32))
+    causal = torch.triu(torch.ones(t, s, dtype=torch.bool), 1)
+    padding = torch.zeros(b, s, dtype=torch.bool)
+    padding[0, -2:] = True
+    cases = [{}, {"attn_mask": causal}, {"key_padding_mask": padding},
+             {"attn_mask": torch.randn(b * 4, t, s), "key_padding_mask": padding},
+             {"need_weights": False, "attn_mask": causal, "key_padding_mask": padding},
+             {"average_attn_weights": False, "key_padding_mask": padding}]
+    with torch.no_grad():
+        for case in cases:
+            expected, expected_weights = mha(q, k, v, **case)
+            got, weights = split(q, k, v, **case)
+            assert (got - expected).abs().max() <= 1e-5, case
+            assert (weights is None) == (expected_weights is None), case
+            if weights is not None:
+                assert (weights - expected_weights).abs().max() <= 1e-6, case
+        single = split(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0],
+                       v[0] if batch_first else v[:, 0])  # unbatched
+        reference = mha(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0],
+                        v[0] if batch_first else v[:, 0])
+        assert (single[0] - reference[0]).abs().max() <= 1e-5 and (single[1] - reference[1]).abs().max() <= 1e-6
+
+
+def test_a_transformer_encoder_gets_its_linear_layers_and_attention_coupling():
+    import sparsify
+
+    module = load_example("torch_transformer")
+    model, (x,) = module.build_model(), module.example_inputs()
+    with torch.no_grad():
+        before = model(x)
+    model, handle = sparsify.sparsify(model, {"version": 1, "unmatched": "sparsify", "defaults": {"density": 0.5}}, x)
+    assert len(handle.sites) == 13  # q, k, v, out, linear1, linear2 per layer, and the head
+    assert len(handle.coupling.attentions) == 2
+    assert isinstance(model.encoder.layers[0].self_attn, SplitMultiheadAttention)
+    assert not model.encoder.use_nested_tensor
+    full, _ = sparsify.sparsify(module.build_model(), {"version": 1, "unmatched": "sparsify",
+                                                        "defaults": {"density": 1.0}}, x)
+    with torch.no_grad():
+        assert (full(x) - before).abs().max() <= 1e-5  # split attention at full density: the original outputs
