@@ -214,7 +214,7 @@ def test_a_csr_layer_whose_link_count_shrinks_trains_like_the_masked_one():
     assert max(abs(a - b) / abs(a) for a, b in zip(masked, csr)) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["nanogpt", "hf_llama", "hf_gpt2"])
+@pytest.mark.parametrize("name", ["nanogpt", "hf_llama", "hf_gpt2", "torch_transformer"])
 def test_transformers_train_on_csr_as_on_masked(name):
     """Their code views and splits the projections' outputs, which csr returns transposed."""
     def losses(backend):
