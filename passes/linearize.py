@@ -1,6 +1,6 @@
 """Linearize pass: linear layers written another way become plain ``nn.Linear``, in place.
 
-Two kinds, each swapped before the model is captured so every later pass sees an ordinary linear
+Three kinds, each swapped before the model is captured so every later pass sees an ordinary linear
 call (``aten.linear``) and site:
 
 - GPT-2 and its relatives (Hugging Face ``transformers`` ``Conv1D``) compute ``x @ W + b`` with
