@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from sparsify.errors import CaptureError, user_frame
+from sparsify.errors import CaptureError, first_line, user_frame
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,9 @@ def _user_frame(exc: BaseException) -> str:
     return ""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
 def _reason(exc: BaseException) -> str:
     where = _user_frame(exc)
-    return f"{_first_line(exc)}" + (f" at {where}" if where else "")
+    return first_line(exc) + (f" at {where}" if where else "")
 
 
 def _advice(reasons: str) -> str:

@@ -16,6 +16,11 @@ from sparsify.passes.capture import Capture
 LINEAR_OPS = {"linear"}  # aten.linear / F.linear by op name
 
 
+def overrides_forward(module: nn.Module) -> bool:
+    """An nn.Linear subclass with a forward of its own (its call may not be a linear call)."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
 def linear_types() -> tuple[type, ...]:
     from sparsify.sparse_linear import SparseLinear
 
@@ -111,7 +116,7 @@ def find_linears(model: nn.Module, cap: Capture) -> Sites:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, types)}
     excluded = tied_weights(model)
     for name, module in linears.items():  # the linearize pass swapped those computing the plain product
-        if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward:
+        if overrides_forward(module):
             excluded.setdefault(name, f"{type(module).__name__} overrides nn.Linear.forward with more than the "
                                       "linear product; a sparse layer in its place would drop the rest")
     sites: dict[str, LinearSite] = {}

@@ -21,10 +21,14 @@ The outputs stay the same up to float rounding.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
+
+from sparsify.passes.find_linears import overrides_forward
+from sparsify.passes.rewrite import replace_everywhere
 
 TRANSPOSED = "transformers Conv1D (weight stored [in, out]) became nn.Linear holding the weight transposed"
 OWN_FORWARD = "{} (an nn.Linear subclass computing the product in its own forward) became nn.Linear, same Parameters"
@@ -118,17 +122,10 @@ class SplitMultiheadAttention(nn.Module):
         return out, weights
 
 
-def _split_attention(model: nn.Module) -> dict[str, str]:
-    """Swap every nn.MultiheadAttention without extra key/value biases or zero attention."""
-    found = {name: m for name, m in model.named_modules() if type(m) is nn.MultiheadAttention
-             and m.bias_k is None and m.bias_v is None and not m.add_zero_attn}
-    for module in found.values():
-        _swap(model, module, SplitMultiheadAttention(module))
-    for encoder in model.modules():  # its nested-tensor fast path reads the packed weights
-        if isinstance(encoder, nn.TransformerEncoder) and any(
-                isinstance(layer.self_attn, SplitMultiheadAttention) for layer in encoder.layers):
-            encoder.use_nested_tensor = False
-    return {name: ATTENTION for name in found}
+def _splittable(module: nn.Module) -> bool:
+    """An nn.MultiheadAttention without extra key/value biases or zero attention."""
+    return (type(module) is nn.MultiheadAttention and module.bias_k is None and module.bias_v is None
+            and not module.add_zero_attn)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -137,11 +134,18 @@ def _is_conv1d(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
-def _swap(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[key] = new
+def _from_conv1d(module: nn.Module) -> nn.Linear:
+    """An nn.Linear holding a transformers Conv1D's weight transposed, and its bias (new Parameters)."""
+    in_features, out_features = module.weight.shape
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=module.weight.device,
+                       dtype=module.weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.t())
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.weight.requires_grad_(module.weight.requires_grad)
+    return linear
 
 
 def _computes_linear(module: nn.Module) -> bool:
@@ -163,34 +167,41 @@ def _computes_linear(module: nn.Module) -> bool:
             and torch.allclose(out, expected, rtol=1e-4, atol=1e-5))
 
 
-def _own_forward(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+def _plain_form(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module to put in place of ``module`` and what it was, or None when it stays."""
+    if _splittable(module):
+        return SplitMultiheadAttention(module), ATTENTION
+    if overrides_forward(module) and _computes_linear(module):
+        return _shared(module), OWN_FORWARD.format(type(module).__name__)
+    if _is_conv1d(module):
+        return _from_conv1d(module), TRANSPOSED
+    return None
 
 
 def linearize(model: nn.Module) -> dict[str, str]:
-    """Swap every linear layer of ``model`` written another way for an equivalent nn.Linear;
-    returns name -> what it was. A GraphModule is left as given: its graph may read those layers'
-    weights directly."""
+    """Swap every linear layer of ``model`` written another way for an equivalent nn.Linear (and
+    every nn.MultiheadAttention for a SplitMultiheadAttention); returns name -> what it was. A
+    GraphModule is left as given: its graph may read those layers' weights directly."""
     if isinstance(model, fx.GraphModule):
         return {}
-    swapped = _split_attention(model)
-    for name, module in list(model.named_modules()):
-        if _own_forward(module) and _computes_linear(module):
-            _swap(model, module, _shared(module))
-            swapped[name] = OWN_FORWARD.format(type(module).__name__)
-    found = {name: m for name, m in model.named_modules() if _is_conv1d(m)}
-    for module in found.values():
-        in_features, out_features = module.weight.shape
-        bias = getattr(module, "bias", None)
-        linear = nn.Linear(in_features, out_features, bias=bias is not None,
-                           device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(module.weight.t())
-            if bias is not None:
-                linear.bias.copy_(bias)
-        linear.weight.requires_grad_(module.weight.requires_grad)
-        _swap(model, module, linear)
-    return {**swapped, **{name: TRANSPOSED for name in found}}
+    swaps: dict[int, nn.Module] = {}
+    linearized: dict[str, str] = {}
+    for name, module in model.named_modules():
+        plain = _plain_form(module)
+        if plain is not None:
+            swaps[id(module)], linearized[name] = plain
+    replace_everywhere([model], swaps)
+    for encoder in model.modules():  # its nested-tensor fast path reads the packed attention weights
+        if isinstance(encoder, nn.TransformerEncoder) and any(
+                isinstance(layer.self_attn, SplitMultiheadAttention) for layer in encoder.layers):
+            encoder.use_nested_tensor = False
+    return linearized
+
+
+def summary_lines(linearized: dict[str, str]) -> list[str]:
+    """One line per kind of layer :func:`linearize` swapped, with how many."""
+    kinds = Counter(linearized.values())
+    return [f"{count} module(s): {was}" for was, count in sorted(kinds.items())]
 
 
 def transposed_back(model: nn.Module, linearized: dict[str, str]) -> None:
@@ -201,6 +212,7 @@ def transposed_back(model: nn.Module, linearized: dict[str, str]) -> None:
         return
     from transformers.pytorch_utils import Conv1D
 
+    swaps = {}
     for name in names:
         linear = model.get_submodule(name)
         conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
@@ -210,4 +222,5 @@ def transposed_back(model: nn.Module, linearized: dict[str, str]) -> None:
                 conv.bias.copy_(linear.bias)
             else:
                 conv.bias.zero_()
-        _swap(model, linear, conv)
+        swaps[id(linear)] = conv
+    replace_everywhere([model], swaps)

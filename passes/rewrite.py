@@ -67,7 +67,8 @@ def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str,
     return out
 
 
-def _replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> int:
+def replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> int:
+    """Put ``swaps[id(m)]`` wherever a module tree under ``roots`` refers to a module ``m``, in one walk."""
     replaced = 0
     seen: set[int] = set()
     for root in roots:
@@ -104,7 +105,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
         created[name] = new
         replaced.append(old)
     roots = [model] + ([graph_module] if graph_module is not None and graph_module is not model else [])
-    _replace_everywhere(roots, swaps)
+    replace_everywhere(roots, swaps)
     _check(model, created, swaps, roots)
     if isinstance(model, fx.GraphModule):
         model.graph.lint()

@@ -36,6 +36,7 @@ from torch import nn
 
 from torch.utils._pytree import tree_leaves
 
+from sparsify.errors import first_line
 from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.rewrite import observe_inputs
@@ -287,7 +288,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
                 why = f"attention: {len(dead)} dead head group(s) kept, the outputs moved by {diff:.3g} without them"
         except Exception as exc:  # the model's own code refused fewer heads
             why = (f"attention: {len(dead)} dead head group(s) kept, the model does not run with fewer heads "
-                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); read the head count "
+                   f"({first_line(exc)}); read the head count "
                    "from the tensors, e.g. view(B, T, -1, head_dim)")
         if why is not None:
             for name, layer in before.items():

@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling
+from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, transform
 from sparsify.policy import LayerSpec, Policy, load_policy
 from sparsify.sparse_linear import SparseLinear
@@ -100,9 +101,7 @@ class SparseModel:
         active, total = self.parameters_active()
         lines = [f"{len(self.sites)} sparse layers, {active:,} of {total:,} weights active "
                  f"({active / max(total, 1):.2%}); capture: {self.capture}"]
-        for was in sorted(set(self.analysis.linearized.values())):
-            count = sum(w == was for w in self.analysis.linearized.values())
-            lines.append(f"  linearized: {count} module(s): {was}")
+        lines += [f"  linearized: {line}" for line in summary_lines(self.analysis.linearized)]
         for s in self.sites.values():
             lines.append(f"  {s.name}: {s.module.out_features}x{s.module.in_features} density "
                          f"{s.module.density:.4f} method {s.spec.method} ({s.rule})")

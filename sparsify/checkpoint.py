@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, first_line
 
 
 def read(path: Path, keys: tuple[str, ...] = ("policy", "model_file")) -> dict:
@@ -20,9 +20,8 @@ def read(path: Path, keys: tuple[str, ...] = ("policy", "model_file")) -> dict:
                             "or checkpoint.pt (it is corrupt, or holds pickled objects, which sparsify never "
                             "loads)") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SparsifyError(f"{path}: cannot read it as a sparsify model.pt or checkpoint.pt "
-                            f"({type(exc).__name__}: {first})") from None
+                            f"({first_line(exc)})") from None
     if not isinstance(saved, dict):
         raise SparsifyError(f"{path}: holds a {type(saved).__name__}, not a sparsify model.pt or checkpoint.pt")
     missing = [k for k in keys if k not in saved]

@@ -1,5 +1,6 @@
 """Errors a user can act on. The CLI prints them without a traceback and exits with 2."""
 import os
+import re
 import traceback
 
 import torch
@@ -14,6 +15,12 @@ def user_frame(exc: BaseException, skip: tuple[str, ...] = ()) -> traceback.Fram
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not f.filename.startswith(_LIBRARY_DIRS + skip) and not f.filename.startswith("<")]
     return frames[-1] if frames else None
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (its first non-blank line, terminal colour codes removed)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else f"{type(exc).__name__}:"
 
 
 class SparsifyError(Exception):

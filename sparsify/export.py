@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from sparsify import checkpoint
-from sparsify.errors import SparsifyError
+from sparsify.errors import SparsifyError, first_line
 from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs, caching_configs
 from sparsify.passes.evolve import remove_evolution
@@ -154,13 +153,8 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
                                         optimize=not compact)
             program.save(str(path))
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed: {_first_line(exc)}" + "".join(
-            f"\n  caused by {_first_line(cause)}" for cause in _causes(exc))) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        raise ExportError(f"torch.onnx.export failed: {first_line(exc)}" + "".join(
+            f"\n  caused by {first_line(cause)}" for cause in _causes(exc))) from exc
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -237,8 +231,8 @@ def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
     key, size = found
     widths = {len(u.kept) for u in units if u.width == size}
     if len(widths) == 1 and widths != {size}:
-        setattr(shrunk.config, key, widths.pop())
-        return {key: getattr(shrunk.config, key), "rewritten": True}
+        setattr(config, key, widths.pop())
+        return {key: getattr(config, key), "rewritten": True}
     return {key: size, "rewritten": False,
             "why": "the MLPs kept different widths" if len(widths) > 1 else "no MLP changed width"}
 
@@ -418,7 +412,7 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
                 loaded = type(model).from_pretrained(tmp, **cache).eval()
             except Exception as exc:  # the config does not describe the shrunk sizes
                 return {"written": False, "why": "from_pretrained cannot reload it: its config does not describe "
-                        f"the shrunk sizes ({'; '.join(filter(None, [hint, _unlike_config(model)])) or _first_line(exc)[:300]})"}
+                        f"the shrunk sizes ({'; '.join(filter(None, [hint, _unlike_config(model)])) or first_line(exc)[:300]})"}
         with torch.no_grad():
             diff = max(_max_diff(r, _tensors(c.call(loaded))) for r, c in zip(reference, checks))
         if not diff <= TORCH_TOLERANCE:

@@ -12,6 +12,7 @@ from rich.table import Table
 from sparsify.errors import SparsifyWarning
 from sparsify.evolution import describe_spec
 from sparsify.model_file import load_model_file
+from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, analyze
 from sparsify.policy import load_policy
 from sparsify.topology.init import link_count
@@ -73,11 +74,8 @@ class InspectReport:
             if not console.is_terminal:
                 console = Console(highlight=False, width=200)
         console.print(f"[bold]capture:[/bold] {self.analysis.capture.describe()}")
-        kinds: dict[str, int] = {}
-        for was in self.analysis.linearized.values():
-            kinds[was] = kinds.get(was, 0) + 1
-        for was, count in sorted(kinds.items()):
-            console.print("[bold]linearized:[/bold] " + escape(f"{count} module(s): {was}"))
+        for line in summary_lines(self.analysis.linearized):
+            console.print("[bold]linearized:[/bold] " + escape(line))
         table = Table(title=f"linear sites ({len(self.analysis.sites.sites)})", title_justify="left")
         table.add_column("name", no_wrap=True)
         for col, just in ( ("shape (out x in)", "right"), ("parameters", "right"),
