@@ -122,7 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     args = parser.parse_args()
-    names = args.only.split(",") if args.only else list(architectures())
+    catalog = architectures()
+    names = args.only.split(",") if args.only else list(catalog)
     warnings.filterwarnings("ignore")
     T.logging.set_verbosity_error()
     print(f"# {datetime.date.today()} · torch {torch.__version__} · transformers {T.__version__}\n")
@@ -131,7 +132,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            build, inputs = architectures()[name]
+            build, inputs = catalog[name]
             start = time.perf_counter()
             try:
                 row = run(name, build, inputs, Path(tmp))
