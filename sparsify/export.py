@@ -295,6 +295,11 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             pretrained = copy.deepcopy(shrunk)
             transposed_back(pretrained, handle.analysis.linearized)
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
+        one = first_example(checks[0]) if gathered else None
+        if one is not None:  # a gathered layer has its own branch for a single row: check it too
+            checks.append(one)
+            with torch.no_grad():
+                reference.append(_tensors(one.call(model)))
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
         if torch_diff > TORCH_TOLERANCE:

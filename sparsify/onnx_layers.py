@@ -10,8 +10,14 @@
 GatherLinear lays the links out as padded rows (ELLPACK): the neurons, sorted by their number of
 links, are cut into a few bins, each padded only to its own longest row. Where the cuts go is
 chosen by dynamic programming to minimise the gathered elements plus a fixed cost per bin (each
-bin is a few more graph nodes). The gathers use ``torch.gather``, onnx GatherElements, which
-onnxruntime runs several times faster per element than Gather.
+bin is a few more graph nodes). The product takes one of two forms, chosen in the graph by the
+number of input rows (an onnx If):
+
+- one row: each bin gathers its inputs from the row with ``torch.gather`` (onnx GatherElements,
+  which onnxruntime runs several times faster per element than Gather), multiplies and sums;
+- several rows: the input is transposed so that each link gathers a whole column of the batch
+  with ``index_select`` (onnx Gather copying contiguous blocks), and the multiply and sum run over
+  those columns. Per row, this is several times faster than gathering element by element.
 """
 from __future__ import annotations
 
@@ -110,16 +116,35 @@ class GatherLinear(nn.Module):
         return sum(rows * width for rows, width in self.shapes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if torch.compiler.is_exporting():
+            y = torch.cond(flat.shape[0] == 1, self._one_row, self._rows, (flat,))
+        else:
+            y = self._one_row(flat) if flat.shape[0] == 1 else self._rows(flat)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _one_row(self, flat: torch.Tensor) -> torch.Tensor:
+        """The product of a single input row (flat is [1, in_features])."""
+        parts = []
+        for b, (rows, width) in enumerate(self.shapes):
+            gathered = torch.gather(flat, 1, getattr(self, f"columns{b}").view(1, -1)).view(rows, width)
+            parts.append((gathered * getattr(self, f"values{b}")).sum(-1))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.reorder:
+            y = torch.gather(y, 0, self.inverse)
+        return y.view(1, -1).expand(flat.shape[0], -1).contiguous()  # [1, out]; as cond's shape and strides
+
+    def _rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The product of any number of input rows, through the transposed input."""
+        columns = flat.t()
         n = flat.shape[0]
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
-            gathered = torch.gather(flat, 1, getattr(self, f"columns{b}").expand(n, -1)).view(-1, rows, width)
-            parts.append((gathered * getattr(self, f"values{b}")).sum(-1))
-        y = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            gathered = columns.index_select(0, getattr(self, f"columns{b}")).view(rows, width, n)
+            parts.append((gathered * getattr(self, f"values{b}").unsqueeze(-1)).sum(1))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.reorder:
-            y = torch.gather(y, 1, self.inverse.expand(n, -1))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            y = y.index_select(0, self.inverse)
+        return y.t().contiguous()  # both branches of the cond return the same layout
