@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import io
 import json
@@ -30,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
@@ -143,7 +145,10 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed).
 
     With CompactLinear layers the exporter's own optimizer stays off: its constant folding would
-    rebuild the dense weights into the file (onnxruntime folds them at load time instead)."""
+    rebuild the dense weights into the file (onnxruntime folds them at load time instead).
+    Identical initializers are stored once (constant folding can turn a buffer used by both
+    branches of a GatherLinear's cond into two copies), and the nodes' debugging metadata (the
+    exporter's fx nodes and Python stack traces, with local paths) is left out."""
     dynamic = _auto_dynamic(model, inputs)
     compact = any(isinstance(m, CompactLinear) for m in model.modules())
     try:
@@ -151,10 +156,32 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
             program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
                                         opset_version=opset, dynamic_shapes=dynamic, verbose=False,
                                         optimize=not compact)
+            _store_once(program.model)
+            for graph in program.model.graphs():
+                for node in graph:
+                    node.metadata_props.clear()
             program.save(str(path))
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {first_line(exc)}" + "".join(
             f"\n  caused by {first_line(cause)}" for cause in _causes(exc))) from exc
+
+
+def _store_once(model) -> None:
+    """Point every use of an initializer equal to an earlier one (dtype, shape and bytes) of the
+    same graph at that one, and drop it (an onnx_ir model, changed in place)."""
+    for graph in model.graphs():
+        kept: dict[tuple, Any] = {}
+        for initializer in tuple(graph.initializers.values()):
+            value = initializer.const_value
+            if value is None or initializer.is_graph_input() or initializer.is_graph_output():
+                continue
+            data = value.numpy()  # (ascontiguousarray would turn a scalar into shape [1])
+            key = (value.dtype, data.shape, hashlib.sha256(np.ascontiguousarray(data).tobytes()).digest())
+            if key in kept and np.array_equal(kept[key].const_value.numpy(), data):
+                initializer.replace_all_uses_with(kept[key])
+                graph.initializers.pop(initializer.name)
+            else:
+                kept.setdefault(key, initializer)
 
 
 def _causes(exc: BaseException) -> list[BaseException]:

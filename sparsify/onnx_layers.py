@@ -104,7 +104,7 @@ class GatherLinear(nn.Module):
             columns[row, slot] = col
             values[row, slot] = weight[rows][row, col]
             self.register_buffer(f"columns{len(self.shapes)}", columns.flatten())
-            self.register_buffer(f"values{len(self.shapes)}", values)
+            self.register_buffer(f"values{len(self.shapes)}", values.unsqueeze(-1))  # [rows, width, 1]
             self.shapes.append((len(rows), width))
             start = end
         self.reorder = not torch.equal(order, torch.arange(self.out_features))
@@ -126,11 +126,14 @@ class GatherLinear(nn.Module):
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _one_row(self, flat: torch.Tensor) -> torch.Tensor:
-        """The product of a single input row (flat is [1, in_features])."""
+        """The product of a single input row (flat is [1, in_features]). Both branches use every
+        buffer in the shape it is stored in: the exporter would store a reshaped buffer a second
+        time. The products are reshaped instead, so the sum runs over the last axis."""
+        row = flat.view(-1)
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
-            gathered = torch.gather(flat, 1, getattr(self, f"columns{b}").view(1, -1)).view(rows, width)
-            parts.append((gathered * getattr(self, f"values{b}")).sum(-1))
+            gathered = torch.gather(row, 0, getattr(self, f"columns{b}")).view(rows, width, 1)
+            parts.append((gathered * getattr(self, f"values{b}")).view(rows, width).sum(-1))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.reorder:
             y = torch.gather(y, 0, self.inverse)
@@ -143,7 +146,7 @@ class GatherLinear(nn.Module):
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
             gathered = columns.index_select(0, getattr(self, f"columns{b}")).view(rows, width, n)
-            parts.append((gathered * getattr(self, f"values{b}").unsqueeze(-1)).sum(1))
+            parts.append((gathered * getattr(self, f"values{b}")).sum(1))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.reorder:
             y = y.index_select(0, self.inverse)
