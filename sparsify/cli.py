@@ -41,8 +41,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true", default=None,
                    help="store layers at most half dense as values + indices inside the ONNX file")
     p.add_argument("--sparse-matmul", action="store_true", default=None,
-                   help="layers at most 10%% dense multiply only their non-zero weights: faster for small "
-                        "batches, slower for large ones (the report gives both latencies)")
+                   help="layers at most 2%% dense multiply only their non-zero weights (the report gives "
+                        "the latencies against the dense export)")
     return p
 
 

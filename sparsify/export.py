@@ -290,9 +290,8 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
 
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
     the checks compare on, by default the example inputs. ``compact`` stores layers at most half
-    dense as values + int32 positions; ``sparse_matmul`` makes layers at most 10% dense multiply
-    only their non-zero weights (faster at small batches, slower at large ones: see the report's
-    latencies). Raises ExportError when a check fails.
+    dense as values + int32 positions; ``sparse_matmul`` makes layers at most 2% dense multiply
+    only their non-zero weights (see the report's latencies). Raises ExportError when a check fails.
     """
     path = Path(path)
     if path.suffix != ".onnx":
@@ -366,13 +365,13 @@ def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
     return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
 
 
-def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int) -> dict:
-    """Each runtime's fastest run on ``inputs`` in seconds, alternating them three times
+def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int, rounds: int = 3) -> dict:
+    """Each runtime's fastest run on ``inputs`` in seconds, alternating them ``rounds`` times
     (``repeat`` runs each in all)."""
     best = {name: float("inf") for name in runtimes}
-    for _ in range(3):
+    for _ in range(rounds):
         for name, runtime in runtimes.items():
-            best[name] = min(best[name], runtime.latency(inputs, max(1, repeat // 3)))
+            best[name] = min(best[name], runtime.latency(inputs, max(1, repeat // rounds)))
     return best
 
 

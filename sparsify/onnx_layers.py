@@ -16,8 +16,9 @@ number of input rows (an onnx If):
 - one row: each bin gathers its inputs from the row with ``torch.gather`` (onnx GatherElements,
   which onnxruntime runs several times faster per element than Gather), multiplies and sums;
 - several rows: the input is transposed so that each link gathers a whole column of the batch
-  with ``index_select`` (onnx Gather copying contiguous blocks), and the multiply and sum run over
-  those columns. Per row, this is several times faster than gathering element by element.
+  with ``index_select`` (onnx Gather copying contiguous blocks), and each neuron multiplies its
+  gathered columns by its weights in one batched matmul. Per row, this is several times faster
+  than gathering element by element.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 COMPACT_DENSITY = 0.5  # above it, values + indices take more room than the dense weight
-GATHER_DENSITY = 0.1  # above it, a gathered product costs more than the dense one (benchmarks/export.py)
+GATHER_DENSITY = 0.02  # above it, the gathered product loses to the dense one at batch 32 (benchmarks/gather_density.py)
 BIN_COST = 1024  # a bin's fixed cost, in gathered elements: onnxruntime's overhead for its 4-5 nodes
 MAX_CUTS = 256  # candidate cut points the search considers (quadratic in them)
 
@@ -104,7 +105,7 @@ class GatherLinear(nn.Module):
             columns[row, slot] = col
             values[row, slot] = weight[rows][row, col]
             self.register_buffer(f"columns{len(self.shapes)}", columns.flatten())
-            self.register_buffer(f"values{len(self.shapes)}", values.unsqueeze(-1))  # [rows, width, 1]
+            self.register_buffer(f"values{len(self.shapes)}", values.unsqueeze(1))  # [rows, 1, width]
             self.shapes.append((len(rows), width))
             start = end
         self.reorder = not torch.equal(order, torch.arange(self.out_features))
@@ -132,7 +133,7 @@ class GatherLinear(nn.Module):
         row = flat.view(-1)
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
-            gathered = torch.gather(row, 0, getattr(self, f"columns{b}")).view(rows, width, 1)
+            gathered = torch.gather(row, 0, getattr(self, f"columns{b}")).view(rows, 1, width)
             parts.append((gathered * getattr(self, f"values{b}")).view(rows, width).sum(-1))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.reorder:
@@ -140,13 +141,14 @@ class GatherLinear(nn.Module):
         return y.view(1, -1).expand(flat.shape[0], -1).contiguous()  # [1, out]; as cond's shape and strides
 
     def _rows(self, flat: torch.Tensor) -> torch.Tensor:
-        """The product of any number of input rows, through the transposed input."""
+        """The product of any number of input rows, through the transposed input: each neuron's
+        gathered columns [width, n] are multiplied by its weights [1, width] in one batched matmul."""
         columns = flat.t()
         n = flat.shape[0]
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
             gathered = columns.index_select(0, getattr(self, f"columns{b}")).view(rows, width, n)
-            parts.append((gathered * getattr(self, f"values{b}")).sum(1))
+            parts.append(torch.matmul(getattr(self, f"values{b}"), gathered).view(rows, n))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         if self.reorder:
             y = y.index_select(0, self.inverse)
