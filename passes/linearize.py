@@ -114,7 +114,7 @@ class SplitMultiheadAttention(nn.Module):
                 weights = weights.squeeze(0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, target, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, target, -1))  # -1: the heads it has (export may drop some)
         if not batched:
             out = out.squeeze(0)
         elif not self.batch_first:

@@ -98,7 +98,7 @@ def test_gated_mlps_of_llama_decoders_shrink_with_rope_and_gqa_attention_intact(
         assert report["hf_config"]["rewritten"] == (len(kept) == 1)
 
 
-@pytest.mark.parametrize("name", ["llama", "hf_llama", "hf_bert", "hf_phi"])
+@pytest.mark.parametrize("name", ["llama", "hf_llama", "hf_bert", "hf_phi", "torch_transformer"])
 def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name):
     module = load_example(name)
     model, x = module.build_model(), module.example_inputs()
@@ -121,6 +121,8 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
     g = torch.Generator().manual_seed(2)
 
     def inputs(batch, length):  # token ids, and an attention mask where the model takes one
+        if name == "torch_transformer":  # nn.TransformerEncoder (split by linearize) on embeddings
+            return (torch.randn(batch, length, 64, generator=g),)
         tokens = torch.randint(0, 100, (batch, length), generator=g)
         return {k: tokens if k == "input_ids" else torch.ones_like(tokens) for k in x} if isinstance(x, dict) \
             else (tokens,)
