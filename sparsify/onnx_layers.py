@@ -5,7 +5,8 @@
   is the dense one.
 - :class:`GatherLinear` never rebuilds the weight: each output neuron gathers the inputs it is
   linked to, multiplies them by its weights and sums. The work follows the links, not the dense
-  shape, which pays off where a dense product is bound by reading its weights: small batches.
+  shape; per link it costs tens of dense multiply-adds, so it pays off in very sparse layers
+  (GATHER_DENSITY), most at small batches, where a dense product is bound by reading its weights.
 
 GatherLinear lays the links out as padded rows (ELLPACK): the neurons, sorted by their number of
 links, are cut into a few bins, each padded only to its own longest row. Where the cuts go is
@@ -130,7 +131,7 @@ class GatherLinear(nn.Module):
         """The product of a single input row (flat is [1, in_features]). Both branches use every
         buffer in the shape it is stored in: the exporter would store a reshaped buffer a second
         time. The products are reshaped instead, so the sum runs over the last axis."""
-        row = flat.view(-1)
+        row = flat.reshape(-1)
         parts = []
         for b, (rows, width) in enumerate(self.shapes):
             gathered = torch.gather(row, 0, getattr(self, f"columns{b}")).view(rows, 1, width)
