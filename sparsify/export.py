@@ -321,11 +321,11 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             pretrained = copy.deepcopy(shrunk)
             transposed_back(pretrained, handle.analysis.linearized)
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
-        one = first_example(checks[0]) if gathered else None
-        if one is not None:  # a gathered layer has its own branch for a single row: check it too
-            checks.append(one)
+        other = _other_rows(checks[0]) if gathered else None
+        if other is not None:  # a gathered layer branches on one row or several: check both
+            checks.append(other)
             with torch.no_grad():
-                reference.append(_tensors(one.call(model)))
+                reference.append(_tensors(other.call(model)))
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
         if torch_diff > TORCH_TOLERANCE:
@@ -363,6 +363,19 @@ def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
         return None
     cut = lambda v: v[:1] if isinstance(v, torch.Tensor) else v  # noqa: E731
     return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
+
+
+def _other_rows(inputs: ExampleInputs) -> ExampleInputs | None:
+    """``inputs`` with another number of rows: their first example, or a single example twice;
+    None when the tensor inputs do not share one batch size."""
+    one = first_example(inputs)
+    if one is not None:
+        return one
+    tensors = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+    if {t.shape[0] if t.dim() else None for t in tensors} != {1}:
+        return None
+    twice = lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return ExampleInputs(tuple(twice(a) for a in inputs.args), {k: twice(v) for k, v in inputs.kwargs.items()})
 
 
 def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int, rounds: int = 3) -> dict:

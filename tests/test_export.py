@@ -257,6 +257,21 @@ def test_sparse_matmul_multiplies_only_the_links_with_parity(tmp_path):
         assert (torch.export.load(str(tmp_path / "m.pt2")).module()(x) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("held_rows", [9, 1])
+def test_sparse_matmul_parity_is_checked_on_one_row_and_on_several(tmp_path, monkeypatch, held_rows):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((64, 128, 64, 64, 10)),
+                                      {**EVERY, "defaults": {"density": 0.015},
+                                       "rules": [{"match": {"regex": "fc[234]"}, "skip": True}]}, torch.randn(2, 64))
+    fed = []
+    run = OnnxModel.run
+    monkeypatch.setattr(OnnxModel, "run", lambda self, inputs: fed.append(inputs.args[0].shape[0]) or run(self, inputs))
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(4, 64),), held_out=[(torch.randn(held_rows, 64),)],
+                           sparse_matmul=True, compare_dense=False, shrink=False)
+    assert report["sparse_matmul"] == ["fc1"]
+    assert sorted(fed) == sorted([held_rows, 1 if held_rows > 1 else 2])  # the If's two branches
+
+
 def test_sparse_matmul_on_a_decoder_with_sequence_inputs(tmp_path):
     module = load_example("llama")
     model, x = module.build_model(), module.example_inputs()
