@@ -7,7 +7,9 @@ a sample of k positions without replacement with probability ∝ score^T, exactl
 by one from ``torch.multinomial`` would give, but with no 2^24 limit on the number of categories.
 
 Keys are made chunk by chunk (``CHUNK`` positions at a time) and the running selection keeps at
-most k + CHUNK keys, so a 4096x11008 layer (45M positions) needs no key tensor of its full size.
+most k + CHUNK keys, so a 4096x11008 layer (45M positions) needs no key tensor of its full size;
+each pass makes a chunk's keys again from the chunk's own generator. A selection of one chunk
+makes its keys once.
 """
 from __future__ import annotations
 
@@ -30,10 +32,19 @@ def top_k(keys_of: KeysOf, n: int, k: int, generator: torch.Generator, chunk: in
     """
     spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     seeds = torch.randint(0, 2**62, (len(spans),), generator=generator).tolist()
+    # One chunk's keys are kept between the passes: making them again (the noise of soft
+    # selection above all) was most of an update's time for layers of a few million positions.
+    kept: list = []
 
     def chunks():
+        if kept:
+            yield kept[0]
+            return
         for (start, end), seed in zip(spans, seeds):
-            yield keys_of(start, end, torch.Generator().manual_seed(seed))
+            keys = keys_of(start, end, torch.Generator().manual_seed(seed))
+            if len(spans) == 1:
+                kept.append(keys)
+            yield keys
 
     if k <= 0:
         return torch.empty(0, dtype=torch.long)

@@ -2,6 +2,7 @@ import ch_definitions as brute
 import pytest
 import torch
 
+from sparsify.topology import regrowth
 from sparsify.topology.regrowth import (REGROWTH_PREDICTORS, ch2_l3n, ch3_l3n, ch3_l3p, gradient_scores,
                                         random_scores, regrow)
 
@@ -24,6 +25,22 @@ def test_matrix_forms_equal_the_definition(name, shape, density, seed):
     assert torch.allclose(got, expected, atol=1e-6, rtol=0)
     assert torch.allclose(fast(mask).double(), expected, atol=1e-5, rtol=1e-6)  # the default fp32
     assert float(got[mask].abs().sum()) == 0.0  # never scores an active position
+
+
+@pytest.mark.parametrize("name", list(CH))
+@pytest.mark.parametrize("shape,density,seed", GRAPHS[::3] + [((60, 70), 0.03, 0), ((90, 40), 0.02, 1)])
+def test_products_on_csr_equal_the_definition(name, shape, density, seed, monkeypatch):
+    # every graph through the CSR products (sparse ones take them by default)
+    monkeypatch.setattr(regrowth, "SPARSE_PRODUCTS", 1.0)
+    fast, slow = CH[name]
+    mask = random_mask(shape, density, seed)
+    assert regrowth._sparse_products(mask)
+    expected = torch.tensor(slow(mask.tolist()), dtype=torch.float64)
+    assert torch.allclose(fast(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
+    assert torch.allclose(fast(mask).double(), expected, atol=1e-5, rtol=1e-6)
+    monkeypatch.setattr(regrowth, "SPARSE_PRODUCTS", 0.0)
+    assert not regrowth._sparse_products(mask)
+    assert torch.allclose(fast(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
 
 
 def test_path_enumeration_in_small_chunks_gives_the_same_scores():
