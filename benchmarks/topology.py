@@ -1,6 +1,8 @@
 """Topology algorithms: time and peak memory, side by side with the bare work they must match.
 
 - CH2-L3n beside the same four fp32 matmuls done bare (A·Aᵀ, F·A, Aᵀ·A, F·Aᵀ): goal ratio ≤ 1.3;
+  and CH2-L3n as it runs, whose products take the mask as CSR at low density, beside the dense
+  products (the density where the CSR products stop paying sets ``SPARSE_PRODUCTS``);
 - CH3-L3p (path-based) beside CH2-L3n on the same mask;
 - soft sampling (regrowth ∝ score, removal ∝ score^T) on a 4096x11008 layer.
 
@@ -25,7 +27,7 @@ import torch
 
 FULL_SHAPES = [(1024, 1024), (1568, 1568), (4096, 11008)]
 QUICK_SHAPES = [(256, 256), (512, 512)]
-DENSITIES = [0.01, 0.05, 0.30]
+DENSITIES = [0.01, 0.02, 0.05, 0.10, 0.30]
 L3P_SHAPE, L3P_DENSITIES = (1024, 1024), [0.01, 0.05]
 
 
@@ -57,6 +59,19 @@ def _bare(mask):
     return s
 
 
+def _dense_products(fn):
+    """``fn`` with the Cannistraci-Hebb products forced dense, whatever the density."""
+    from sparsify.topology import regrowth
+
+    def run():
+        saved, regrowth.SPARSE_PRODUCTS = regrowth.SPARSE_PRODUCTS, 0.0
+        try:
+            return fn()
+        finally:
+            regrowth.SPARSE_PRODUCTS = saved
+    return run
+
+
 def _contender(kind, shape, density):
     """A zero-argument callable doing ``kind`` on a fresh ER mask of ``shape`` at ``density``."""
     from sparsify.topology.regrowth import ch2_l3n, ch3_l3p, regrow
@@ -69,6 +84,8 @@ def _contender(kind, shape, density):
         return lambda: _bare(mask)
     if kind == "CH2_L3n":
         return lambda: ch2_l3n(mask)
+    if kind == "CH2_L3n_dense":
+        return _dense_products(lambda: ch2_l3n(mask))
     if kind == "CH3_L3p":
         return lambda: ch3_l3p(mask)
     if kind == "soft_regrowth":
@@ -129,17 +146,19 @@ def main() -> None:
     print(f"# topology benchmark, {datetime.date.today()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print()
-    print("## CH2-L3n vs the same four matmuls done bare (fp32)")
+    print("## CH2-L3n vs the same four matmuls done bare (fp32); CSR products vs dense ones")
     print()
-    print("| shape (out x in) | density | bare matmuls s | CH2-L3n s | ratio | CH2-L3n peak extra MB |")
-    print("|---|---|---|---|---|---|")
+    print("| shape (out x in) | density | bare matmuls s | CH2-L3n dense products s | ratio | CH2-L3n as run s "
+          "| as run / dense products | CH2-L3n peak extra MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         repeat = 2 if shape[0] * shape[1] > 10**7 else args.repeat
         for density in DENSITIES:
-            t = times(["bare", "CH2_L3n"], shape, density, repeat)
+            t = times(["bare", "CH2_L3n_dense", "CH2_L3n"], shape, density, repeat)
             mem = memory("CH2_L3n", shape, density)
-            print(f"| {shape[0]}x{shape[1]} | {density:.0%} | {t['bare']:.3f} | {t['CH2_L3n']:.3f} | "
-                  f"{t['CH2_L3n'] / t['bare']:.2f} | {mem['peak_mb']:.0f} |", flush=True)
+            print(f"| {shape[0]}x{shape[1]} | {density:.0%} | {t['bare']:.3f} | {t['CH2_L3n_dense']:.3f} | "
+                  f"{t['CH2_L3n_dense'] / t['bare']:.2f} | {t['CH2_L3n']:.3f} | "
+                  f"{t['CH2_L3n'] / t['CH2_L3n_dense']:.2f} | {mem['peak_mb']:.0f} |", flush=True)
     print()
     print("## CH3-L3p (path-based) vs CH2-L3n (node-based), same mask")
     print()

@@ -97,6 +97,7 @@ class Evolution(nn.Module):
         self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("rng_state", generator.get_state())
         self.state = nn.ModuleList(LayerState(layers[n].mask) for n in self.names)
+        self._state_of = dict(zip(self.names, self.state))
         self._optimizers: list[torch.optim.Optimizer] = []
         self._warned: set[tuple[str, str]] = set()
         self._reapply_masks = False
@@ -122,7 +123,7 @@ class Evolution(nn.Module):
         return self._layers[name]
 
     def _state(self, name: str) -> LayerState:
-        return self.state[self.names.index(name)]
+        return self._state_of[name]
 
     def interval(self, name: str) -> int | None:
         """Steps between two updates of ``name`` (None: it never updates)."""
@@ -152,10 +153,10 @@ class Evolution(nn.Module):
 
     def due(self, name: str, step: int) -> bool:
         """Whether ``name`` updates at the end of optimizer step ``step``."""
-        every = self.interval(name)
-        if every is None or bool(self._state(name).frozen):
+        every = self.interval(name)  # checked first: it runs every step, the flag's read costs more
+        if every is None or not (step % every == 0 and 0 < step < self.t_end(name)):
             return False
-        return step % every == 0 and 0 < step < self.t_end(name)
+        return not bool(self._state(name).frozen)
 
     def scheduled_density(self, name: str, step: int) -> float:
         """The density ``name`` has after an update at ``step`` (its final density from its last update)."""
@@ -232,9 +233,11 @@ class Evolution(nn.Module):
         self._armed_for = coming
         for name in self.names:
             layer = self._layers[name]
-            layer.capture_dense_grad = (self.specs[name].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS
-                                        and self.due(name, coming))
-            layer.dense_grad = None
+            capture = self.specs[name].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS and self.due(name, coming)
+            if layer.capture_dense_grad != capture:  # set only on change: a module's setattr is slow
+                layer.capture_dense_grad = capture
+            if layer.dense_grad is not None:
+                layer.dense_grad = None
         return result
 
     @torch.no_grad()
@@ -251,7 +254,7 @@ class Evolution(nn.Module):
         if self._reapply_masks:
             for layer in self._layers.values():
                 layer.apply_mask()
-        self.step_count += 1
+        self.step_count.add_(1)  # in place: no module setattr on every step
         step = int(self.step_count)
         due = [n for n in self.names if self.due(n, step)]
         return self.update(due) if due else None

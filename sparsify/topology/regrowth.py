@@ -21,14 +21,18 @@ import torch
 from sparsify.topology.selection import select
 
 PATH_CHUNK = 1 << 21
-# At or below this density the count and score products take the mask as a CSR matrix (CPU):
-# their cost then follows the links. Measured by benchmarks/topology.py: CH2-L3n 2.2x faster at
-# 1% (1568x1568 and 4096x11008), 1.25x at 5%, slower than the dense products above that.
-SPARSE_PRODUCTS = 0.05
+# At or below this density, on layers of at least SPARSE_PRODUCTS_SIZE positions, the count and
+# score products take the mask as a CSR matrix (CPU): their cost then follows the links.
+# benchmarks/topology.py measures both forms (RESULTS.md): CSR takes 0.47-0.80x the dense time at
+# 1%, 0.70-0.96x at 2%, and 1.02-2.25x at 5%. On smaller layers both take milliseconds and the
+# CSR conversions outweigh the gain.
+SPARSE_PRODUCTS = 0.02
+SPARSE_PRODUCTS_SIZE = 1 << 20
 
 
 def _sparse_products(mask: torch.Tensor) -> bool:
-    return mask.device.type == "cpu" and mask.numel() > 0 and int(mask.sum()) <= SPARSE_PRODUCTS * mask.numel()
+    return (mask.device.type == "cpu" and mask.numel() >= max(SPARSE_PRODUCTS_SIZE, 1)
+            and int(mask.sum()) <= SPARSE_PRODUCTS * mask.numel())
 
 
 def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):

@@ -30,8 +30,9 @@ def test_matrix_forms_equal_the_definition(name, shape, density, seed):
 @pytest.mark.parametrize("name", list(CH))
 @pytest.mark.parametrize("shape,density,seed", GRAPHS[::3] + [((60, 70), 0.03, 0), ((90, 40), 0.02, 1)])
 def test_products_on_csr_equal_the_definition(name, shape, density, seed, monkeypatch):
-    # every graph through the CSR products (sparse ones take them by default)
+    # every graph through the CSR products (by default only large sparse layers take them)
     monkeypatch.setattr(regrowth, "SPARSE_PRODUCTS", 1.0)
+    monkeypatch.setattr(regrowth, "SPARSE_PRODUCTS_SIZE", 0)
     fast, slow = CH[name]
     mask = random_mask(shape, density, seed)
     assert regrowth._sparse_products(mask)
