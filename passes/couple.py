@@ -199,7 +199,8 @@ def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
 
 @dataclass(frozen=True)
 class Attention:
-    """One scaled_dot_product_attention call whose query, key and value each come from one site."""
+    """One scaled_dot_product_attention call whose query, key and value each come from one site
+    (the same site for all three when one layer projects them together, as GPT-2's c_attn does)."""
 
     q: str
     k: str
@@ -723,7 +724,7 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope))
     result.boundaries = prop.boundaries
     for q, k, v in prop.attentions:
-        if len(q) == len(k) == len(v) == 1 and len({q[0], k[0], v[0]}) == 3:
+        if len(q) == len(k) == len(v) == 1:  # one site may be all three (a fused qkv layer)
             attention = Attention(q[0], k[0], v[0])
             if attention not in result.attentions:
                 result.attentions.append(attention)

@@ -19,7 +19,10 @@ together, RoPE pairs included since they stay inside a head. This needs the mode
 count from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do); a model whose
 views fix it fails with fewer heads. So each attention's change is run on the sample inputs and
 kept only when the outputs are unchanged (within 1e-5); otherwise it is undone and the reason
-reported. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
+reported. q, k and v may be runs of one fused layer's rows (GPT-2's c_attn): its kept rows stay in
+their order, and when the model splits the fused output by a width its module holds
+(``split(self.split_size)``), the first integer attribute of that module equal to the old width with
+which the outputs match is set to the new one (the report names it). Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
 with o's columns) would need the views' head size rewritten, and are not shrunk. The residual
 stream is never touched.
 
@@ -77,10 +80,12 @@ class Heads:
     kept: list[int]  # q heads
     kept_kv: list[int]
     folded: int  # groups whose constant output (v's bias) went into o's bias
+    rewritten: dict[str, int] = field(default_factory=dict)  # module attributes set to the new split width
 
     def to_json(self) -> dict:
         return {"layers": list(self.sources), "into": self.dst, "heads": self.heads, "kv_heads": self.kv_heads,
-                "kept": len(self.kept), "kept_kv": len(self.kept_kv), "folded": self.folded}
+                "kept": len(self.kept), "kept_kv": len(self.kept_kv), "folded": self.folded,
+                "rewritten": dict(self.rewritten)}
 
 
 @dataclass
@@ -206,9 +211,20 @@ def _outputs(model: nn.Module, samples: list) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor)]
 
 
+@dataclass
+class _HeadLayout:
+    """Where an attention's heads sit: q, k and v each a run of whole heads at ``offsets`` in their
+    site's rows (one fused site may hold all three, as GPT-2's c_attn does)."""
+
+    o: str
+    head_dim: int
+    share: dict[int, list[int]]  # kv head -> the q heads sharing it
+    offsets: dict[str, int]  # role (q, k, v) -> first row in its site
+
+
 def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.Module]):
-    """(o, why not, head_dim, q heads of each kv head) of an attention: ``why not`` is None when its
-    heads can go, else the reason; None when the attention does not feed a linear layer."""
+    """(o, why not, layout) of an attention: ``why not`` is None when its heads can go, else the
+    reason; None when the attention does not feed a linear layer."""
     dot = next((g for g in coupling.groups if g.kind == "dot" and (g.q, g.k) == (attention.q, attention.k)), None)
     chain = next((g for g in coupling.groups if g.kind == "chain" and g.src == attention.v and "attention" in g.trail),
                  None)
@@ -216,23 +232,62 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
         return None
     o = chain.dst
     if not all(isinstance(layers.get(n), nn.Linear) for n in (attention.q, attention.k, attention.v, o)):
-        return o, "attention: its layers are not plain nn.Linear", 0, {}
-    q, k, v, out = (layers[n] for n in (attention.q, attention.k, attention.v, o))
+        return o, "attention: its layers are not plain nn.Linear", None
+    out = layers[o]
     hd = dot.head_dim
     q_heads, kv_heads, share = dot.heads()
     group_of = {h: g for g, hs in share.items() for h in hs}
-    if (q.out_features != q_heads * hd or k.out_features != kv_heads * hd or v.out_features != kv_heads * hd
-            or out.in_features != q_heads * hd or sorted(group_of) != list(range(q_heads))
-            or sorted(share) != list(range(kv_heads)) or dot.pairs.min() != 0):
-        return o, "attention: its projections are not laid out as whole heads of one size", 0, {}
+    offsets = {"q": int(dot.pairs[:, 0].min()), "k": int(dot.pairs[:, 1].min()),
+               "v": int(chain.mapping.min()) if len(chain.mapping) else 0}
+    widths = {"q": q_heads * hd, "k": kv_heads * hd, "v": kv_heads * hd}
+    sites = {"q": attention.q, "k": attention.k, "v": attention.v}
+    rows: dict[str, list[np.ndarray]] = {}  # site -> the row runs of its roles
+    for role, site in sites.items():
+        rows.setdefault(site, []).append(np.arange(offsets[role], offsets[role] + widths[role]))
+    whole = all(np.array_equal(np.sort(np.concatenate(runs)), np.arange(layers[site].out_features))
+                for site, runs in rows.items())  # every row of each site is one role's, once
+    if (not whole or out.in_features != q_heads * hd or sorted(group_of) != list(range(q_heads))
+            or sorted(share) != list(range(kv_heads))
+            or not np.array_equal(np.unique(dot.pairs[:, 0]), np.arange(offsets["q"], offsets["q"] + widths["q"]))
+            or not np.array_equal(np.unique(dot.pairs[:, 1]), np.arange(offsets["k"], offsets["k"] + widths["k"]))):
+        return o, "attention: its projections are not laid out as whole heads of one size", None
     columns = np.arange(out.in_features)
-    expected = np.array([group_of[j // hd] * hd + j % hd for j in columns])
+    expected = np.array([offsets["v"] + group_of[j // hd] * hd + j % hd for j in columns])
     if not np.array_equal(chain.mapping, expected):
-        return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", 0, {}
-    for site in (attention.q, attention.k, attention.v):
+        return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", None
+    for site in dict.fromkeys(sites.values()):
         if (site, "out") in coupling.boundaries:
-            return o, f"attention: {site}'s output is also read elsewhere", 0, {}
-    return o, None, hd, share
+            return o, f"attention: {site}'s output is also read elsewhere", None
+    return o, None, _HeadLayout(o, hd, share, offsets)
+
+
+def _checked(model: nn.Module, samples: list, reference: list, dead: int) -> str | None:
+    """None when ``model``'s outputs on ``samples`` are within HEAD_TOLERANCE of ``reference``, else why not."""
+    try:
+        diff = max((float((a - b).abs().max()) for a, b in zip(reference, _outputs(model, samples)) if a.numel()),
+                   default=0.0)
+    except Exception as exc:  # the model's own code refused fewer heads
+        return (f"attention: {dead} dead head group(s) kept, the model does not run with fewer heads "
+                f"({first_line(exc)}); read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
+    if not diff <= HEAD_TOLERANCE:
+        return f"attention: {dead} dead head group(s) kept, the outputs moved by {diff:.3g} without them"
+    return None
+
+
+def _split_widths(model: nn.Module, site: str, old: int, new: int, check) -> dict[str, int] | None:
+    """A fused q/k/v layer is split by a width its module holds (GPT-2's ``split_size``): try each
+    integer attribute of the layer's parent equal to ``old`` set to ``new``, alone, and keep the
+    first with which ``check()`` passes. Returns {dotted attribute: new} or None (all restored)."""
+    parent_name = site.rpartition(".")[0]
+    parent = model.get_submodule(parent_name)
+    for attr, value in list(vars(parent).items()):
+        if attr.startswith("_") or type(value) is not int or value != old:
+            continue
+        setattr(parent, attr, new)
+        if check() is None:
+            return {f"{parent_name}.{attr}" if parent_name else attr: new}
+        setattr(parent, attr, old)
+    return None
 
 
 @torch.no_grad()
@@ -243,23 +298,25 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
     reference = None
     for attention in coupling.attentions:
         layers = {n: model.get_submodule(n) for n in coupling.sites.sites}
-        layout = _head_layout(coupling, attention, layers)
-        if layout is None:
+        found = _head_layout(coupling, attention, layers)
+        if found is None:
             continue
-        o, why_not, hd, share = layout
+        o, why_not, layout = found
         if why_not is not None or not samples:
             skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
             continue
-        q, k, v, out = (layers[n] for n in (attention.q, attention.k, attention.v, o))
-        heads_of = {g: _head_rows(hs, hd) for g, hs in share.items()}
+        hd, share, offsets = layout.head_dim, layout.share, layout.offsets
+        sites = {"q": attention.q, "k": attention.k, "v": attention.v}
+        v, out = layers[attention.v], layers[o]
         dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
-        for g, cols in heads_of.items():
-            rows = slice(g * hd, (g + 1) * hd)
+        for g, heads in share.items():
+            cols = _head_rows(heads, hd)
+            rows = slice(offsets["v"] + g * hd, offsets["v"] + (g + 1) * hd)
             if out.weight[:, cols].eq(0).all():
                 dead[g] = None
             elif v.weight[rows].eq(0).all():
                 constant = v.bias is not None and bool(v.bias[rows].ne(0).any())
-                dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(share[g])) if constant else None
+                dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(heads)) if constant else None
         if len(dead) == len(share):  # keep one group: an attention without heads is not a valid model
             dead.pop(min(dead))
         if not dead:
@@ -274,22 +331,30 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         kept = sorted(h for g in kept_kv for h in share[g])
         if reference is None:
             reference = _outputs(model, samples)
-        q_rows, kv_rows = _head_rows(kept, hd), _head_rows(kept_kv, hd)
-        before = {n: layers[n] for n in (attention.q, attention.k, attention.v, o)}
-        replace_module(model, attention.q, _linear(q.weight[q_rows], None if q.bias is None else q.bias[q_rows]))
-        for name, layer in ((attention.k, k), (attention.v, v)):
-            replace_module(model, name, _linear(layer.weight[kv_rows], None if layer.bias is None else layer.bias[kv_rows]))
-        replace_module(model, o, _linear(out.weight[:, q_rows], bias if out.bias is not None or folded else None))
-        why = None
-        try:
-            diff = max((float((a - b).abs().max()) for a, b in zip(reference, _outputs(model, samples)) if a.numel()),
-                       default=0.0)
-            if not diff <= HEAD_TOLERANCE:
-                why = f"attention: {len(dead)} dead head group(s) kept, the outputs moved by {diff:.3g} without them"
-        except Exception as exc:  # the model's own code refused fewer heads
-            why = (f"attention: {len(dead)} dead head group(s) kept, the model does not run with fewer heads "
-                   f"({first_line(exc)}); read the head count "
-                   "from the tensors, e.g. view(B, T, -1, head_dim)")
+        heads_of = {"q": kept, "k": kept_kv, "v": kept_kv}
+        rows_of: dict[str, list[torch.Tensor]] = {}  # site -> its kept rows, role by role
+        for role, site in sites.items():
+            rows_of.setdefault(site, []).append(offsets[role] + _head_rows(heads_of[role], hd))
+        before = {n: layers[n] for n in (*rows_of, o)}
+        for site, parts in rows_of.items():
+            layer, rows = layers[site], torch.cat(parts).sort().values
+            replace_module(model, site, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
+        replace_module(model, o, _linear(out.weight[:, _head_rows(kept, hd)], bias if out.bias is not None or folded else None))
+        check = lambda: _checked(model, samples, reference, len(dead))  # noqa: E731
+        why = check()
+        rewritten: dict[str, int] = {}
+        fused = [site for site in rows_of if len(rows_of[site]) > 1]
+        old_widths = {len(share) * hd if role != "q" else sum(len(h) for h in share.values()) * hd
+                      for role, site in sites.items() if site in fused}
+        if why is not None and len(fused) == 1 and len(old_widths) == 1 and len({len(r) for r in rows_of[fused[0]]}) == 1:
+            # roles of one fused layer, as wide as each other before and after: try its split width
+            old, new = old_widths.pop(), len(rows_of[fused[0]][0])
+            widths = _split_widths(model, fused[0], old, new, check)
+            if widths is not None:
+                why, rewritten = None, widths
+            else:
+                parent = fused[0].rpartition(".")[0] or "the model"
+                why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)
@@ -297,5 +362,5 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             continue
         skipped.pop(o, None)
         done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),
-                          len(share), kept, kept_kv, folded))
+                          len(share), kept, kept_kv, folded, rewritten))
     return done

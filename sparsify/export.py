@@ -493,8 +493,10 @@ def print_report(report: dict) -> None:
             lines.append(f"  {' + '.join(u['layers'])} -> {u['into']}: {u['kept']} of {u['neurons']} neurons kept "
                          f"({u['unused']} unused, {u['folded']} constant folded, {u['zero']} zero)")
         for h in report.get("heads", []):
-            lines.append(f"  {' + '.join(h['layers'])} -> {h['into']}: {h['kept']} of {h['heads']} heads kept "
-                         f"({h['kept_kv']} of {h['kv_heads']} kv heads; {h['folded']} dead groups' bias folded)")
+            layers = ' + '.join(dict.fromkeys(h['layers']))  # a fused qkv layer once
+            split = "".join(f"; {a} set to {w}" for a, w in h.get("rewritten", {}).items())
+            lines.append(f"  {layers} -> {h['into']}: {h['kept']} of {h['heads']} heads kept "
+                         f"({h['kept_kv']} of {h['kv_heads']} kv heads; {h['folded']} dead groups' bias folded{split})")
         for dst, why in report.get("not_shrunk", {}).items():
             lines.append(f"  not shrunk: input of {dst}: {why}")
     if report["compact"]:

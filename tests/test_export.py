@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.export import ExportError, OnnxModel, to_onnx
+from sparsify.export import ExportError, OnnxModel, print_report, to_onnx
 from sparsify.onnx_layers import GatherLinear
 from sparsify.passes.capture import ExampleInputs
 
@@ -156,6 +156,70 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
         assert why.startswith("from_pretrained cannot reload it: its config does not describe the shrunk sizes "
                               "(BertConfig has no head_dim or num_key_value_heads; bert.encoder.layer.0.attention.")
         assert "where the config gives [64, 64]" in why
+
+
+def test_dead_heads_of_a_fused_qkv_layer_go_with_its_split_width(tmp_path, capsys):
+    # GPT-2's c_attn projects q, k and v together and its attention splits them by split_size
+    module = load_example("hf_gpt2")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    with torch.no_grad():
+        fused = handle.sites["transformer.h.0.attn.c_attn"].module  # rows: q 0-63, k 64-127, v 128-191
+        fused.mask[128 + 16:128 + 32] = False  # head 1's v rows have no input: it outputs v's bias
+        fused.apply_mask()
+        fused.bias[128 + 16:128 + 32] = torch.linspace(-1, 1, 16)
+        o = handle.sites["transformer.h.1.attn.c_proj"].module
+        o.mask[:, 48:64] = False  # nothing reads head 3 of the second attention
+        o.apply_mask()
+    g = torch.Generator().manual_seed(3)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    heads = {h["into"]: h for h in report["heads"]}
+    assert {h["kept"] for h in heads.values()} == {3} and len(heads) == 2
+    assert heads["transformer.h.0.attn.c_proj"]["folded"] == 1
+    assert heads["transformer.h.0.attn.c_proj"]["rewritten"] == {"transformer.h.0.attn.split_size": 48}
+    assert heads["transformer.h.1.attn.c_proj"]["rewritten"] == {"transformer.h.1.attn.split_size": 48}
+    print_report(report)
+    assert ("transformer.h.0.attn.c_attn -> transformer.h.0.attn.c_proj: 3 of 4 heads kept (3 of 4 kv heads; "
+            "1 dead groups' bias folded; transformer.h.0.attn.split_size set to 48)") in capsys.readouterr().out
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert (getattr(program(**other), "logits", None) - expected).abs().max() <= 1e-5
+    assert program.state_dict()["transformer.h.0.attn.c_attn.weight"].shape[0] == 144  # q, k and v: 3 * 48
+    assert model.transformer.h[0].attn.split_size == 64  # the trained model is left as it was
+
+
+class FusedFixedHeads(torch.nn.Module):
+    """nanoGPT's attention with scaled_dot_product_attention: q, k and v split from one layer by the
+    residual width, views that fix the head count."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.c_attn, self.c_proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(self.dim, 2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_fused_heads_stay_when_no_split_width_fits(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(FusedFixedHeads(), {**EVERY, "defaults": {"density": 0.5}},
+                                      torch.randn(2, 5, 32))
+    assert handle.coupling.attentions[0].q == handle.coupling.attentions[0].v == "c_attn"
+    kill(handle, columns=[("c_proj", slice(0, 8))])  # nothing reads head 0
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
+    assert report["heads"] == []  # dim = 24 splits, but the views still ask for 4 heads of 8
+    assert report["not_shrunk"]["c_proj"].startswith("attention: 1 dead head group(s) kept, the model does not run "
+                                                     "with fewer heads (RuntimeError: shape")
+    assert report["not_shrunk"]["c_proj"].endswith("; nor with an integer attribute of the model equal to 32 set to 24")
+    assert model.dim == 32 and report["onnxruntime_max_abs_diff"] <= 1e-4
 
 
 class FixedHeads(torch.nn.Module):
