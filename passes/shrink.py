@@ -19,8 +19,9 @@ together, RoPE pairs included since they stay inside a head. This needs the mode
 count from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do); a model whose
 views fix it fails with fewer heads. So each attention's change is run on the sample inputs and
 kept only when the outputs are unchanged (within 1e-5); otherwise it is undone and the reason
-reported. q, k and v may be runs of one fused layer's rows (GPT-2's c_attn): its kept rows stay in
-their order, and when the model splits the fused output by a width its module holds
+reported. q, k and v may be runs of one fused layer's rows (GPT-2's c_attn), or interleaved in it
+head by head (GPT-NeoX): its kept rows stay in their order, and when the model splits the fused
+output by a width its module holds
 (``split(self.split_size)``), the first integer attribute of that module equal to the old width with
 which the outputs match is set to the new one (the report names it). Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
 with o's columns) would need the views' head size rewritten, and are not shrunk. The residual
@@ -213,13 +214,22 @@ def _outputs(model: nn.Module, samples: list) -> list[torch.Tensor]:
 
 @dataclass
 class _HeadLayout:
-    """Where an attention's heads sit: q, k and v each a run of whole heads at ``offsets`` in their
-    site's rows (one fused site may hold all three, as GPT-2's c_attn does)."""
+    """Where an attention's heads sit: the rows of each q head, and of each kv head's k and v, in
+    their sites. Separate layers, runs of one fused layer (GPT-2's c_attn) and heads interleaved in
+    one (GPT-NeoX's q, k, v of head 0, then of head 1, ...) are all blocks of rows."""
 
     o: str
     head_dim: int
     share: dict[int, list[int]]  # kv head -> the q heads sharing it
-    offsets: dict[str, int]  # role (q, k, v) -> first row in its site
+    blocks: dict[str, list[np.ndarray]]  # role (q, k, v) -> rows of each of its heads, in head order
+
+
+def _blocks(features: np.ndarray, head_dim: int) -> list[np.ndarray] | None:
+    """Sorted features cut into heads: runs of ``head_dim`` consecutive rows, or None."""
+    if len(features) == 0 or len(features) % head_dim:
+        return None
+    runs = np.sort(features).reshape(-1, head_dim)
+    return list(runs) if np.all(np.diff(runs, axis=1) == 1) else None
 
 
 def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.Module]):
@@ -233,32 +243,39 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     o = chain.dst
     if not all(isinstance(layers.get(n), nn.Linear) for n in (attention.q, attention.k, attention.v, o)):
         return o, "attention: its layers are not plain nn.Linear", None
-    out = layers[o]
-    hd = dot.head_dim
-    q_heads, kv_heads, share = dot.heads()
+    out, hd = layers[o], dot.head_dim
+    not_heads = (o, "attention: its projections are not laid out as whole heads of one size", None)
+    q_blocks, k_blocks = _blocks(np.unique(dot.pairs[:, 0]), hd), _blocks(np.unique(dot.pairs[:, 1]), hd)
+    if q_blocks is None or k_blocks is None or out.in_features != len(q_blocks) * hd:
+        return not_heads
+    q_head = {int(r): i for i, b in enumerate(q_blocks) for r in b}
+    k_head = {int(r): i for i, b in enumerate(k_blocks) for r in b}
+    share_sets: dict[int, set[int]] = {}
+    for qf, kf in dot.pairs:
+        share_sets.setdefault(k_head[int(kf)], set()).add(q_head[int(qf)])
+    share = {g: sorted(share_sets[g]) for g in sorted(share_sets)}
+    if sorted(h for hs in share.values() for h in hs) != list(range(len(q_blocks))) or len(share) != len(k_blocks):
+        return not_heads  # each q head reads exactly one kv head
     group_of = {h: g for g, hs in share.items() for h in hs}
-    offsets = {"q": int(dot.pairs[:, 0].min()), "k": int(dot.pairs[:, 1].min()),
-               "v": int(chain.mapping.min()) if len(chain.mapping) else 0}
-    widths = {"q": q_heads * hd, "k": kv_heads * hd, "v": kv_heads * hd}
+    # o's columns of q head i read the v rows of i's kv head, a run of head_dim rows per kv head
+    v_blocks: dict[int, np.ndarray] = {}
+    for i in range(len(q_blocks)):
+        rows = chain.mapping[i * hd:(i + 1) * hd]
+        if rows.min() < 0 or not np.all(np.diff(rows) == 1) or not np.array_equal(
+                v_blocks.setdefault(group_of[i], rows), rows):
+            return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", None
+    blocks = {"q": q_blocks, "k": k_blocks, "v": [v_blocks[g] for g in range(len(k_blocks))]}
     sites = {"q": attention.q, "k": attention.k, "v": attention.v}
-    rows: dict[str, list[np.ndarray]] = {}  # site -> the row runs of its roles
+    rows_of: dict[str, list[np.ndarray]] = {}
     for role, site in sites.items():
-        rows.setdefault(site, []).append(np.arange(offsets[role], offsets[role] + widths[role]))
-    whole = all(np.array_equal(np.sort(np.concatenate(runs)), np.arange(layers[site].out_features))
-                for site, runs in rows.items())  # every row of each site is one role's, once
-    if (not whole or out.in_features != q_heads * hd or sorted(group_of) != list(range(q_heads))
-            or sorted(share) != list(range(kv_heads))
-            or not np.array_equal(np.unique(dot.pairs[:, 0]), np.arange(offsets["q"], offsets["q"] + widths["q"]))
-            or not np.array_equal(np.unique(dot.pairs[:, 1]), np.arange(offsets["k"], offsets["k"] + widths["k"]))):
-        return o, "attention: its projections are not laid out as whole heads of one size", None
-    columns = np.arange(out.in_features)
-    expected = np.array([offsets["v"] + group_of[j // hd] * hd + j % hd for j in columns])
-    if not np.array_equal(chain.mapping, expected):
-        return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", None
-    for site in dict.fromkeys(sites.values()):
+        rows_of.setdefault(site, []).extend(blocks[role])
+    if not all(np.array_equal(np.sort(np.concatenate(runs)), np.arange(layers[site].out_features))
+               for site, runs in rows_of.items()):  # every row of each site is one head's, once
+        return not_heads
+    for site in rows_of:
         if (site, "out") in coupling.boundaries:
             return o, f"attention: {site}'s output is also read elsewhere", None
-    return o, None, _HeadLayout(o, hd, share, offsets)
+    return o, None, _HeadLayout(o, hd, share, blocks)
 
 
 def _checked(model: nn.Module, samples: list, reference: list, dead: int) -> str | None:
@@ -305,13 +322,13 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         if why_not is not None or not samples:
             skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
             continue
-        hd, share, offsets = layout.head_dim, layout.share, layout.offsets
+        hd, share, blocks = layout.head_dim, layout.share, layout.blocks
         sites = {"q": attention.q, "k": attention.k, "v": attention.v}
         v, out = layers[attention.v], layers[o]
         dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
         for g, heads in share.items():
             cols = _head_rows(heads, hd)
-            rows = slice(offsets["v"] + g * hd, offsets["v"] + (g + 1) * hd)
+            rows = torch.as_tensor(blocks["v"][g])
             if out.weight[:, cols].eq(0).all():
                 dead[g] = None
             elif v.weight[rows].eq(0).all():
@@ -334,7 +351,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         heads_of = {"q": kept, "k": kept_kv, "v": kept_kv}
         rows_of: dict[str, list[torch.Tensor]] = {}  # site -> its kept rows, role by role
         for role, site in sites.items():
-            rows_of.setdefault(site, []).append(offsets[role] + _head_rows(heads_of[role], hd))
+            rows_of.setdefault(site, []).append(torch.as_tensor(np.concatenate([blocks[role][h] for h in heads_of[role]])))
         before = {n: layers[n] for n in (*rows_of, o)}
         for site, parts in rows_of.items():
             layer, rows = layers[site], torch.cat(parts).sort().values

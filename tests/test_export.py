@@ -158,38 +158,45 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
         assert "where the config gives [64, 64]" in why
 
 
-def test_dead_heads_of_a_fused_qkv_layer_go_with_its_split_width(tmp_path, capsys):
-    # GPT-2's c_attn projects q, k and v together and its attention splits them by split_size
-    module = load_example("hf_gpt2")
+@pytest.mark.parametrize("name,qkv,o,v_rows,split", [
+    # GPT-2: rows q 0-63, k 64-127, v 128-191, split by the attention's split_size
+    ("hf_gpt2", "transformer.h.{}.attn.c_attn", "transformer.h.{}.attn.c_proj", slice(144, 160),
+     "transformer.h.{}.attn.split_size"),
+    # GPT-NeoX: q, k, v of head 0 in rows 0-47, of head 1 in 48-95, ...; viewed as (-1, 3 * head_size)
+    ("hf_gpt_neox", "gpt_neox.layers.{}.attention.query_key_value", "gpt_neox.layers.{}.attention.dense",
+     slice(80, 96), None)])
+def test_dead_heads_of_a_fused_qkv_layer_go(tmp_path, capsys, name, qkv, o, v_rows, split):
+    module = load_example(name)
     model, x = module.build_model(), module.example_inputs()
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
     with torch.no_grad():
-        fused = handle.sites["transformer.h.0.attn.c_attn"].module  # rows: q 0-63, k 64-127, v 128-191
-        fused.mask[128 + 16:128 + 32] = False  # head 1's v rows have no input: it outputs v's bias
+        fused = handle.sites[qkv.format(0)].module
+        fused.mask[v_rows] = False  # head 1's v rows have no input: it outputs v's bias
         fused.apply_mask()
-        fused.bias[128 + 16:128 + 32] = torch.linspace(-1, 1, 16)
-        o = handle.sites["transformer.h.1.attn.c_proj"].module
-        o.mask[:, 48:64] = False  # nothing reads head 3 of the second attention
-        o.apply_mask()
+        fused.bias[v_rows] = torch.linspace(-1, 1, 16)
+        out = handle.sites[o.format(1)].module
+        out.mask[:, 48:64] = False  # nothing reads head 3 of the second attention
+        out.apply_mask()
     g = torch.Generator().manual_seed(3)
     report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
                            compare_dense=False)
     heads = {h["into"]: h for h in report["heads"]}
     assert {h["kept"] for h in heads.values()} == {3} and len(heads) == 2
-    assert heads["transformer.h.0.attn.c_proj"]["folded"] == 1
-    assert heads["transformer.h.0.attn.c_proj"]["rewritten"] == {"transformer.h.0.attn.split_size": 48}
-    assert heads["transformer.h.1.attn.c_proj"]["rewritten"] == {"transformer.h.1.attn.split_size": 48}
+    assert heads[o.format(0)]["folded"] == 1
+    for i in range(2):
+        assert heads[o.format(i)]["rewritten"] == ({split.format(i): 48} if split else {})
     print_report(report)
-    assert ("transformer.h.0.attn.c_attn -> transformer.h.0.attn.c_proj: 3 of 4 heads kept (3 of 4 kv heads; "
-            "1 dead groups' bias folded; transformer.h.0.attn.split_size set to 48)") in capsys.readouterr().out
+    assert (f"{qkv.format(0)} -> {o.format(0)}: 3 of 4 heads kept (3 of 4 kv heads; 1 dead groups' bias folded"
+            + (f"; {split.format(0)} set to 48)" if split else ")")) in capsys.readouterr().out
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
     expected = reference(model, other)
     assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
     program = torch.export.load(str(tmp_path / "m.pt2")).module()
     assert (getattr(program(**other), "logits", None) - expected).abs().max() <= 1e-5
-    assert program.state_dict()["transformer.h.0.attn.c_attn.weight"].shape[0] == 144  # q, k and v: 3 * 48
-    assert model.transformer.h[0].attn.split_size == 64  # the trained model is left as it was
+    assert program.state_dict()[qkv.format(0) + ".weight"].shape[0] == 144  # q, k and v of 3 heads: 3 * 48
+    if split:
+        assert model.transformer.h[0].attn.split_size == 64  # the trained model is left as it was
 
 
 class FusedFixedHeads(torch.nn.Module):
