@@ -8,8 +8,8 @@ by one from ``torch.multinomial`` would give, but with no 2^24 limit on the numb
 
 Keys are made chunk by chunk (``CHUNK`` positions at a time) and the running selection keeps at
 most k + CHUNK keys, so a 4096x11008 layer (45M positions) needs no key tensor of its full size;
-each pass makes a chunk's keys again from the chunk's own generator. A selection of one chunk
-makes its keys once.
+the first pass keeps each chunk's k largest keys (and their ties), the only ones the later passes
+need, and makes the keys again from the chunk's own generator only when those exceed 2 chunks.
 """
 from __future__ import annotations
 
@@ -32,35 +32,42 @@ def top_k(keys_of: KeysOf, n: int, k: int, generator: torch.Generator, chunk: in
     """
     spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     seeds = torch.randint(0, 2**62, (len(spans),), generator=generator).tolist()
-    # One chunk's keys are kept between the passes: making them again (the noise of soft
-    # selection above all) was most of an update's time for layers of a few million positions.
-    kept: list = []
 
     def chunks():
-        if kept:
-            yield kept[0]
-            return
         for (start, end), seed in zip(spans, seeds):
-            keys = keys_of(start, end, torch.Generator().manual_seed(seed))
-            if len(spans) == 1:
-                kept.append(keys)
-            yield keys
+            yield keys_of(start, end, torch.Generator().manual_seed(seed))
 
     if k <= 0:
         return torch.empty(0, dtype=torch.long)
-    # Pass 1: the k-th largest key (the threshold).
+    # Pass 1: the k-th largest key (the threshold). Every position the later passes look at (above
+    # the threshold or tied with it) is among its chunk's k largest keys and their ties: these
+    # candidates are kept while they fit in 2 chunks, so the keys (an exponential draw and a log
+    # per position in soft selection) are made once instead of once per pass.
     best = torch.empty(0, dtype=torch.float64)
     eligible = 0
-    for keys, _ in chunks():
+    candidates: list | None = []
+    held = 0
+    for keys, idx in chunks():
         eligible += keys.numel()
-        best = torch.cat([best, keys.double()])
+        keys = keys.double()
+        if keys.numel() > k:
+            top = torch.topk(keys, k, sorted=False).values
+            keep = keys >= top.min()
+            keys, idx = keys[keep], idx[keep]
+        else:
+            top = keys
+        best = torch.cat([best, top])
         if best.numel() > k:
             best = torch.topk(best, k, sorted=False).values
+        if candidates is not None:
+            held += keys.numel()
+            candidates = candidates + [(keys, idx)] if held <= 2 * chunk else None
     if eligible < k:
         raise ValueError(f"cannot choose {k} positions: only {eligible} are eligible")
     threshold = best.min()
+    again = (lambda: candidates) if candidates is not None else chunks  # noqa: E731
     # Pass 2: everything strictly above the threshold is chosen.
-    above = [idx[keys.double() > threshold] for keys, idx in chunks()]
+    above = [idx[keys.double() > threshold] for keys, idx in again()]
     chosen = torch.cat(above)
     need = k - chosen.numel()
     if need == 0:
@@ -69,7 +76,7 @@ def top_k(keys_of: KeysOf, n: int, k: int, generator: torch.Generator, chunk: in
     tie_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     pri = torch.empty(0)
     pri_idx = torch.empty(0, dtype=torch.long)
-    for keys, idx in chunks():
+    for keys, idx in again():
         tied = idx[keys.double() == threshold]
         pri = torch.cat([pri, torch.rand(tied.numel(), generator=tie_gen)])
         pri_idx = torch.cat([pri_idx, tied])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsify.topology.selection import select
+from sparsify.topology.selection import select, top_k
 
 
 def gen(seed=0):
@@ -110,3 +110,24 @@ def test_beyond_multinomial_category_limit_in_chunks():
     scores[-5:] = 1e6  # heavy items must almost surely be in the sample
     chosen = select(scores, 1000, gen(), temperature=1.0)
     assert int(chosen.sum()) == 1000 and bool(chosen[-5:].all())
+
+
+@pytest.mark.parametrize("k,passes", [(50, 1), (3000, 3)])
+def test_keys_are_made_once_when_each_chunks_best_fit(k, passes):
+    # 10 chunks of 1,000: the chunks' 50 best fit in 2 chunks and are all the later passes need;
+    # their 3,000 best do not, and the keys are made again for the keys above the k-th and for the
+    # k-th itself (the tie pass)
+    made: dict[int, torch.Tensor] = {}
+    calls = []
+
+    def keys_of(start, end, gen):
+        calls.append(start)
+        keys = torch.rand(end - start, generator=gen, dtype=torch.float64)
+        assert start not in made or torch.equal(made[start], keys)  # made again, the same
+        made[start] = keys
+        return keys, torch.arange(start, end)
+
+    chosen = top_k(keys_of, 10_000, k, torch.Generator().manual_seed(0), chunk=1000)
+    assert len(calls) == 10 * passes
+    every = torch.cat([made[s] for s in sorted(made)])
+    assert torch.equal(chosen, torch.topk(every, k).indices.sort().values)
