@@ -21,9 +21,9 @@ views fix it fails with fewer heads. So each attention's change is run on the sa
 kept only when the outputs are unchanged (within 1e-5); otherwise it is undone and the reason
 reported. q, k and v may be runs of one fused layer's rows (GPT-2's c_attn), or interleaved in it
 head by head (GPT-NeoX): its kept rows stay in their order, and when the model splits the fused
-output by a width its module holds
-(``split(self.split_size)``), the first integer attribute of that module equal to the old width with
-which the outputs match is set to the new one (the report names it). Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
+output by a width its module holds (``split(self.split_size)``), the first integer attribute of
+that module equal to the old width with which the outputs match is set to the new one (the report
+names it). Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
 with o's columns) would need the views' head size rewritten, and are not shrunk. The residual
 stream is never touched.
 

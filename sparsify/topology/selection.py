@@ -59,9 +59,11 @@ def top_k(keys_of: KeysOf, n: int, k: int, generator: torch.Generator, chunk: in
         best = torch.cat([best, top])
         if best.numel() > k:
             best = torch.topk(best, k, sorted=False).values
-        if candidates is not None:
-            held += keys.numel()
-            candidates = candidates + [(keys, idx)] if held <= 2 * chunk else None
+        held += keys.numel()
+        if candidates is not None and held <= 2 * chunk:
+            candidates.append((keys, idx))
+        else:
+            candidates = None  # too many to keep: the later passes make the keys again
     if eligible < k:
         raise ValueError(f"cannot choose {k} positions: only {eligible} are eligible")
     threshold = best.min()
