@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.topology import bits
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -32,7 +33,7 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """CSR of the mask, CSR of its transpose, and the order taking row-major values to the transpose's."""
     out_features, in_features = mask.shape
-    rows, cols = mask.nonzero(as_tuple=True)  # row-major
+    rows, cols = bits.coordinates(mask)  # row-major
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
     order = torch.argsort(cols * out_features + rows)
@@ -173,10 +174,13 @@ class CsrLinear(nn.Module):
         """Adopt ``mask``: kept links keep their value, regrown ones start at 0. Returns, for each new
         link, the index of its old value (-1 for a new link), for :meth:`remap_state`."""
         mask = mask.to(self.mask.device, torch.bool)
-        old_index = torch.full((self.out_features, self.in_features), -1, dtype=torch.int64, device=mask.device)
-        old_index[self.mask] = torch.arange(int(self.mask.sum()), device=mask.device)
-        source = old_index[mask]
-        source[regrown.to(mask.device)[mask]] = -1
+        old = self._csr["rows"] * self.in_features + self._csr["col"].long()  # row-major, ascending
+        new = bits.flat_indices(mask).to(mask.device)
+        source = torch.full_like(new, -1)
+        if old.numel():
+            at = torch.searchsorted(old, new).clamp_max_(old.numel() - 1)
+            source = torch.where(old[at] == new, at, source)
+        source[regrown.to(mask.device).reshape(-1)[new]] = -1
         grad = None if self.values.grad is None else self._gather(self.values.grad, source)
         if source.shape[0] == self.values.shape[0]:
             self.values.data = self._gather(self.values.data, source)

@@ -39,6 +39,7 @@ from torch import nn
 from sparsify.errors import SparsifyError
 from sparsify.policy import LayerSpec
 from sparsify.sparse_linear import SparseLinear
+from sparsify.topology import bits
 from sparsify.topology.init import link_count
 from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rate
 from sparsify.topology.percolation import NeuronGraph, percolate
@@ -308,7 +309,7 @@ class Evolution(nn.Module):
             target = link_count(layer.out_features, layer.in_features, density)
             row = rows[name] = {"scheduled_density": density, "pruned": 0, "removed": 0,
                                 "percolated_links": 0, "percolated_neurons": 0}
-            active = int(mask.sum())
+            active = bits.count(mask)
             if active > target:  # gradual pruning down to the scheduled density
                 decay = spec.density_decay
                 scores = self._scores(decay["score"], name, mask, {"alpha": 0.0 if decay["score"] == "RI" else None})
@@ -316,7 +317,7 @@ class Evolution(nn.Module):
                 row["pruned"] = active - target
             t_end = self.t_end(name)
             zeta = ZETA_SCHEDULES[spec.removal["zeta_schedule"]](step, t_end, spec.removal["zeta"])
-            count = int(round(zeta * int(mask.sum())))
+            count = int(round(zeta * bits.count(mask)))
             row["zeta"] = zeta
             if count:
                 removal = spec.removal
@@ -332,16 +333,15 @@ class Evolution(nn.Module):
         if percolating:
             result = percolate({n: masks[n] for n in percolating}, self._graph(percolating))
             for n in percolating:
-                rows[n]["percolated_links"] = int(result.removed[n].sum())
+                rows[n]["percolated_links"] = bits.count(result.removed[n])
                 rows[n]["percolated_neurons"] = _emptied(masks[n].cpu(), result.masks[n].cpu())
                 masks[n] = result.masks[n].to(masks[n].device)
         kept, regrown = dict(masks), {}
         for name in names:
             spec, layer, mask = self.specs[name], self._layers[name], masks[name]
-            need = rows[name].pop("target") - int(mask.sum())
+            need = rows[name].pop("target") - bits.count(mask)
             if need > 0:
-                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, weight=layer.weight.detach(),
-                                                                         grad=grads.get(name))
+                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, grad=grads.get(name))
                 grown = regrow(mask, scores, need, generator, mode=spec.regrowth["mode"])
             else:
                 grown = mask
@@ -439,10 +439,10 @@ class Evolution(nn.Module):
         for name in names:
             mask = self._layers[name].mask
             layers[name] = {
-                "density": int(mask.sum()) / mask.numel(),
-                "links": int(mask.sum()),
+                "density": bits.count(mask) / mask.numel(),
+                "links": bits.count(mask),
                 **rows[name],
-                "regrown": int(regrown[name].sum()),
+                "regrown": bits.count(regrown[name]),
                 "overlap": overlap_rate(before[name] & ~kept[name], regrown[name]),
                 "itop": itop_rate(self._state(name).ever),
             }
@@ -464,7 +464,7 @@ class Evolution(nn.Module):
 
 def _emptied(before: torch.Tensor, after: torch.Tensor) -> int:
     """Rows and columns that had links in ``before`` and have none in ``after``."""
-    return int((before.any(1) & ~after.any(1)).sum()) + int((before.any(0) & ~after.any(0)).sum())
+    return sum(bits.count(bits.any_along(before, d) & ~bits.any_along(after, d)) for d in (0, 1))
 
 
 def describe_spec(spec: LayerSpec) -> str:

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsify.topology import bits
+
 
 def _check_backend(backend: str) -> None:
     if backend != "masked":
@@ -168,7 +170,7 @@ class SparseLinear(nn.Module):
 
     @property
     def active_links(self) -> int:
-        return int(self.mask.sum())
+        return bits.count(self.mask)
 
     @property
     def density(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsify.topology import bits
 from sparsify.topology.percolation import NeuronGraph
 
 
@@ -20,8 +21,8 @@ def active_neuron_rate(masks: dict[str, torch.Tensor], graph: NeuronGraph | None
     """
     active = total = 0
     for name, mask in masks.items():
-        rows = mask.any(1)
-        cols = mask.any(0)
+        rows = bits.any_along(mask, 1)
+        cols = bits.any_along(mask, 0)
         if graph is not None:
             fed = torch.zeros(mask.shape[1], dtype=torch.bool)
             for c in graph.chains:
@@ -57,8 +58,8 @@ def overlap_rate(removed: torch.Tensor, regrown: torch.Tensor) -> float:
     >>> overlap_rate(torch.tensor([True, True, False]), torch.tensor([True, False, True]))
     0.5
     """
-    grown = int(regrown.sum())
-    return int((removed & regrown).sum()) / grown if grown else 0.0
+    grown = bits.count(regrown)
+    return bits.count(removed & regrown) / grown if grown else 0.0
 
 
 def degrees(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from sparsify.topology import bits
+
 
 @dataclass(frozen=True)
 class Chain:
@@ -126,7 +128,7 @@ class Percolation:
 
     @property
     def removed_links(self) -> dict[str, int]:
-        return {s: int(r.sum()) for s, r in self.removed.items()}
+        return {s: bits.count(r) for s, r in self.removed.items()}
 
     @property
     def total_removed(self) -> int:
@@ -181,7 +183,7 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
     iterations = 0
     while True:
         iterations += 1
-        live_in = {n: _or_paired(m.any(1), graph.paired.get(n)) for n, m in current.items()}
+        live_in = {n: _or_paired(bits.any_along(m, 1), graph.paired.get(n)) for n, m in current.items()}
         signal = {n: v.clone() for n, v in live_in.items()}
         for p in graph.products:
             both = live_in[p.a][p.pairs[:, 0]] & live_in[p.b][p.pairs[:, 1]]
@@ -190,7 +192,7 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
         fed = {n: v.clone() for n, v in always_fed.items()}
         for c in graph.chains:
             fed[c.dst] |= _scatter_or(len(fed[c.dst]), c.columns, signal[c.src][c.rows])
-        has_out = {n: m.any(0) for n, m in current.items()}
+        has_out = {n: bits.any_along(m, 0) for n, m in current.items()}
         used = {n: torch.full((shape[0],), n in graph.open_outputs) for n, shape in graph.shapes.items()}
         for c in graph.chains:
             used[c.src] |= _scatter_or(len(used[c.src]), c.rows, has_out[c.dst][c.columns])
@@ -202,8 +204,8 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
             cols = fed[n]
             rows = _or_paired(used[n], graph.paired.get(n))
             new = m & cols[None, :] & rows[:, None]
-            silent[n] |= ~cols & m.any(0)
-            if not torch.equal(new, m):
+            silent[n] |= ~cols & has_out[n]
+            if bits.count(new) != bits.count(m):  # new is m with links taken away, or m
                 current[n] = new
                 changed = True
         if not changed:

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 
+from sparsify.topology import bits
 from sparsify.topology.selection import select
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 PATH_CHUNK = 1 << 21
 # At or below this density, on layers of at least SPARSE_PRODUCTS_SIZE positions, the count and
@@ -32,7 +36,7 @@ SPARSE_PRODUCTS_SIZE = 1 << 20
 
 def _sparse_products(mask: torch.Tensor) -> bool:
     return (mask.device.type == "cpu" and mask.numel() >= max(SPARSE_PRODUCTS_SIZE, 1)
-            and int(mask.sum()) <= SPARSE_PRODUCTS * mask.numel())
+            and bits.count(mask) <= SPARSE_PRODUCTS * mask.numel())
 
 
 def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):
@@ -43,9 +47,27 @@ def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):
     if not sparse:
         with _exact_matmul(a.device):
             return a @ a.t(), a.t() @ a, None, None
-    a_t = a.t().contiguous()
-    rows, cols = a.to_sparse_csr(), a_t.to_sparse_csr()  # [out, in], [in, out]
+    out_features, in_features = mask.shape
+    r, c = bits.coordinates(mask)  # row-major
+    a_t = torch.zeros(in_features, out_features, dtype=a.dtype)  # from the indices: copying a.t() reads strided
+    a_t.view(-1)[c * out_features + r] = 1.0
+    rows, cols = _csr_pair(r, c, mask.shape, a.dtype)  # [out, in], [in, out]
     return rows @ a_t, cols @ a, rows, cols
+
+
+def _csr_pair(r: torch.Tensor, c: torch.Tensor, shape: tuple[int, int],
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mask and its transpose as CSR matrices of ones, from the mask's row-major coordinates."""
+    out_features, in_features = shape
+    order = torch.argsort(c * out_features + r)  # column-major
+    ones = torch.ones(c.numel(), dtype=dtype)
+
+    def csr(major, minor, size):
+        crow = torch.zeros(size[0] + 1, dtype=torch.int64)
+        crow[1:] = torch.cumsum(torch.bincount(major, minlength=size[0]), 0)
+        return torch.sparse_csr_tensor(crow, minor, ones, size, check_invariants=False)
+
+    return csr(r, c, (out_features, in_features)), csr(c[order], r[order], (in_features, out_features))
 
 
 def random_scores(mask: torch.Tensor, *, weight: torch.Tensor | None = None,
@@ -84,13 +106,16 @@ def _exact_matmul(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _node_terms(common: torch.Tensor, degree: torch.Tensor, numerator_di: bool) -> torch.Tensor:
+def _node_terms(common: torch.Tensor, degree: torch.Tensor, numerator_di: bool,
+                transposed: bool = False) -> torch.Tensor:
     """From ``common`` [seed, z] = |N(seed) ∩ N(z)| (di_z): (1+di)/(1+de) or 1/(1+de) where di > 0.
 
     1 + de_z = deg(z) − di_z (the link to the seed is the −1), at least 1. Nodes off the local
     community (di = 0) get 1 + de = inf, so their term is exactly 0. Reuses ``common``'s memory.
+    ``common`` is symmetric, so ``transposed`` gives the terms as [z, seed] without a copy.
     """
-    external = torch.sub(degree[None, :], common).clamp_min_(1)  # 1 + de_z
+    degree = degree[:, None] if transposed else degree[None, :]
+    external = torch.sub(degree, common).clamp_min_(1)  # 1 + de_z
     external.masked_fill_(common == 0, math.inf)
     if numerator_di:
         return common.add_(1).div_(external)
@@ -102,13 +127,14 @@ def _node_based(mask: torch.Tensor, numerator_di: bool, dtype: torch.dtype) -> t
     a = mask.to(dtype)  # [out, in]
     sparse = _sparse_products(mask)
     common_out, common_in, rows, cols = _common_neighbours(mask, a, sparse)
-    f_out = _node_terms(common_out, a.sum(1), numerator_di)  # [u, v]: v an output neuron
-    f_in = _node_terms(common_in, a.sum(0), numerator_di)  # [j, b]: b an input neuron
+    # f_out [u, v]: v an output neuron; f_in [j, b]: b an input neuron (as [b, j] for CSR products)
+    f_out = _node_terms(common_out, a.sum(1), numerator_di, transposed=sparse)
+    f_in = _node_terms(common_in, a.sum(0), numerator_di, transposed=sparse)
     del common_out, common_in
     if sparse:  # the same two products, with A on the left as CSR
-        scores = rows @ f_in.t().contiguous()  # Σ_{b ∈ N(u)} F[j, b]
+        scores = rows @ f_in  # Σ_{b ∈ N(u)} F[j, b]
         del f_in
-        scores.add_((cols @ f_out.t().contiguous()).t())  # + Σ_{v ∈ N(j)} F[u, v]
+        scores.add_((cols @ f_out).t())  # + Σ_{v ∈ N(j)} F[u, v]
         return scores.masked_fill_(mask, 0.0)
     with _exact_matmul(a.device):
         scores = f_out @ a  # Σ_{v ∈ N(j)} F[u, v]
@@ -235,7 +261,7 @@ def regrow(mask: torch.Tensor, scores: torch.Tensor, count: int, generator: torc
     if count <= 0:
         return mask.clone()
     inactive = ~mask
-    free = int(inactive.sum())
+    free = bits.count(inactive)
     if count > free:
         raise ValueError(f"cannot grow {count} links: only {free} positions are inactive")
     grown = select(scores.float(), count, generator, eligible=inactive,

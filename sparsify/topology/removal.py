@@ -19,7 +19,7 @@ def magnitude(weight: torch.Tensor, mask: torch.Tensor, *, grad: torch.Tensor | 
     >>> magnitude(torch.tensor([[-2., 1.], [0.5, 3.]]), torch.tensor([[True, True], [False, True]])).tolist()
     [[2.0, 1.0], [0.0, 3.0]]
     """
-    return weight.detach().abs() * mask
+    return torch.where(mask, weight.detach().abs(), 0.0)
 
 
 def relative_importance(weight: torch.Tensor, mask: torch.Tensor, *, grad: torch.Tensor | None = None,

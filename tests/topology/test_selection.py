@@ -131,3 +131,43 @@ def test_keys_are_made_once_when_each_chunks_best_fit(k, passes):
     assert len(calls) == 10 * passes
     every = torch.cat([made[s] for s in sorted(made)])
     assert torch.equal(chosen, torch.topk(every, k).indices.sort().values)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 2.0, math.inf])
+@pytest.mark.parametrize("eligible", [None, "most", "few"])
+def test_the_scores_are_not_changed(temperature, eligible):
+    scores = torch.rand(300, 200, generator=gen(1), dtype=torch.float64)
+    before = scores.clone()
+    mask = None if eligible is None else torch.rand(300, 200, generator=gen(2)) < (0.9 if eligible == "most" else 0.1)
+    select(scores, 40, gen(3), eligible=mask, temperature=temperature, chunk=7000)
+    select(scores, 40, gen(3), eligible=mask, temperature=temperature, largest=False, chunk=7000)
+    assert torch.equal(scores, before)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_mostly_eligible_chunk_never_yields_an_ineligible_position(soft):
+    # most positions eligible: the keys of every position are made, -inf at the ineligible ones;
+    # k takes every eligible position, so any slip would show
+    scores = torch.rand(200_000, generator=gen(5))
+    scores[::3] = 0.0
+    eligible = torch.rand(200_000, generator=gen(6)) < 0.8
+    k = int(eligible.sum())
+    chosen = select(scores, k, gen(7), eligible=eligible, temperature=1.0 if soft else math.inf, chunk=1 << 16)
+    assert torch.equal(chosen, eligible)
+    few = select(scores, 500, gen(7), eligible=eligible, temperature=1.0 if soft else math.inf, chunk=1 << 16)
+    assert int(few.sum()) == 500 and not bool((few & ~eligible).any())
+    assert bool((scores[few] > 0).all())  # positive scores first
+
+
+@pytest.mark.parametrize("kind", ["random", "sorted", "reversed", "spike"])
+def test_the_sampled_threshold_keeps_the_exact_top_k(kind):
+    # over 4 x 65,536 keys and k under 1/16 of them, a threshold read from a sample filters the
+    # keys first; the choice must still be the exact top k, whatever the keys' order
+    n, k = 600_000, 5_000
+    scores = {"random": torch.rand(n, generator=gen(8)), "sorted": torch.arange(n, dtype=torch.float32),
+              "reversed": torch.arange(n, 0, -1, dtype=torch.float32),
+              "spike": torch.cat([torch.zeros(n - 10), torch.arange(1.0, 11.0)])}[kind]
+    chosen = select(scores, k, gen(9))
+    assert int(chosen.sum()) == k
+    kth = torch.topk(scores, k).values.min()
+    assert bool((scores[chosen] >= kth).all()) and bool(chosen[scores > kth].all())
