@@ -158,7 +158,7 @@ def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible
     flat = scores.detach().reshape(-1).cpu()  # the selection itself runs on the CPU
     elig = None if eligible is None else eligible.reshape(-1).cpu()
     soft = math.isfinite(temperature)
-    if soft and bool((flat < 0).any()):
+    if soft and flat.numel() and float(flat.min()) < 0:
         raise ValueError("soft selection needs scores >= 0")
 
     # keys that are never -inf: a chunk mostly eligible gives every position's key, -inf at the
