@@ -12,6 +12,13 @@ Keys are made chunk by chunk (``CHUNK`` positions at a time) and the running sel
 most k + CHUNK keys, so a 4096x11008 layer (45M positions) needs no key tensor of its full size;
 the first pass keeps each chunk's k largest keys (and their ties), the only ones the later passes
 need, and makes the keys again from the chunk's own generator only when those exceed 2 chunks.
+
+A small sample from many positions (k at most 1/8 of them, all fitting in one chunk, as when a
+1568x1568 layer regrows 30% of its 1% of links) is drawn without keys: k draws with replacement
+from the cumulative weights, repeats and already drawn positions rejected, until k distinct are
+drawn. Rejecting repeats of draws ∝ w is drawing ∝ w among the positions not drawn yet, so this
+is the same sampling without replacement, at the cost of one cumulative sum instead of a random
+key per position.
 """
 from __future__ import annotations
 
@@ -141,6 +148,31 @@ def _race(keys: torch.Tensor, temperature: float, gen: torch.Generator) -> torch
     return keys.double().log().mul_(temperature).sub_(race.log_())
 
 
+def _draws(weights: torch.Tensor, k: int, generator: torch.Generator, rounds: int = 16) -> torch.Tensor | None:
+    """Up to ``k`` distinct positions drawn one at a time ∝ ``weights`` (float64, zeroed here as
+    they are drawn) among those not drawn yet. The draws are made with replacement, ``need`` at a
+    time, from the cumulative weights; a repeat is rejected, which is the same as drawing from the
+    weights not drawn yet. Fewer than k only when ``rounds`` rounds did not reach k; None when the
+    weights do not sum to a finite number."""
+    n = weights.numel()
+    cum = torch.cumsum(weights, 0)
+    if not math.isfinite(float(cum[-1])):
+        return None
+    drawn, need = [], k
+    for _ in range(rounds):
+        u = torch.rand(need, dtype=torch.float64, generator=generator).mul_(cum[-1])
+        at = torch.searchsorted(cum, u, right=True).clamp_max_(n - 1)
+        new = torch.unique(at[weights[at] > 0])  # repeats of earlier rounds (zeroed by now) rejected
+        weights[new] = 0
+        drawn.append(new)
+        if 2 * new.numel() < need:  # most draws were repeats: sum again without the drawn weights
+            cum = torch.cumsum(weights, 0)
+        need -= new.numel()
+        if need == 0:
+            break
+    return torch.cat(drawn)
+
+
 def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible: torch.Tensor | None = None,
            temperature: float = math.inf, largest: bool = True, chunk: int = CHUNK) -> torch.Tensor:
     """A bool mask (shape of ``scores``) with exactly ``k`` eligible positions chosen.
@@ -183,5 +215,20 @@ def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible
 
     n = flat.numel()
     out = torch.zeros(n, dtype=torch.bool)
+    if soft and largest and 0 < 8 * k <= n <= chunk:
+        weights = flat.to(torch.float64, copy=True)
+        if temperature != 1:
+            weights.pow_(temperature)
+        if elig is not None:
+            weights.masked_fill_(~elig, 0)
+        # otherwise zero scores must fill in, or the weights overflow: the keys below do that
+        drawn = _draws(weights, k, generator) if bits.count(weights > 0) > k else None
+        if drawn is not None:
+            out[drawn] = True
+            k -= drawn.numel()
+            if k == 0:
+                return out.view(scores.shape).to(scores.device)
+            # the draws kept repeating: the rest by keys, ∝ weight among the positions not drawn
+            flat, elig, temperature = weights, weights > 0, 1.0
     out[top_k(keys_of, n, k, generator, chunk)] = True
     return out.view(scores.shape).to(scores.device)

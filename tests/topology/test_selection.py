@@ -171,3 +171,45 @@ def test_the_sampled_threshold_keeps_the_exact_top_k(kind):
     assert int(chosen.sum()) == k
     kth = torch.topk(scores, k).values.min()
     assert bool((scores[chosen] >= kth).all()) and bool(chosen[scores > kth].all())
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 2.0])
+def test_few_of_many_are_drawn_as_sampling_without_replacement(temperature):
+    # k at most 1/8 of the positions: drawn with replacement from the cumulative weights, repeats
+    # rejected; the inclusion probabilities must be those of drawing one at a time without replacement
+    scores = torch.tensor([5.0, 1.0, 0.0, 2.0, 9.0, 3.0, 0.5, 4.0, 1.5, 6.0, 2.5, 0.0, 7.0, 1.0, 8.0, 3.5])
+    eligible = torch.ones(16, dtype=torch.bool)
+    eligible[[3, 9]] = False
+    weights = torch.where(eligible, scores ** temperature, 0.0)
+    expected = exact_inclusion(weights.tolist(), 2)
+    g, counts, trials = gen(11), torch.zeros(16), 6000
+    for _ in range(trials):
+        counts += select(scores, 2, g, eligible=eligible, temperature=temperature).float()
+    assert torch.allclose(counts / trials, expected, atol=0.02), (counts / trials, expected)
+
+
+def test_draws_that_keep_repeating_are_finished_by_keys(monkeypatch):
+    # one position holds almost all the weight: with a single round of draws most are repeats of
+    # it, and the rest of the sample comes from the keys among the positions not drawn yet; the
+    # distribution must be the same
+    from sparsify.topology import selection
+
+    scores = torch.tensor([1000.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0,
+                           1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0])
+    one_round = selection._draws
+    monkeypatch.setattr(selection, "_draws", lambda w, k, g: one_round(w, k, g, rounds=1))
+    expected = exact_inclusion(scores.tolist(), 3)
+    g, counts, trials = gen(12), torch.zeros(24), 6000
+    for _ in range(trials):
+        chosen = select(scores, 3, g, temperature=1.0)
+        assert int(chosen.sum()) == 3
+        counts += chosen.float()
+    assert one_round(scores.double(), 3, gen(0), rounds=1).numel() < 3  # one round leaves some to the keys
+    assert torch.allclose(counts / trials, expected, atol=0.02), (counts / trials, expected)
+
+
+def test_weights_too_large_to_sum_are_left_to_the_keys():
+    scores = torch.full((1000,), 1e300, dtype=torch.float64)
+    scores[:10] = 0.0
+    chosen = select(scores, 20, gen(13), temperature=3.0)  # 1e900 overflows: keys in logarithms
+    assert int(chosen.sum()) == 20 and not bool(chosen[:10].any())
