@@ -103,3 +103,24 @@ def test_regrow_refuses_more_than_free():
     mask[0, 0] = False
     with pytest.raises(ValueError, match="only 1 positions are inactive"):
         regrow(mask, torch.ones(2, 2), 2, torch.Generator())
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 300), (300, 16), (257, 129), (64, 1568)])
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.9])
+def test_integer_counts_equal_the_float_products(shape, density):
+    mask = random_mask(shape, density, 4)
+    a = mask.double()
+    counted = regrowth._integer_products(mask)
+    assert counted is not None  # torch has _int_mm on the CPU
+    assert torch.equal(counted[0].double(), a @ a.t()) and torch.equal(counted[1].double(), a.t() @ a)
+
+
+@pytest.mark.parametrize("shape", [(40, 1), (1, 40), (40, 15), (33, 40)])
+def test_scores_of_narrow_and_wide_layers_with_and_without_integer_counts(shape, monkeypatch):
+    # a layer narrower than 16 keeps the float products (torch's CPU _int_mm miscounts an [n, 1]
+    # operand); wider ones use the integer counts: the scores are the same either way
+    mask = random_mask(shape, 0.3, 5)
+    expected = torch.tensor(brute.ch2_l3n(mask.tolist()), dtype=torch.float64)
+    assert torch.allclose(ch2_l3n(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
+    monkeypatch.setattr(regrowth, "_integer_products", lambda mask: None)
+    assert torch.allclose(ch2_l3n(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
