@@ -4,7 +4,9 @@
   and CH2-L3n as it runs, whose products take the mask as CSR at low density, beside the dense
   products (the density where the CSR products stop paying sets ``SPARSE_PRODUCTS``);
 - CH3-L3p (path-based) beside CH2-L3n on the same mask;
-- soft sampling (regrowth ∝ score, removal ∝ score^T) on a 4096x11008 layer.
+- soft sampling (regrowth ∝ score, removal ∝ score^T) on a 4096x11008 layer;
+- the common-neighbour counts A·Aᵀ and Aᵀ·A as int8 products summed in int32 (what the
+  Cannistraci-Hebb predictors run on the CPU) beside the same products in float32.
 
 The machine is noisy, so each ratio comes from one process that alternates the two contenders
 ``--repeat`` times and keeps each one's fastest run. Peak memory is measured in a fresh process
@@ -14,6 +16,7 @@ just before them: the memory the algorithm itself takes beyond its inputs. Run f
 
     python benchmarks/topology.py                # the full table (several minutes)
     python benchmarks/topology.py --quick        # small shapes only
+    python benchmarks/topology.py --counts       # the int8 / float32 counts only (a minute)
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ FULL_SHAPES = [(1024, 1024), (1568, 1568), (4096, 11008)]
 QUICK_SHAPES = [(256, 256), (512, 512)]
 DENSITIES = [0.01, 0.02, 0.05, 0.10, 0.30]
 L3P_SHAPE, L3P_DENSITIES = (1024, 1024), [0.01, 0.05]
+COUNT_SHAPES = [(1024, 1024), (1568, 784), (1568, 1568), (2048, 5632)]
 
 
 def _status_mb(key: str) -> float:
@@ -88,6 +92,12 @@ def _contender(kind, shape, density):
         return _dense_products(lambda: ch2_l3n(mask))
     if kind == "CH3_L3p":
         return lambda: ch3_l3p(mask)
+    if kind == "counts_float32":
+        a = mask.float()
+        return lambda: (a @ a.t(), a.t() @ a)
+    if kind == "counts_int8":
+        from sparsify.topology.regrowth import _integer_products
+        return lambda: _integer_products(mask)
     if kind == "soft_regrowth":
         scores = ch2_l3n(mask)
         return lambda: regrow(mask, scores, count, gen, mode="soft")
@@ -140,12 +150,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     parser.add_argument("--repeat", type=int, default=5, help="alternating runs per ratio (fastest kept)")
+    parser.add_argument("--counts", action="store_true", help="only the int8 / float32 common-neighbour counts")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     l3p_shape = QUICK_SHAPES[0] if args.quick else L3P_SHAPE
     print(f"# topology benchmark, {datetime.date.today()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print()
+    if args.counts:
+        counts(args.repeat)
+        return
     print("## CH2-L3n vs the same four matmuls done bare (fp32); CSR products vs dense ones")
     print()
     print("| shape (out x in) | density | bare matmuls s | CH2-L3n dense products s | ratio | CH2-L3n as run s "
@@ -180,6 +194,19 @@ def main() -> None:
             r = memory(kind, big, density)
             print(f"| {kind.replace('_', ' ')} | {density:.0%} | {r['seconds']:.2f} | {r['peak_mb']:.0f} | "
                   f"{big[0] * big[1] * 4 / 2**20:.0f} |", flush=True)
+    print()
+    counts(args.repeat)
+
+
+def counts(repeat: int) -> None:
+    print("## Common-neighbour counts A·Aᵀ and Aᵀ·A: int8 products summed in int32 vs float32 (5% density)")
+    print()
+    print("| shape (out x in) | float32 s | int8 s | int8 / float32 |")
+    print("|---|---|---|---|")
+    for shape in COUNT_SHAPES:
+        t = times(["counts_float32", "counts_int8"], shape, 0.05, repeat)
+        print(f"| {shape[0]}x{shape[1]} | {t['counts_float32']:.3f} | {t['counts_int8']:.3f} | "
+              f"{t['counts_int8'] / t['counts_float32']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

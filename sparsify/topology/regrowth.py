@@ -60,8 +60,8 @@ def _common_neighbours(mask: torch.Tensor, a: torch.Tensor, sparse: bool):
 
 def _integer_products(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``A·Aᵀ`` and ``Aᵀ·A`` of a CPU mask as int8 products summed in int32: exact, and 2-4x faster
-    than the float32 products on CPUs with int8 dot-product instructions (1568x1568: 19 against
-    71 ms on one thread here). None where ``torch._int_mm`` is missing or refuses the operands.
+    than the float32 products on CPUs with int8 dot-product instructions (``benchmarks/topology.py
+    --counts``). None where ``torch._int_mm`` is missing or refuses the operands.
     Only for layers 16 wide or more: with a dimension of 1, torch 2.13's CPU ``_int_mm`` returns
     wrong counts (a [n, 1] operand's strides are ambiguous), and small layers gain nothing."""
     a = mask.to(torch.int8)
