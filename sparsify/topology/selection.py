@@ -173,6 +173,15 @@ def _draws(weights: torch.Tensor, k: int, generator: torch.Generator, rounds: in
     return torch.cat(drawn)
 
 
+def _all_tied(flat: torch.Tensor, elig: torch.Tensor | None) -> bool:
+    """Whether every eligible score is the same finite number (SET's regrowth scores)."""
+    if elig is None:
+        low, high = torch.aminmax(flat)
+    else:
+        low, high = flat.masked_fill(~elig, math.inf).min(), flat.masked_fill(~elig, -math.inf).max()
+    return math.isfinite(float(low)) and float(low) == float(high)
+
+
 def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible: torch.Tensor | None = None,
            temperature: float = math.inf, largest: bool = True, chunk: int = CHUNK) -> torch.Tensor:
     """A bool mask (shape of ``scores``) with exactly ``k`` eligible positions chosen.
@@ -193,10 +202,6 @@ def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible
     if soft and flat.numel() and float(flat.min()) < 0:
         raise ValueError("soft selection needs scores >= 0")
 
-    # keys that are never -inf: a chunk mostly eligible gives every position's key, -inf at the
-    # ineligible ones, instead of listing and gathering the eligible ones
-    finite_keys = temperature in (0.0, 1.0) or (not soft and bool(torch.isfinite(flat).all()))
-
     def keys_of(start: int, end: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | int]:
         here = None if elig is None else elig[start:end]
         whole = here is None or (finite_keys and 2 * bits.count(here) >= end - start)
@@ -215,6 +220,8 @@ def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible
 
     n = flat.numel()
     out = torch.zeros(n, dtype=torch.bool)
+    if not soft and largest and 0 < 8 * k <= n <= chunk and _all_tied(flat, elig):
+        soft, temperature = True, 0.0  # every eligible score ties: the k are a uniform sample
     if soft and largest and 0 < 8 * k <= n <= chunk:
         weights = flat.to(torch.float64, copy=True)
         if temperature != 1:
@@ -230,5 +237,8 @@ def select(scores: torch.Tensor, k: int, generator: torch.Generator, *, eligible
                 return out.view(scores.shape).to(scores.device)
             # the draws kept repeating: the rest by keys, ∝ weight among the positions not drawn
             flat, elig, temperature = weights, weights > 0, 1.0
+    # keys that are never -inf: a chunk mostly eligible gives every position's key, -inf at the
+    # ineligible ones, instead of listing and gathering the eligible ones (read by keys_of)
+    finite_keys = temperature in (0.0, 1.0) or (not soft and bool(torch.isfinite(flat).all()))
     out[top_k(keys_of, n, k, generator, chunk)] = True
     return out.view(scores.shape).to(scores.device)

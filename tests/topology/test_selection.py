@@ -213,3 +213,17 @@ def test_weights_too_large_to_sum_are_left_to_the_keys():
     scores[:10] = 0.0
     chosen = select(scores, 20, gen(13), temperature=3.0)  # 1e900 overflows: keys in logarithms
     assert int(chosen.sum()) == 20 and not bool(chosen[:10].any())
+
+
+def test_hard_selection_among_equal_scores_is_uniform():
+    # every eligible score the same (SET's regrowth): the k are a uniform sample of the eligible
+    scores = torch.tensor([1.0] * 12 + [0.0] * 4)
+    eligible = scores > 0
+    g, counts, trials = gen(14), torch.zeros(16), 4000
+    for _ in range(trials):
+        chosen = select(scores, 1, g, eligible=eligible)
+        assert int(chosen.sum()) == 1 and not bool((chosen & ~eligible).any())
+        counts += chosen.float()
+    assert torch.allclose(counts[:12] / trials, torch.full((12,), 1 / 12), atol=0.02)
+    top = select(torch.tensor([2.0] + [1.0] * 15), 1, g)  # not tied: the largest, as before
+    assert bool(top[0]) and int(top.sum()) == 1
