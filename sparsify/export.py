@@ -48,7 +48,19 @@ from sparsify.onnx_layers import COMPACT_DENSITY, GATHER_DENSITY, CompactLinear,
 from sparsify.sparse_linear import SparseLinear
 
 OPSET = 18
-TORCH_TOLERANCE = 1e-5  # the shrunk model against the sparse one, in PyTorch
+# The shrunk model against the trained one, in PyTorch: 1e-5 for outputs up to 1 in magnitude, and
+# 1e-5 of the largest output beyond. Both are float32 sums of the same products in a different order
+# (the csr backend's sparse kernels against dense products, a [n, 1568] product against a [n, 40]
+# one), so their rounding differs by a few ulps of the outputs' size: logits near 10 differ by about
+# 1e-5 without any neuron being wrong, while a wrongly dropped neuron moves them by orders more.
+TORCH_TOLERANCE = 1e-5
+
+
+def torch_limit(reference: list[list[torch.Tensor]]) -> float:
+    """The shrink check's limit for these reference outputs (see TORCH_TOLERANCE)."""
+    scale = max((float(t.detach().abs().max()) for ts in reference for t in ts
+                 if t.is_floating_point() and t.numel()), default=1.0)
+    return TORCH_TOLERANCE * max(1.0, scale)
 
 
 class ExportError(SparsifyError):
@@ -328,13 +340,14 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
                 reference.append(_tensors(other.call(model)))
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
-        if torch_diff > TORCH_TOLERANCE:
+        limit = torch_limit(reference)
+        if not torch_diff <= limit:
             raise ExportError(f"the shrunk model differs from the trained model by {torch_diff:.3g} "
-                              f"(limit {TORCH_TOLERANCE:g}); no file was written. Export with shrink off "
+                              f"(limit {limit:.3g}); no file was written. Export with shrink off "
                               "(--no-shrink) and report this model")
         report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "compact": compacted,
                         "sparse_matmul": gathered,
-                        "torch_max_abs_diff": torch_diff}
+                        "torch_max_abs_diff": torch_diff, "torch_tolerance": limit}
         if result is not None:
             report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
             report["units"] = [u.to_json() for u in result.units]
@@ -504,7 +517,7 @@ def print_report(report: dict) -> None:
     if report.get("sparse_matmul"):
         lines.append(f"  multiplying only their non-zero weights: {', '.join(report['sparse_matmul'])}")
     check = report.get("onnxruntime_max_abs_diff")
-    lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g}"
+    lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g} (limit {report['torch_tolerance']:.2g})"
                  + (f", onnxruntime {check:.2g} (limit {report['tolerance']:g})" if check is not None else
                     ", onnxruntime not checked"))
     pretrained = report.get("hf_pretrained")

@@ -283,6 +283,33 @@ def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing that looks valid, no temporary left either
 
 
+def test_shrink_check_allows_rounding_in_proportion_to_the_outputs_and_catches_a_wrong_shrink(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = load_example("mlp").MLP((64, 256, 256, 256, 10))
+    policy = {**EVERY, "defaults": {"density": 0.05, "backend": "csr"}}
+    model, handle = sparsify.sparsify(model, policy, torch.randn(2, 64))
+    held = [(3000 * torch.randn(32, 64),)]  # outputs in the thousands: float32 rounding beyond 1e-5
+    largest = float(reference(model, held[0]).abs().max())
+    assert largest > 10
+    report = handle.export(tmp_path / "big.onnx", held[0], held_out=held, compare_dense=False)
+    assert report["torch_tolerance"] == pytest.approx(1e-5 * largest)
+    assert 1e-5 < report["torch_max_abs_diff"] <= report["torch_tolerance"]  # over the old fixed limit
+
+    import sparsify.export as export_module
+    real = export_module.shrink_pass
+
+    def wrong(shrunk, *args):  # a shrink that drops a live neuron's contribution
+        result = real(shrunk, *args)
+        with torch.no_grad():
+            shrunk.fc4.bias[0] += 1e-3 * largest
+        return result
+
+    monkeypatch.setattr(export_module, "shrink_pass", wrong)
+    with pytest.raises(ExportError, match=r"the shrunk model differs from the trained model by .*; no file was written"):
+        handle.export(tmp_path / "wrong.onnx", held[0], held_out=held, compare_dense=False)
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
 def test_compact_storage_keeps_values_and_indices_and_parity(tmp_path):
     torch.manual_seed(0)
     model, handle = sparsify.sparsify(load_example("mlp").MLP((256, 512, 512, 512, 10)),
