@@ -283,7 +283,7 @@ def test_failed_check_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing that looks valid, no temporary left either
 
 
-def test_shrink_check_allows_rounding_in_proportion_to_the_outputs_and_catches_a_wrong_shrink(tmp_path, monkeypatch):
+def test_checks_allow_rounding_in_proportion_to_the_outputs_and_catch_a_wrong_shrink(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = load_example("mlp").MLP((64, 256, 256, 256, 10))
     policy = {**EVERY, "defaults": {"density": 0.05, "backend": "csr"}}
@@ -293,6 +293,8 @@ def test_shrink_check_allows_rounding_in_proportion_to_the_outputs_and_catches_a
     assert largest > 10
     report = handle.export(tmp_path / "big.onnx", held[0], held_out=held, compare_dense=False)
     assert report["torch_tolerance"] == pytest.approx(1e-5 * largest)
+    assert report["tolerance"] == pytest.approx(1e-4 * largest)  # onnxruntime's, scaled alike
+    assert report["onnxruntime_max_abs_diff"] <= report["tolerance"]
     assert 1e-5 < report["torch_max_abs_diff"] <= report["torch_tolerance"]  # over the old fixed limit
 
     import sparsify.export as export_module
