@@ -304,7 +304,10 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
     the checks compare on, by default the example inputs. ``compact`` stores layers at most half
     dense as values + int32 positions; ``sparse_matmul`` makes layers at most 2% dense multiply
-    only their non-zero weights (see the report's latencies). Raises ExportError when a check fails.
+    only their non-zero weights (see the report's latencies). ``tolerance`` bounds onnxruntime's max
+    abs difference from the trained model, the shrunk PyTorch model's is TORCH_TOLERANCE; both scale
+    with the largest output once outputs exceed 1 (:func:`scaled_limit`). Raises ExportError when a
+    check fails.
     """
     path = Path(path)
     if path.suffix != ".onnx":
