@@ -42,26 +42,13 @@ from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import ExampleInputs, caching_configs
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.linearize import transposed_back
-from sparsify.passes.shrink import replace_module, shrink as shrink_pass
+from sparsify.passes.shrink import replace_module, scaled_limit, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear
 from sparsify.onnx_layers import COMPACT_DENSITY, GATHER_DENSITY, CompactLinear, GatherLinear
 from sparsify.sparse_linear import SparseLinear
 
 OPSET = 18
 TORCH_TOLERANCE = 1e-5  # the shrunk model against the trained one, in PyTorch
-
-
-def scaled_limit(tolerance: float, reference: list[list[torch.Tensor]]) -> float:
-    """A check's limit on the max abs difference: ``tolerance`` for outputs up to 1 in magnitude,
-    ``tolerance`` of the largest output beyond. The trained model and its export compute float32
-    sums of the same products in different orders (the csr backend's sparse kernels against dense
-    products, a [n, 1568] product against a [n, 40] one, PyTorch against onnxruntime), so their
-    rounding differs by a few ulps of the outputs' size: logits near 10 differed by 1.3e-5 and
-    logits near 80 by 9e-5 with no neuron wrong, while a wrongly dropped neuron moves them by
-    orders more."""
-    scale = max((float(t.detach().abs().max()) for ts in reference for t in ts
-                 if t.is_floating_point() and t.numel()), default=1.0)
-    return tolerance * max(1.0, scale)
 
 
 class ExportError(SparsifyError):
@@ -344,7 +331,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
                 reference.append(_tensors(other.call(model)))
         with torch.no_grad():
             torch_diff = max(_max_diff(r, _tensors(c.call(shrunk))) for r, c in zip(reference, checks))
-        limit = scaled_limit(TORCH_TOLERANCE, reference)
+        limit = scaled_limit(TORCH_TOLERANCE, tree_leaves(reference))
         if not torch_diff <= limit:
             raise ExportError(f"the shrunk model differs from the trained model by {torch_diff:.3g} "
                               f"(limit {limit:.3g}); no file was written. Export with shrink off "
@@ -420,7 +407,7 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         if verify:
             diff = max(_max_diff(r, runtime.run(c)) for r, c in zip(reference, checks))
             report["onnxruntime_max_abs_diff"] = diff
-            limit = report["tolerance"] = scaled_limit(tolerance, reference)
+            limit = report["tolerance"] = scaled_limit(tolerance, tree_leaves(reference))
             if not diff <= limit:
                 raise ExportError(f"onnxruntime's outputs differ from the trained model's by {diff:.3g} "
                                   f"(limit {limit:.3g}); no file was written")
@@ -476,7 +463,7 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
                         f"the shrunk sizes ({'; '.join(filter(None, [hint, _unlike_config(model)])) or first_line(exc)[:300]})"}
         with torch.no_grad():
             diff = max(_max_diff(r, _tensors(c.call(loaded))) for r, c in zip(reference, checks))
-        limit = scaled_limit(TORCH_TOLERANCE, reference)
+        limit = scaled_limit(TORCH_TOLERANCE, tree_leaves(reference))
         if not diff <= limit:
             return {"written": False, "why": f"reloaded, its outputs differ by {diff:.3g} (limit {limit:.3g})"}
         if folder.exists():

@@ -312,6 +312,27 @@ def test_checks_allow_rounding_in_proportion_to_the_outputs_and_catch_a_wrong_sh
     assert not (tmp_path / "wrong.onnx").exists()
 
 
+def test_head_check_scales_with_the_outputs():
+    from sparsify.passes.shrink import _checked, scaled_limit
+
+    assert scaled_limit(1e-5, [torch.tensor([0.5, -0.2])]) == 1e-5  # outputs within 1: the tolerance itself
+    assert scaled_limit(1e-5, [torch.tensor([3.0]), torch.tensor([[-400.0]]), torch.tensor([7])]) == pytest.approx(4e-3)
+    assert scaled_limit(1e-5, []) == 1e-5
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(1000)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        reference = model(x)
+    largest = float(reference.abs().max())
+    assert largest > 100
+    rounding = reference + 5e-6 * largest  # above a fixed 1e-5, within 1e-5 of the largest output
+    assert _checked(model, [(x,)], [rounding], 1) is None
+    why = _checked(model, [(x,)], [reference + 0.5], 1)
+    assert why is not None and "the outputs moved by 0.5 without them (limit" in why
+
+
 def test_compact_storage_keeps_values_and_indices_and_parity(tmp_path):
     torch.manual_seed(0)
     model, handle = sparsify.sparsify(load_example("mlp").MLP((256, 512, 512, 512, 10)),
