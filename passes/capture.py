@@ -55,6 +55,30 @@ class ExampleInputs:
         return fn(*self.args, **self.kwargs)
 
 
+def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
+    """``inputs`` cut to their first example, when every tensor input has the same batch size
+    above one along its first dimension; else None."""
+    tensors = [t for t in pytree.tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes or sizes == {1}:
+        return None
+    cut = lambda v: v[:1] if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
+
+
+def other_rows(inputs: ExampleInputs) -> ExampleInputs | None:
+    """``inputs`` with another number of rows: their first example, or a single example twice;
+    None when the tensor inputs do not share one batch size."""
+    one = first_example(inputs)
+    if one is not None:
+        return one
+    tensors = [t for t in pytree.tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+    if {t.shape[0] if t.dim() else None for t in tensors} != {1}:
+        return None
+    twice = lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return ExampleInputs(tuple(twice(a) for a in inputs.args), {k: twice(v) for k, v in inputs.kwargs.items()})
+
+
 @dataclass
 class Capture:
     """A captured graph, how it was captured, and the flat inputs its placeholders take."""

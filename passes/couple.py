@@ -56,6 +56,8 @@ UNARY = ACTIVATIONS | {
 ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
 MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
 CONTRACTIONS = {"matmul", "bmm", "scaled_dot_product_attention"}
+SCORE_OPS = (UNARY | ADDITIVE | MULTIPLICATIVE | STRUCTURAL
+             | {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"})  # q·kᵀ stays attention scores
 LINEARS = {"linear", "Linear", "addmm", "mm"}
 NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "LayerNorm", "RMSNorm", "GroupNorm"}
 REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "linalg_vector_norm",
@@ -199,8 +201,9 @@ def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
 
 @dataclass(frozen=True)
 class Attention:
-    """One scaled_dot_product_attention call whose query, key and value each come from one site
-    (the same site for all three when one layer projects them together, as GPT-2's c_attn does)."""
+    """One attention (scaled_dot_product_attention, or softmax(q·kᵀ)·v written out) whose query, key
+    and value each come from one site (the same site for all three when one layer projects them
+    together, as GPT-2's c_attn does)."""
 
     q: str
     k: str
@@ -330,6 +333,7 @@ class _Propagator(fx.Interpreter):
         self.boundaries: dict[tuple[str, str], set[str]] = {}
         self.notes: list[str] = []
         self.attentions: list[tuple[list[str], list[str], list[str]]] = []  # q, k, v sites of each call
+        self.scores: dict[fx.Node, tuple[list[str], list[str]]] = {}  # attention scores: from q·kᵀ of these sites
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _boundary(self, site: str, side: str, reason: str) -> None:
@@ -362,6 +366,7 @@ class _Propagator(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)
         self.data[node] = node.op == "placeholder" or any(self.data.get(a, False) for a in node.all_input_nodes)
+        self._follow_scores(node)
         try:
             self.tags[node] = self._propagate(node, value)
         except Exception as exc:  # an op we could not follow: stop its features here, safely
@@ -370,6 +375,15 @@ class _Propagator(fx.Interpreter):
             self._end(node, f"opaque op {name}")
             self.tags[node] = None
         return value
+
+    def _follow_scores(self, node: fx.Node) -> None:
+        """Attention written out (softmax(q·kᵀ / √d) · v): the products of q's and k's features stay
+        scores through scaling, masking, softmax, dropout and reshaping, until they weight v."""
+        if not node.op.startswith("call") or node in self.scores:
+            return
+        source = next((a for a in node.all_input_nodes if a in self.scores), None)
+        if source is not None and op_name(node, self.module) in SCORE_OPS:
+            self.scores[node] = self.scores[source]
 
     def _propagate(self, node: fx.Node, value: Any) -> Any:
         if node.op in ("placeholder", "get_attr"):
@@ -477,7 +491,14 @@ class _Propagator(fx.Interpreter):
 
             args = fx.node.map_aggregate(node.args, sub)
             kwargs = fx.node.map_aggregate(node.kwargs, sub)
-            out = self._call(node, args, kwargs)
+            try:
+                out = self._call(node, args, kwargs)
+            except RuntimeError:
+                if op_name(node, self.module) not in ("view", "_unsafe_view"):
+                    raise
+                # the tags' strides can differ from the real tensor's (torch.export drops a
+                # contiguous() that was a no-op for it); a reshape keeps the same element order
+                out = torch.reshape(args[0], args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
             results[site] = (out, trail)
         return _regroup(value, results)
 
@@ -567,15 +588,21 @@ class _Propagator(fx.Interpreter):
         b_contracted = {s: t for s, t in tb.items() if _varies(t.idx, -2)}
         self._pair_contracted(node, a_contracted, b_contracted, a.shape[-1], "matmul",
                               lambda t: t.idx.select(-2, 0), lambda t: t.idx.select(-1, 0))
+        if a_contracted and b_contracted:
+            self.scores[node] = (list(a_contracted), list(b_contracted))
         for s, t in ta.items():
             if s not in a_contracted:
                 out[s] = _Tag(_like(value, t.idx.narrow(-1, 0, 1)), _dedupe(t.trail + ("matmul",)))
-        for s, t in tb.items():
-            if s not in b_contracted:
-                idx = t.idx.narrow(-2, 0, 1)
-                if s in out:
-                    idx = torch.where(out[s].idx >= 0, out[s].idx, idx)
-                out[s] = _Tag(_like(value, idx), _dedupe(t.trail + ("matmul",)))
+        weighted = [s for s in tb if s not in b_contracted]
+        attention = a_node in self.scores and not ta and weighted  # scores · v: attention written out
+        if attention:
+            self.attentions.append((*self.scores[a_node], weighted))
+        for s in weighted:
+            t = tb[s]
+            idx = t.idx.narrow(-2, 0, 1)
+            if s in out:
+                idx = torch.where(out[s].idx >= 0, out[s].idx, idx)
+            out[s] = _Tag(_like(value, idx), _dedupe(t.trail + ("attention" if attention else "matmul",)))
         return out
 
     def _pair_contracted(self, node, left: dict, right: dict, size: int, via: str, left_vec, right_vec) -> None:

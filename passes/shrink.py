@@ -15,18 +15,20 @@ attention by whole groups (a kv head with the q heads sharing it), which keeps t
 group goes when its output reaches nothing: o's columns of its q heads have no weight left, or its
 v rows have no input weight, so every head of the group outputs v's bias (the attention weights sum
 to one), which is folded into o's bias. Its q, k and v rows and o's columns are then dropped
-together, RoPE pairs included since they stay inside a head. This needs the model to read the head
-count from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do); a model whose
-views fix it fails with fewer heads. So each attention's change is run on the sample inputs and
-kept only when the outputs are unchanged (within 1e-5, or 1e-5 of the largest output when outputs
-exceed 1); otherwise it is undone and the reason
-reported. q, k and v may be runs of one fused layer's rows (GPT-2's c_attn), or interleaved in it
-head by head (GPT-NeoX): its kept rows stay in their order, and when the model splits the fused
-output by a width its module holds (``split(self.split_size)``), the first integer attribute of
-that module equal to the old width with which the outputs match is set to the new one (the report
-names it). Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims
-with o's columns) would need the views' head size rewritten, and are not shrunk. The residual
-stream is never touched.
+together, RoPE pairs included since they stay inside a head. A model that reads the head count
+from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do) runs with fewer heads
+as it is. Each attention's change is run on the sample inputs and kept only when the outputs are
+unchanged (within 1e-5, or 1e-5 of the largest output when outputs exceed 1); otherwise it is
+undone and the reason reported. q, k and v may be runs of one fused layer's rows (GPT-2's
+c_attn), or interleaved in it head by head (GPT-NeoX): its kept rows stay in their order, and
+when the model splits the fused output by a width its module holds (``split(self.split_size)``),
+the first integer attribute of that module equal to the old width with which the outputs match
+is set to the new one (the report names it). Where the code fixes the head count (nanoGPT's
+``view(B, T, self.n_head, C // self.n_head)``), the module holding a multi-head attention's
+layers is replaced by its graph with the head sizes rewritten (passes.retrace), checked the same
+way. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims with
+o's columns) would change the head size q, k, v and a shared rotary embedding agree on, and are
+not shrunk. The residual stream is never touched.
 
 The pass works on plain ``nn.Linear`` layers (call it on a copy whose SparseLinear layers were
 made dense with ``to_linear``) and replaces the changed layers in place.
@@ -43,9 +45,10 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.capture import ExampleInputs, other_rows
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.rewrite import observe_inputs
+from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
 
 ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
 HEAD_TOLERANCE = 1e-5  # max abs change of the model's outputs allowed when an attention loses heads (scaled_limit)
@@ -98,11 +101,12 @@ class Heads:
     kept_kv: list[int]
     folded: int  # groups whose constant output (v's bias) went into o's bias
     rewritten: dict[str, int] = field(default_factory=dict)  # module attributes set to the new split width
+    traced: str | None = None  # the module replaced by its graph with the sizes rewritten (passes.retrace)
 
     def to_json(self) -> dict:
         return {"layers": list(self.sources), "into": self.dst, "heads": self.heads, "kv_heads": self.kv_heads,
                 "kept": len(self.kept), "kept_kv": len(self.kept_kv), "folded": self.folded,
-                "rewritten": dict(self.rewritten)}
+                "rewritten": dict(self.rewritten), "traced": self.traced}
 
 
 @dataclass
@@ -324,11 +328,39 @@ def _split_widths(model: nn.Module, site: str, old: int, new: int, check) -> dic
     return None
 
 
+def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: int, kept: int, head_dim: int,
+                   before: dict[str, nn.Module], samples: list, check, why: str) -> tuple[str | None, str | None]:
+    """Replace the module owning an attention by its graph asking for ``kept`` heads (passes.retrace),
+    with the shrunk layers now in ``model`` in it. Returns (None, its name) when ``check()`` passes,
+    else (``why`` and why not, None) with the owner put back; the old layers in ``before`` are in
+    ``model`` again either way."""
+    shrunk = {name: model.get_submodule(name) for name in before}
+    for name, layer in before.items():  # captured as it was: with the old sizes, the model runs
+        replace_module(model, name, layer)
+    owner = owner_of((*qkv, o))
+    if not owner:
+        return why + "; nor through its graph: the attention's layers are not inside one submodule", None
+    try:
+        graph, _count = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0])
+    except RuntimeError as exc:
+        return f"{why}; nor through its graph: {exc}", None
+    original = model.get_submodule(owner)
+    replace_module(model, owner, graph)
+    failed = check()
+    if failed is None:
+        return None, owner
+    replace_module(model, owner, original)
+    return f"{why}; nor through its graph with the sizes rewritten ({failed})", None
+
+
 @torch.no_grad()
 def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: dict[str, str]) -> list[Heads]:
     """Drop the dead heads (whole grouped-query groups) of every attention, keeping each change only
-    when the model's outputs on ``samples`` stay within HEAD_TOLERANCE."""
+    when the model's outputs on ``samples`` stay within HEAD_TOLERANCE. The checks also run the
+    first sample with another number of rows: a graph captured for the model must take any."""
     done = []
+    other = other_rows(ExampleInputs.of(samples[0])) if samples else None
+    samples = samples + [other] if other is not None else samples
     reference = None
     for attention in coupling.attentions:
         layers = {n: model.get_submodule(n) for n in coupling.sites.sites}
@@ -389,6 +421,10 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             else:
                 parent = fused[0].rpartition(".")[0] or "the model"
                 why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
+        traced = None
+        if why is not None and all(len(h) == 1 for h in share.values()):  # multi-head: try its graph, sizes rewritten
+            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, len(share), len(kept),
+                                         hd, before, samples, check, why)
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)
@@ -396,5 +432,5 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             continue
         skipped.pop(o, None)
         done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),
-                          len(share), kept, kept_kv, folded, rewritten))
+                          len(share), kept, kept_kv, folded, rewritten, traced))
     return done

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_leaves
 from sparsify import checkpoint
 from sparsify.errors import SparsifyError, first_line
 from sparsify.files import atomic_write, temporary
-from sparsify.passes.capture import ExampleInputs, caching_configs
+from sparsify.passes.capture import ExampleInputs, caching_configs, first_example, other_rows
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.linearize import transposed_back
 from sparsify.passes.shrink import replace_module, scaled_limit, shrink as shrink_pass
@@ -324,7 +324,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             pretrained = copy.deepcopy(shrunk)
             transposed_back(pretrained, handle.analysis.linearized)
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
-        other = _other_rows(checks[0]) if gathered else None
+        other = other_rows(checks[0]) if gathered else None
         if other is not None:  # a gathered layer branches on one row or several: check both
             checks.append(other)
             with torch.no_grad():
@@ -356,30 +356,6 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         return report
     finally:
         model.train(was_training)
-
-
-def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
-    """``inputs`` cut to their first example, when every tensor input has the same batch size
-    above one along its first dimension; else None."""
-    tensors = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
-    sizes = {t.shape[0] if t.dim() else None for t in tensors}
-    if len(sizes) != 1 or None in sizes or sizes == {1}:
-        return None
-    cut = lambda v: v[:1] if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return ExampleInputs(tuple(cut(a) for a in inputs.args), {k: cut(v) for k, v in inputs.kwargs.items()})
-
-
-def _other_rows(inputs: ExampleInputs) -> ExampleInputs | None:
-    """``inputs`` with another number of rows: their first example, or a single example twice;
-    None when the tensor inputs do not share one batch size."""
-    one = first_example(inputs)
-    if one is not None:
-        return one
-    tensors = [t for t in tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
-    if {t.shape[0] if t.dim() else None for t in tensors} != {1}:
-        return None
-    twice = lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return ExampleInputs(tuple(twice(a) for a in inputs.args), {k: twice(v) for k, v in inputs.kwargs.items()})
 
 
 def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int, rounds: int = 3) -> dict:
@@ -501,6 +477,8 @@ def print_report(report: dict) -> None:
         for h in report.get("heads", []):
             layers = ' + '.join(dict.fromkeys(h['layers']))  # a fused qkv layer once
             split = "".join(f"; {a} set to {w}" for a, w in h.get("rewritten", {}).items())
+            if h.get("traced") is not None:
+                split += f"; {h['traced'] or 'the model'} runs as its graph with the head sizes rewritten"
             lines.append(f"  {layers} -> {h['into']}: {h['kept']} of {h['heads']} heads kept "
                          f"({h['kept_kv']} of {h['kv_heads']} kv heads; {h['folded']} dead groups' bias folded{split})")
         for dst, why in report.get("not_shrunk", {}).items():

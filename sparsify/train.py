@@ -446,6 +446,8 @@ def _worker(rank: int, nproc: int, port: int, kwargs: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     try:
         run(**kwargs)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another still has work in flight
     except SparsifyError as exc:
         if rank == 0:
             print(f"sparsify: error: {exc}", file=sys.stderr)

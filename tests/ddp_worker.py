@@ -66,5 +66,6 @@ def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: 
             json.dump({"sites": sorted(handle.sites), "sums": sums, "updates": len(handle.history),
                        "backends": sorted({type(s.module).__name__ for s in handle.sites.values()}),
                        "final": checksum(handle.masks())}, f)
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()

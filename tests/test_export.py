@@ -212,25 +212,96 @@ class FusedFixedHeads(torch.nn.Module):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(self.dim, 2))
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Blocks(torch.nn.Module):
+    """Residual blocks around an attention, and a head."""
+
+    def __init__(self, attention=FusedFixedHeads, dim=32, layers=2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([attention() for _ in range(layers)])
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 7)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(self.norm(x))
+        return self.head(x)
+
+
+def test_heads_of_views_that_fix_their_count_go_through_the_graph(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(Blocks(), {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 32))
+    assert handle.coupling.attentions[0].q == handle.coupling.attentions[0].v == "blocks.0.c_attn"
+    kill(handle, columns=[("blocks.0.c_proj", slice(0, 8)),  # nothing reads head 0 of the first attention
+                          ("blocks.1.c_proj", slice(8, 24))])  # nor heads 1 and 2 of the second
+    x, other = torch.randn(2, 5, 32), torch.randn(3, 9, 32)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
+    heads = {h["into"]: h for h in report["heads"]}
+    assert {o: (h["kept"], h["traced"]) for o, h in heads.items()} == {
+        "blocks.0.c_proj": (3, "blocks.0"), "blocks.1.c_proj": (2, "blocks.1")}
+    assert report["parameters"]["after"] == report["parameters"]["before"] - (3 * 8 * 33 + 8 * 32) - 2 * (3 * 8 * 33 + 8 * 32)
+    print_report(report)
+    assert "blocks.0.c_attn -> blocks.0.c_proj: 3 of 4 heads kept (3 of 4 kv heads; 0 dead groups' bias folded; " \
+           "blocks.0 runs as its graph with the head sizes rewritten)" in capsys.readouterr().out
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    expected = reference(model, (other,))  # a batch and a length the export never saw
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert (program(other) - expected).abs().max() <= 1e-5
+    assert program.state_dict()["blocks.1.c_attn.weight"].shape == (48, 32)  # q, k and v of 2 heads of 8
+    assert type(model.blocks[0]) is FusedFixedHeads and model.blocks[0].c_attn.out_features == 96  # left as it was
+
+
+def test_heads_of_nanogpt_go(tmp_path):
+    """nanoGPT's attention written out: softmax(q·kᵀ / √d), masked, times v; views of n_head heads."""
+    module = load_example("nanogpt")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    assert ("h.0.attn.c_attn", "h.0.attn.c_proj", ("attention",)) in [
+        (g.src, g.dst, g.trail) for g in handle.coupling.groups if g.kind == "chain"]
+    kill(handle, rows=[("h.1.attn.c_attn", slice(64 + 16, 64 + 24))])  # the v rows of head 2: it outputs v's bias
+    g = torch.Generator().manual_seed(1)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[(torch.randint(0, 96, (3, 11), generator=g),)],
+                           compare_dense=False)
+    assert [(h["into"], h["kept"], h["folded"], h["traced"]) for h in report["heads"]] == [
+        ("h.1.attn.c_proj", 3, 1, "h.1.attn")]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = torch.randint(0, 96, (1, 16), generator=g)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - reference(model, (other,)).numpy()).max() <= 1e-4
+
+
+class GainedHeads(FusedFixedHeads):
+    """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, self.heads).view(1, self.heads, 1, 1))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(self.dim, 2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v) * self.gain
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def test_fused_heads_stay_when_no_split_width_fits(tmp_path):
+def test_heads_stay_when_the_rewritten_graph_does_not_run(tmp_path):
     torch.manual_seed(0)
-    model, handle = sparsify.sparsify(FusedFixedHeads(), {**EVERY, "defaults": {"density": 0.5}},
+    model, handle = sparsify.sparsify(Blocks(GainedHeads, layers=1), {**EVERY, "defaults": {"density": 0.5}},
                                       torch.randn(2, 5, 32))
-    assert handle.coupling.attentions[0].q == handle.coupling.attentions[0].v == "c_attn"
-    kill(handle, columns=[("c_proj", slice(0, 8))])  # nothing reads head 0
+    kill(handle, columns=[("blocks.0.c_proj", slice(0, 8))])
     report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
-    assert report["heads"] == []  # dim = 24 splits, but the views still ask for 4 heads of 8
-    assert report["not_shrunk"]["c_proj"].startswith("attention: 1 dead head group(s) kept, the model does not run "
-                                                     "with fewer heads (RuntimeError: shape")
-    assert report["not_shrunk"]["c_proj"].endswith("; nor with an integer attribute of the model equal to 32 set to 24")
-    assert model.dim == 32 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["heads"] == []
+    why = report["not_shrunk"]["blocks.0.c_proj"]
+    assert why.startswith("attention: 1 dead head group(s) kept, the model does not run with fewer heads (RuntimeError")
+    assert "; nor through its graph with the sizes rewritten (attention: 1 dead head group(s) kept, the model does " \
+           "not run with fewer heads (RuntimeError: The size of tensor a (3) must match the size of tensor b (4)" in why
+    assert type(model.blocks[0]) is GainedHeads and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert (tmp_path / "m.onnx").exists()
 
 
 class FixedHeads(torch.nn.Module):
-    """Attention whose views fix the head count: it cannot run with fewer heads."""
+    """Attention whose views fix the head count, as the whole model."""
 
     def __init__(self, dim=32, heads=4):
         super().__init__()
@@ -244,7 +315,7 @@ class FixedHeads(torch.nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
 
-def test_heads_stay_when_the_model_fixes_the_head_count(tmp_path):
+def test_heads_stay_when_the_model_is_the_attention(tmp_path):
     torch.manual_seed(0)
     model, handle = sparsify.sparsify(FixedHeads(), {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 32))
     with torch.no_grad():
@@ -255,6 +326,8 @@ def test_heads_stay_when_the_model_fixes_the_head_count(tmp_path):
     assert report["not_shrunk"]["o"].startswith("attention: 1 dead head group(s) kept, the model does not run with "
                                                 "fewer heads (RuntimeError: shape")
     assert "view(B, T, -1, head_dim)" in report["not_shrunk"]["o"]
+    assert report["not_shrunk"]["o"].endswith("; nor through its graph: the attention's layers are not inside one "
+                                              "submodule")
     assert report["onnxruntime_max_abs_diff"] <= 1e-4
 
 

@@ -1,0 +1,158 @@
+"""Fewer heads for an attention whose code fixes the head count.
+
+nanoGPT's attention views q, k and v as ``view(B, T, self.n_head, C // self.n_head)`` and merges
+the heads back with ``view(B, T, C)``, where C is the residual width: with fewer heads, its code
+no longer runs. This pass replaces the module that owns the attention's layers by its graph,
+captured with ``torch.export``, in which the sizes are literals that can be rewritten:
+
+- a split of a fused q/k/v layer's output into parts of the old width (``split(n_embd, dim=2)``)
+  splits at the new width;
+- a view of q, k or v from ``[..., heads * head_dim]`` to ``[..., heads, head_dim]`` asks for the
+  heads kept;
+- a view of the attention's output from ``[..., heads, head_dim]`` back to ``[..., heads *
+  head_dim]`` on its way into o asks for the new width.
+
+Only sizes on the path from q, k and v to o change; the batch and sequence dimensions stay as
+dynamic as torch.export found them, and every other literal is left alone. The rewrite covers
+attention where every kv head serves one q head (multi-head attention); the caller checks the
+rewritten model's outputs and undoes the change when they moved.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import fx, nn
+
+from sparsify.errors import first_line
+from sparsify.passes.capture import ExampleInputs
+
+VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
+
+
+def owner_of(names) -> str:
+    """The innermost module holding every one of the dotted layer ``names`` ("" for the model)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _owner_inputs(model: nn.Module, owner: nn.Module, sample) -> tuple[tuple, dict]:
+    """The positional and keyword inputs ``owner`` receives when ``model`` runs on ``sample``."""
+    seen = []
+    hook = owner.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ExampleInputs.of(sample).call(model)
+    finally:
+        hook.remove()
+    if not seen:
+        raise RuntimeError("it never ran on the sample inputs")
+    return seen[0]
+
+
+def _dynamic(module: nn.Module, args: tuple, kwargs: dict):
+    """Every dimension of every tensor input dynamic where the module allows (torch.export's AUTO)."""
+    dims = lambda v: {i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None  # noqa: E731
+    if not kwargs:
+        return tuple(dims(a) for a in args)
+    positional = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**{n: dims(a) for n, a in zip(positional, args)}, **{k: dims(v) for k, v in kwargs.items()}}
+
+
+def _shape(node) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _reachable(starts, forward: bool) -> set:
+    seen, todo = set(), list(starts)
+    while todo:
+        node = todo.pop()
+        for nxt in (node.users if forward else node.all_input_nodes):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def _linear_calls(graph: fx.Graph, rel: str) -> list[fx.Node]:
+    """The aten.linear calls of the layer at ``rel`` (its weight read from the graph's attributes)."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr" and n.args[1].target == f"{rel}.weight"]
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str, heads: int,
+                            kept: int, head_dim: int, layers: dict[str, nn.Linear], sample) -> tuple[fx.GraphModule, int]:
+    """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
+    ``heads`` heads, with ``layers`` (dotted name in ``model`` -> the shrunk layer) in it. Returns
+    the graph module and the number of sizes rewritten; raises RuntimeError (why) when the graph
+    cannot be made. ``model`` is not changed."""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    prefix = owner_name + "." if owner_name else ""
+    args, kwargs = _owner_inputs(model, owner, sample)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(owner, args, kwargs, dynamic_shapes=_dynamic(owner, args, kwargs), strict=False)
+    except Exception as exc:
+        raise RuntimeError(f"torch.export cannot capture {owner_name or 'the model'}: {first_line(exc)}") from exc
+    gm = program.module()
+    graph = gm.graph
+    rel = {n: n[len(prefix):] for n in (*qkv, o)}
+    sources = [c for site in dict.fromkeys(qkv) for c in _linear_calls(graph, rel[site])]
+    into = _linear_calls(graph, rel[o])
+    if not sources or len(into) != 1:
+        raise RuntimeError("its graph does not call q, k and v and then o once each")
+    width, new_width = heads * head_dim, kept * head_dim
+    ahead = _reachable(sources, forward=True)
+    behind = _reachable(into[0].all_input_nodes, forward=False) | set(into[0].all_input_nodes)
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node not in ahead:
+            continue
+        source = node.args[0]
+        shape = _shape(source)
+        if node.target in SPLITS and source in sources and shape and shape[-1] % width == 0:
+            sizes = node.args[1]
+            if node.target is torch.ops.aten.split.Tensor and sizes == width:
+                node.args = (source, new_width, *node.args[2:])
+                rewritten += 1
+            elif isinstance(sizes, (list, tuple)) and set(sizes) == {width}:
+                node.args = (source, [new_width] * len(sizes), *node.args[2:])
+                rewritten += 1
+        elif node.target in VIEWS and shape and isinstance(node.args[1], (list, tuple)):
+            size = list(node.args[1])
+            if len(size) >= 2 and shape[-1] == width and size[-2:] == [heads, head_dim]:
+                size[-2] = kept  # q, k or v into heads
+            elif node in behind and len(shape) >= 2 and shape[-2:] == (heads, head_dim) and size[-1] == width:
+                size[-1] = new_width  # the heads merged on their way into o
+            else:
+                continue
+            node.args = (source, size)
+            rewritten += 1
+    if not rewritten:
+        raise RuntimeError("no size in its graph asks for the head count")
+    for name, layer in layers.items():  # the shrunk layers, called as modules again
+        _set_module(gm, rel[name], layer)
+        for call in _linear_calls(graph, rel[name]):
+            with graph.inserting_before(call):
+                new = graph.call_module(rel[name], (call.args[0],))
+            call.replace_all_uses_with(new)
+            graph.erase_node(call)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm, rewritten
