@@ -73,7 +73,7 @@ def run(name: str, build, inputs, folder: Path) -> str:
     x = inputs(2, 8)
     model, handle = sparsify.sparsify(build().eval(), POLICY, x)
     found = (f"{len(handle.sites)} sites, {len(handle.coupling.groups)} groups, "
-             f"{len(handle.coupling.attentions)} sdpa attentions, {len(handle.analysis.linearized)} linearized")
+             f"{len(handle.coupling.attentions)} attentions, {len(handle.analysis.linearized)} linearized")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     handle.attach(optimizer, total_steps=8)

@@ -142,7 +142,9 @@ def _quiet():
 
 
 def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET) -> None:
-    """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed).
+    """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed),
+    through ``torch.export`` first so that its graph's ``contiguous()`` become copies (see
+    :func:`_contiguous_copies`).
 
     With CompactLinear layers the exporter's own optimizer stays off: its constant folding would
     rebuild the dense weights into the file (onnxruntime folds them at load time instead).
@@ -153,9 +155,17 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     compact = any(isinstance(m, CompactLinear) for m in model.modules())
     try:
         with _quiet():
-            program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
-                                        opset_version=opset, dynamic_shapes=dynamic, verbose=False,
-                                        optimize=not compact)
+            try:
+                captured = torch.export.export(model, inputs.args, inputs.kwargs or None, dynamic_shapes=dynamic,
+                                               strict=False)
+            except Exception:  # the ONNX exporter has other ways to capture the model: let it try them
+                program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
+                                            opset_version=opset, dynamic_shapes=dynamic, verbose=False,
+                                            optimize=not compact)
+            else:
+                _contiguous_copies(captured)
+                program = torch.onnx.export(captured, dynamo=True, opset_version=opset, verbose=False,
+                                            optimize=not compact)
             _store_once(program.model)
             for graph in program.model.graphs():
                 for node in graph:
@@ -164,6 +174,20 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {first_line(exc)}" + "".join(
             f"\n  caused by {first_line(cause)}" for cause in _causes(exc))) from exc
+
+
+def _contiguous_copies(program) -> None:
+    """Every ``contiguous()`` in ``program``'s graph becomes a contiguous copy (an Identity in ONNX).
+    With a dynamic size that may be 1, the decomposition for ONNX finds ``x.transpose(1, 2)`` possibly
+    contiguous, drops ``contiguous()``, and then cannot prove the ``view`` that follows valid
+    (T5's attention fails to export); a copy always has contiguous strides."""
+    changed = False
+    for node in program.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default and len(node.args) == 1:
+            node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+            changed = True
+    if changed:
+        program.graph_module.recompile()
 
 
 def _store_once(model) -> None:
@@ -229,7 +253,7 @@ class OnnxModel:
 
 
 # Llama/BERT/NeoX/ViT..., GPT-2, OPT, Falcon, DistilBERT
-MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim")
+MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "d_ff")
 
 
 def _mlp_size(config) -> tuple[str, int] | None:

@@ -271,6 +271,46 @@ def test_heads_of_nanogpt_go(tmp_path):
     assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - reference(model, (other,)).numpy()).max() <= 1e-4
 
 
+def test_heads_of_hugging_face_eager_attention_go(tmp_path):
+    """Hugging Face's eager attention: q·kᵀ, softmax and the product with v written out, kv heads
+    repeated for grouped-query attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False, attn_implementation="eager")
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(LlamaForCausalLM(config).eval(), {**EVERY, "defaults": {"density": 0.5}}, x)
+    assert len(handle.coupling.attentions) == 2
+    kill(handle, rows=[("model.layers.1.self_attn.v_proj", slice(0, 16))])  # kv group 0: its 2 q heads output 0
+    other = {"input_ids": torch.randint(0, 128, (3, 11))}
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[other], compare_dense=False)
+    assert [(h["into"], h["kept"], h["kept_kv"], h["traced"]) for h in report["heads"]] == [
+        ("model.layers.1.self_attn.o_proj", 2, 1, None)]  # it reads the head count from the tensors
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+
+
+def test_t5_exports_and_its_config_follows_the_mlp_width(tmp_path):
+    """T5: x.transpose(1, 2).contiguous().view(...) with dynamic sizes (the ONNX decomposition drops a
+    contiguous() it cannot prove needed, then refuses the view, unless the export copies), and its
+    MLP width in d_ff."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1,
+                                                num_heads=4, decoder_start_token_id=0, use_cache=False)).eval()
+    tokens = lambda b, t: {"input_ids": torch.randint(0, 128, (b, t)),  # noqa: E731
+                           "decoder_input_ids": torch.randint(0, 128, (b, t - 2))}
+    x = tokens(2, 8)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[(f"{part}.block.0.layer.{i}.DenseReluDense.wo", slice(0, 32))
+                          for part, i in (("encoder", 1), ("decoder", 2))])
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[tokens(3, 11)], compare_dense=False)
+    assert report["hf_config"] == {"d_ff": 96, "rewritten": True}
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["hf_pretrained"]["written"]
+
+
 class GainedHeads(FusedFixedHeads):
     """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
 
