@@ -115,7 +115,7 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     if not sources or len(into) != 1:
         raise RuntimeError("its graph does not call q, k and v and then o once each")
     width, new_width = heads * head_dim, kept * head_dim
-    ahead = _reachable(sources, forward=True)
+    ahead = _reachable(sources, forward=True) - _reachable(into, forward=True)  # between q, k, v and o
     behind = _reachable(into[0].all_input_nodes, forward=False) | set(into[0].all_input_nodes)
     rewritten = 0
     for node in list(graph.nodes):
@@ -143,13 +143,34 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
             rewritten += 1
     if not rewritten:
         raise RuntimeError("no size in its graph asks for the head count")
-    for name, layer in layers.items():  # the shrunk layers, called as modules again
-        _set_module(gm, rel[name], layer)
-        for call in _linear_calls(graph, rel[name]):
-            with graph.inserting_before(call):
-                new = graph.call_module(rel[name], (call.args[0],))
-            call.replace_all_uses_with(new)
-            graph.erase_node(call)
+    shrunk = {rel[name]: layer for name, layer in layers.items()}
+    for node in list(graph.nodes):  # every nn.Linear of the owner is a module again (store_sparse finds it)
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight")):
+            continue
+        name = weight.target[:-len(".weight")]
+        layer = shrunk.get(name)
+        if layer is None:
+            try:
+                layer = owner.get_submodule(name)
+            except AttributeError:
+                continue
+            if type(layer) is not nn.Linear:
+                continue
+        plain = bias is None if layer.bias is None else (isinstance(bias, fx.Node) and bias.op == "get_attr"
+                                                         and bias.target == f"{name}.bias")
+        if not plain:
+            continue
+        _set_module(gm, name, layer)
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    missing = set(shrunk) - {n.target for n in graph.nodes if n.op == "call_module"}
+    if missing:
+        raise RuntimeError(f"its graph does not call {', '.join(sorted(missing))} as a linear layer")
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)

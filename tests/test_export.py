@@ -253,6 +253,34 @@ def test_heads_of_views_that_fix_their_count_go_through_the_graph(tmp_path, caps
     assert type(model.blocks[0]) is FusedFixedHeads and model.blocks[0].c_attn.out_features == 96  # left as it was
 
 
+class InlineBlock(torch.nn.Module):
+    """Attention written inline in a block whose MLP sits beside it: the block holds the attention."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 64), torch.nn.Linear(64, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for p in (self.q, self.k, self.v))
+        x = x + self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_every_linear_layer_of_a_traced_block_stays_a_layer(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(Blocks(InlineBlock, layers=1), {**EVERY, "defaults": {"density": 0.5}},
+                                      torch.randn(2, 5, 32))
+    kill(handle, rows=[("blocks.0.v", slice(24, 32))])
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False, compact=True)
+    assert [(h["kept"], h["traced"]) for h in report["heads"]] == [(3, "blocks.0")]
+    # the block runs as its graph, and its MLP's layers are still layers: stored as values + indices
+    assert set(report["compact"]) == {f"blocks.0.{n}" for n in ("q", "k", "v", "o", "fc1", "fc2")} | {"head"}
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+
+
 def test_heads_of_nanogpt_go(tmp_path):
     """nanoGPT's attention written out: softmax(q·kᵀ / √d), masked, times v; views of n_head heads."""
     module = load_example("nanogpt")
