@@ -57,12 +57,18 @@ class ExportError(SparsifyError):
 
 def inference_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference: sparse layers become plain nn.Linear (inactive weights
-    zero), the topology evolution is removed, eval mode, and a Hugging Face model's key/value cache is
-    off (an ONNX graph returns tensors only)."""
+    zero), the topology evolution is removed, eval mode, a Hugging Face model's key/value cache is
+    off (an ONNX graph returns tensors only), and its mixture-of-experts layers compute their experts
+    in batched matmuls (``batched_mm``, the same products): transformers' default grouped_mm runs
+    a custom op with no ONNX function, and its eager loop depends on the data (Mixtral)."""
     dense = copy.deepcopy(model)
     remove_evolution(dense)
     for config in caching_configs(dense):
         config.use_cache = False
+    experts = {id(c): c for m in dense.modules() if getattr(c := getattr(m, "config", None), "_experts_implementation",
+                                                               "batched_mm") not in (None, "batched_mm")}
+    for config in experts.values():
+        config._experts_implementation = "batched_mm"
     for name, module in list(dense.named_modules()):
         if isinstance(module, (SparseLinear, CsrLinear)):
             replace_module(dense, name, module.to_linear())

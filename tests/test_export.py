@@ -339,6 +339,23 @@ def test_t5_exports_and_its_config_follows_the_mlp_width(tmp_path):
     assert report["hf_pretrained"]["written"]
 
 
+def test_mixtral_exports_with_its_experts_in_batched_matmuls(tmp_path):
+    """transformers' default experts (grouped_mm) call a custom op with no ONNX function."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2, use_cache=False)).eval()
+    before = model.config._experts_implementation
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    other = {"input_ids": torch.randint(0, 128, (3, 11))}
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[other], compare_dense=False)
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert model.config._experts_implementation == before  # the trained model is left as it was
+
+
 class GainedHeads(FusedFixedHeads):
     """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
 
