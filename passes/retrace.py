@@ -13,10 +13,13 @@ captured with ``torch.export``, in which the sizes are literals that can be rewr
   head_dim]`` on its way into o asks for the new width.
 
 Only sizes on the path from q, k and v to o change; the batch and sequence dimensions stay as
-dynamic as torch.export found them, and every other literal is left alone. The rewrite covers
-attention where every kv head serves one q head (multi-head attention); the caller checks the
+dynamic as torch.export found them, and every other literal is left alone. Under grouped-query
+attention (separate q and k/v layers), q's views ask for the q heads kept, k's and v's for the kv
+heads kept, and the repetition of kv heads follows (``expand`` to ``[.., kv, n_rep, ..]`` and the
+view merging them into the q heads, as LLaMA's ``repeat_kv`` writes it). The caller checks the
 rewritten model's outputs and undoes the change when they moved.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -29,6 +32,16 @@ from sparsify.passes.capture import ExampleInputs
 
 VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
+EXPANDS = {torch.ops.aten.expand.default}
+
+
+def _merges_repeats(shape: tuple, size: list, kv_heads: int, q_heads: int) -> bool:
+    """Whether a view of ``shape`` to ``size`` merges adjacent kv-head and repeat axes into the q heads
+    (``[.., kv, n_rep, ..] -> [.., kv * n_rep, ..]``, as repeat_kv does)."""
+    if q_heads not in size or len(shape) != len(size) + 1:
+        return False
+    i = size.index(q_heads)
+    return shape[i] == kv_heads and shape[i + 1] == q_heads // kv_heads
 
 
 def owner_of(names) -> str:
@@ -93,14 +106,19 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str, heads: int,
-                            kept: int, head_dim: int, layers: dict[str, nn.Linear], sample) -> tuple[fx.GraphModule, int]:
+def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
+                            heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
+                            layers: dict[str, nn.Linear], sample) -> tuple[fx.GraphModule, int]:
     """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
-    ``heads`` heads, with ``layers`` (dotted name in ``model`` -> the shrunk layer) in it. Returns
-    the graph module and the number of sizes rewritten; raises RuntimeError (why) when the graph
-    cannot be made. ``model`` is not changed."""
+    ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
+    layer) in it. Returns the graph module and the number of sizes rewritten; raises RuntimeError
+    (why) when the graph cannot be made. ``model`` is not changed."""
     owner = model.get_submodule(owner_name) if owner_name else model
     prefix = owner_name + "." if owner_name else ""
+    (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
+    q, k, v = qkv
+    if q_heads != kv_heads and q in (k, v):
+        raise RuntimeError("grouped-query attention from one fused layer is not rewritten")
     args, kwargs = _owner_inputs(model, owner, sample)
     try:
         with torch.no_grad():
@@ -110,37 +128,55 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     gm = program.module()
     graph = gm.graph
     rel = {n: n[len(prefix):] for n in (*qkv, o)}
-    sources = [c for site in dict.fromkeys(qkv) for c in _linear_calls(graph, rel[site])]
+    calls = {site: _linear_calls(graph, rel[site]) for site in dict.fromkeys(qkv)}
+    sources = [c for found in calls.values() for c in found]
     into = _linear_calls(graph, rel[o])
-    if not sources or len(into) != 1:
+    if not all(calls.values()) or len(into) != 1:
         raise RuntimeError("its graph does not call q, k and v and then o once each")
-    width, new_width = heads * head_dim, kept * head_dim
-    ahead = _reachable(sources, forward=True) - _reachable(into, forward=True)  # between q, k, v and o
+    after = _reachable(into, forward=True)
+    ahead = _reachable(sources, forward=True) - after  # between q, k, v and o
+    from_q = _reachable(calls[q], forward=True) - after
+    from_kv = _reachable(calls[k] + calls[v], forward=True) - after
     behind = _reachable(into[0].all_input_nodes, forward=False) | set(into[0].all_input_nodes)
+    width, kv_width = q_heads * head_dim, kv_heads * head_dim
     rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node not in ahead:
             continue
         source = node.args[0]
         shape = _shape(source)
-        if node.target in SPLITS and source in sources and shape and shape[-1] % width == 0:
+        if not shape:
+            continue
+        if node.target in SPLITS and source in sources and shape[-1] % width == 0:  # a fused layer: q_heads == kv_heads
             sizes = node.args[1]
             if node.target is torch.ops.aten.split.Tensor and sizes == width:
-                node.args = (source, new_width, *node.args[2:])
+                node.args = (source, q_kept * head_dim, *node.args[2:])
                 rewritten += 1
             elif isinstance(sizes, (list, tuple)) and set(sizes) == {width}:
-                node.args = (source, [new_width] * len(sizes), *node.args[2:])
+                node.args = (source, [q_kept * head_dim] * len(sizes), *node.args[2:])
                 rewritten += 1
-        elif node.target in VIEWS and shape and isinstance(node.args[1], (list, tuple)):
-            size = list(node.args[1])
-            if len(size) >= 2 and shape[-1] == width and size[-2:] == [heads, head_dim]:
-                size[-2] = kept  # q, k or v into heads
-            elif node in behind and len(shape) >= 2 and shape[-2:] == (heads, head_dim) and size[-1] == width:
-                size[-1] = new_width  # the heads merged on their way into o
-            else:
-                continue
-            node.args = (source, size)
-            rewritten += 1
+            continue
+        if node.target not in VIEWS | EXPANDS or not isinstance(node.args[1], (list, tuple)):
+            continue
+        size = list(node.args[1])
+        q_only, kv_only = node in from_q and node not in from_kv, node in from_kv and node not in from_q
+        if node.target in EXPANDS:  # kv heads repeated for grouped-query attention: [.., kv, n_rep, ..]
+            at = [i for i, (old, new) in enumerate(zip(shape[-len(size):], size)) if kv_only and old == new == kv_heads
+                  and i < len(size) - 1]
+            for i in at:
+                size[i] = kv_kept
+        elif len(size) >= 2 and size[-2:] == [q_heads, head_dim] and shape[-1] == width and (q_only or q in (k, v)):
+            size[-2] = q_kept  # q (or a fused layer's q, k and v) into heads
+        elif len(size) >= 2 and size[-2:] == [kv_heads, head_dim] and shape[-1] == kv_width and kv_only:
+            size[-2] = kv_kept  # k or v into heads
+        elif kv_only and q_heads != kv_heads and _merges_repeats(shape, size, kv_heads, q_heads):
+            size[size.index(q_heads)] = q_kept  # repeated kv heads merged: [.., kv, n_rep, ..] -> [.., heads, ..]
+        elif node in behind and len(shape) >= 2 and shape[-2:] == (q_heads, head_dim) and size[-1] == width:
+            size[-1] = q_kept * head_dim  # the heads merged on their way into o
+        if size == list(node.args[1]):
+            continue
+        node.args = (source, size, *node.args[2:])
+        rewritten += 1
     if not rewritten:
         raise RuntimeError("no size in its graph asks for the head count")
     shrunk = {rel[name]: layer for name, layer in layers.items()}

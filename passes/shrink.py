@@ -24,9 +24,9 @@ c_attn), or interleaved in it head by head (GPT-NeoX): its kept rows stay in the
 when the model splits the fused output by a width its module holds (``split(self.split_size)``),
 the first integer attribute of that module equal to the old width with which the outputs match
 is set to the new one (the report names it). Where the code fixes the head count (nanoGPT's
-``view(B, T, self.n_head, C // self.n_head)``), the module holding a multi-head attention's
-layers is replaced by its graph with the head sizes rewritten (passes.retrace), checked the same
-way. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims with
+``view(B, T, self.n_head, C // self.n_head)``, LLaMA's reference ``repeat_kv``), the module
+holding the attention's layers is replaced by its graph with the head sizes rewritten
+(passes.retrace), checked the same way. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims with
 o's columns) would change the head size q, k, v and a shared rotary embedding agree on, and are
 not shrunk. The residual stream is never touched.
 
@@ -328,9 +328,11 @@ def _split_widths(model: nn.Module, site: str, old: int, new: int, check) -> dic
     return None
 
 
-def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: int, kept: int, head_dim: int,
-                   before: dict[str, nn.Module], samples: list, check, why: str) -> tuple[str | None, str | None]:
-    """Replace the module owning an attention by its graph asking for ``kept`` heads (passes.retrace),
+def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: tuple[int, int],
+                   kept: tuple[int, int], head_dim: int, before: dict[str, nn.Module], samples: list, check,
+                   why: str) -> tuple[str | None, str | None]:
+    """Replace the module owning an attention by its graph asking for ``kept`` of ``heads`` (q heads,
+    kv heads; passes.retrace),
     with the shrunk layers now in ``model`` in it. Returns (None, its name) when ``check()`` passes,
     else (``why`` and why not, None) with the owner put back; the old layers in ``before`` are in
     ``model`` again either way."""
@@ -422,9 +424,10 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
                 parent = fused[0].rpartition(".")[0] or "the model"
                 why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
         traced = None
-        if why is not None and all(len(h) == 1 for h in share.values()):  # multi-head: try its graph, sizes rewritten
-            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, len(share), len(kept),
-                                         hd, before, samples, check, why)
+        if why is not None:  # try its graph, with the sizes rewritten
+            heads_count = (sum(len(h) for h in share.values()), len(share))
+            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, heads_count,
+                                         (len(kept), len(kept_kv)), hd, before, samples, check, why)
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)

@@ -356,6 +356,54 @@ def test_mixtral_exports_with_its_experts_in_batched_matmuls(tmp_path):
     assert model.config._experts_implementation == before  # the trained model is left as it was
 
 
+class ReferenceLlamaAttention(torch.nn.Module):
+    """LLaMA's reference attention: views of n_heads and n_kv_heads, rotary embedding (rotate half),
+    repeat_kv by expand and reshape, output viewed as (B, T, -1)."""
+
+    def __init__(self, dim=64, n_heads=4, n_kv_heads=2, max_len=16):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = torch.nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk, self.wv = (torch.nn.Linear(dim, n_kv_heads * self.head_dim, bias=False) for _ in range(2))
+        self.wo = torch.nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        angles = torch.outer(torch.arange(max_len), 1e4 ** (-torch.arange(0, self.head_dim, 2) / self.head_dim))
+        self.register_buffer("cos", torch.cat([angles.cos()] * 2, -1), persistent=False)
+        self.register_buffer("sin", torch.cat([angles.sin()] * 2, -1), persistent=False)
+
+    def rotary(self, x, T):
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * self.cos[:T, None, :] + rotated * self.sin[:T, None, :]
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), T)
+        k = self.rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), T)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = (t[:, :, :, None, :].expand(B, T, self.n_kv_heads, n_rep, self.head_dim)
+                .reshape(B, T, self.n_kv_heads * n_rep, self.head_dim) for t in (k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             is_causal=True)
+        return self.wo(y.transpose(1, 2).contiguous().view(B, T, -1))
+
+
+def test_grouped_query_heads_of_reference_llama_go_through_the_graph(tmp_path):
+    torch.manual_seed(0)
+    model = Blocks(ReferenceLlamaAttention, dim=64, layers=1)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 64))
+    kill(handle, rows=[("blocks.0.wv", slice(16, 32))])  # kv head 1: its two q heads output 0
+    x, other = torch.randn(2, 7, 64), torch.randn(3, 12, 64)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
+    assert [(h["kept"], h["kept_kv"], h["traced"]) for h in report["heads"]] == [(2, 1, "blocks.0")]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    expected = reference(model, (other,))
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    shapes = {k: tuple(v.shape) for k, v in torch.export.load(str(tmp_path / "m.pt2")).module().state_dict().items()}
+    assert (shapes["blocks.0.wq.weight"], shapes["blocks.0.wk.weight"], shapes["blocks.0.wo.weight"]) == (
+        (32, 64), (16, 64), (64, 32))
+
+
 class GainedHeads(FusedFixedHeads):
     """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
 
