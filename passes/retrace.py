@@ -161,7 +161,8 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
         size = list(node.args[1])
         q_only, kv_only = node in from_q and node not in from_kv, node in from_kv and node not in from_q
         if node.target in EXPANDS:  # kv heads repeated for grouped-query attention: [.., kv, n_rep, ..]
-            at = [i for i, (old, new) in enumerate(zip(shape[-len(size):], size)) if kv_only and old == new == kv_heads
+            aligned = (None,) * (len(size) - len(shape)) + shape  # expand aligns the trailing dimensions
+            at = [i for i, (old, new) in enumerate(zip(aligned, size)) if kv_only and old == new == kv_heads
                   and i < len(size) - 1]
             for i in at:
                 size[i] = kv_kept
