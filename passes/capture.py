@@ -8,6 +8,7 @@ give a GraphModule whose nodes carry ``nn_module_stack``, so every call maps bac
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -54,6 +55,24 @@ class ExampleInputs:
     def call(self, fn):
         return fn(*self.args, **self.kwargs)
 
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def auto_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """torch.export's dynamic_shapes for ``module`` called on ``args`` and ``kwargs``: every dimension
+    of every tensor input dynamic where the module allows (Dim.AUTO)."""
+    def dims(value: Any) -> Any:
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+
+    if not kwargs:
+        return tuple(dims(a) for a in args)
+    positional = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**{n: dims(a) for n, a in zip(positional, args)}, **{k: dims(v) for k, v in kwargs.items()}}
 
 def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
     """``inputs`` cut to their first example, when every tensor input has the same batch size

@@ -22,13 +22,11 @@ rewritten model's outputs and undoes the change when they moved.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import fx, nn
 
 from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs
+from sparsify.passes.capture import ExampleInputs, auto_dynamic, replace_module
 
 VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
@@ -69,16 +67,6 @@ def _owner_inputs(model: nn.Module, owner: nn.Module, sample) -> tuple[tuple, di
     return seen[0]
 
 
-def _dynamic(module: nn.Module, args: tuple, kwargs: dict):
-    """Every dimension of every tensor input dynamic where the module allows (torch.export's AUTO)."""
-    dims = lambda v: {i: torch.export.Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None  # noqa: E731
-    if not kwargs:
-        return tuple(dims(a) for a in args)
-    positional = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {**{n: dims(a) for n, a in zip(positional, args)}, **{k: dims(v) for k, v in kwargs.items()}}
-
-
 def _shape(node) -> tuple | None:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -101,18 +89,12 @@ def _linear_calls(graph: fx.Graph, rel: str) -> list[fx.Node]:
             and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr" and n.args[1].target == f"{rel}.weight"]
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
                             heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
-                            layers: dict[str, nn.Linear], sample) -> tuple[fx.GraphModule, int]:
+                            layers: dict[str, nn.Linear], sample) -> fx.GraphModule:
     """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
     ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
-    layer) in it. Returns the graph module and the number of sizes rewritten; raises RuntimeError
-    (why) when the graph cannot be made. ``model`` is not changed."""
+    layer) in it. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
     owner = model.get_submodule(owner_name) if owner_name else model
     prefix = owner_name + "." if owner_name else ""
     (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
@@ -122,7 +104,7 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     args, kwargs = _owner_inputs(model, owner, sample)
     try:
         with torch.no_grad():
-            program = torch.export.export(owner, args, kwargs, dynamic_shapes=_dynamic(owner, args, kwargs), strict=False)
+            program = torch.export.export(owner, args, kwargs, dynamic_shapes=auto_dynamic(owner, args, kwargs), strict=False)
     except Exception as exc:
         raise RuntimeError(f"torch.export cannot capture {owner_name or 'the model'}: {first_line(exc)}") from exc
     gm = program.module()
@@ -200,7 +182,7 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
                                                          and bias.target == f"{name}.bias")
         if not plain:
             continue
-        _set_module(gm, name, layer)
+        replace_module(gm, name, layer)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(call)
@@ -213,4 +195,4 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return gm, rewritten
+    return gm

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs, other_rows
+from sparsify.passes.capture import ExampleInputs, other_rows, replace_module
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.rewrite import observe_inputs
 from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
@@ -153,12 +153,6 @@ def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
         else:
             units[dst] = chains
     return units, skipped
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` of ``model``."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -343,7 +337,7 @@ def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: t
     if not owner:
         return why + "; nor through its graph: the attention's layers are not inside one submodule", None
     try:
-        graph, _count = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0])
+        graph = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0])
     except RuntimeError as exc:
         return f"{why}; nor through its graph: {exc}", None
     original = model.get_submodule(owner)
