@@ -39,10 +39,11 @@ from torch.utils._pytree import tree_leaves
 from sparsify import checkpoint
 from sparsify.errors import SparsifyError, first_line
 from sparsify.files import atomic_write, temporary
-from sparsify.passes.capture import ExampleInputs, caching_configs, first_example, other_rows
+from sparsify.passes.capture import (ExampleInputs, auto_dynamic, caching_configs, first_example, other_rows,
+                                     replace_module)
 from sparsify.passes.evolve import remove_evolution
 from sparsify.passes.linearize import transposed_back
-from sparsify.passes.shrink import replace_module, scaled_limit, shrink as shrink_pass
+from sparsify.passes.shrink import scaled_limit, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear
 from sparsify.onnx_layers import COMPACT_DENSITY, GATHER_DENSITY, CompactLinear, GatherLinear
 from sparsify.sparse_linear import SparseLinear
@@ -123,18 +124,6 @@ def _max_diff(a: list[torch.Tensor], b: list) -> float:
     return diff
 
 
-def _auto_dynamic(model: nn.Module, inputs: ExampleInputs) -> Any:
-    """Every dimension of every tensor input dynamic where the model allows (torch.export's AUTO)."""
-    def dims(value: Any) -> Any:
-        return {i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
-
-    if not inputs.kwargs:
-        return tuple(dims(a) for a in inputs.args)
-    positional = [p.name for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return {**{n: dims(a) for n, a in zip(positional, inputs.args)}, **{k: dims(v) for k, v in inputs.kwargs.items()}}
-
-
 @contextlib.contextmanager
 def _quiet():
     """The exporter's progress lines and warnings would bury our own report."""
@@ -147,7 +136,7 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
-def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET) -> None:
+def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET):
     """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed),
     through ``torch.export`` first so that its graph's ``contiguous()`` become copies (see
     :func:`_contiguous_copies`).
@@ -156,8 +145,9 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     rebuild the dense weights into the file (onnxruntime folds them at load time instead).
     Identical initializers are stored once (constant folding can turn a buffer used by both
     branches of a GatherLinear's cond into two copies), and the nodes' debugging metadata (the
-    exporter's fx nodes and Python stack traces, with local paths) is left out."""
-    dynamic = _auto_dynamic(model, inputs)
+    exporter's fx nodes and Python stack traces, with local paths) is left out. Returns the
+    ``torch.export`` program it exported (None when only the ONNX exporter could capture the model)."""
+    dynamic = auto_dynamic(model, inputs.args, inputs.kwargs)
     compact = any(isinstance(m, CompactLinear) for m in model.modules())
     try:
         with _quiet():
@@ -165,6 +155,7 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
                 captured = torch.export.export(model, inputs.args, inputs.kwargs or None, dynamic_shapes=dynamic,
                                                strict=False)
             except Exception:  # the ONNX exporter has other ways to capture the model: let it try them
+                captured = None
                 program = torch.onnx.export(model, inputs.args, kwargs=inputs.kwargs or None, dynamo=True,
                                             opset_version=opset, dynamic_shapes=dynamic, verbose=False,
                                             optimize=not compact)
@@ -180,6 +171,7 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {first_line(exc)}" + "".join(
             f"\n  caused by {first_line(cause)}" for cause in _causes(exc))) from exc
+    return captured
 
 
 def _contiguous_copies(program) -> None:
@@ -380,7 +372,8 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         if pretrained is not None:
             hints = [c["why"] for c in configs.values() if c and not c["rewritten"] and c.get("why") != "no MLP changed width"]
             report["hf_pretrained"] = _save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks, reference,
-                                                       getattr(model.config, "use_cache", None), "; ".join(hints))
+                                                       limit, getattr(model.config, "use_cache", None),
+                                                       "; ".join(hints))
         report["files"] = written
         atomic_write(path.with_suffix(".json"), lambda f: json.dump(report, f, indent=2))
         return report
@@ -402,7 +395,7 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
            latency_repeat) -> dict:
     onnx_tmp, dense_tmp, pt2_tmp = temporary(path), temporary(path), temporary(path.with_suffix(".pt2"))
     try:
-        to_onnx(shrunk, inputs, onnx_tmp, opset)
+        captured = to_onnx(shrunk, inputs, onnx_tmp, opset)
         import onnx
 
         try:
@@ -419,8 +412,8 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
                 raise ExportError(f"onnxruntime's outputs differ from the trained model's by {diff:.3g} "
                                   f"(limit {limit:.3g}); no file was written")
         with _quiet():
-            program = torch.export.export(shrunk, inputs.args, inputs.kwargs or None,
-                                          dynamic_shapes=_auto_dynamic(shrunk, inputs))
+            program = captured or torch.export.export(shrunk, inputs.args, inputs.kwargs or None,
+                                                      dynamic_shapes=auto_dynamic(shrunk, inputs.args, inputs.kwargs))
             with open(pt2_tmp, "wb") as f:  # through a file object, the archive's root is not the temporary name
                 torch.export.save(program, f)
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
@@ -446,10 +439,11 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
             Path(str(tmp) + ".data").unlink(missing_ok=True)
 
 
-def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: list, use_cache: Any,
+def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: list, limit: float, use_cache: Any,
                      hint: str) -> dict:
     """``save_pretrained`` of a shrunk Hugging Face model, kept only when ``from_pretrained`` reloads
-    it with its config and its outputs match the trained model's as the shrunk model's must."""
+    it with its config and its outputs are within ``limit`` of the trained model's (the shrunk
+    model's limit)."""
     import shutil
     import tempfile
 
@@ -470,7 +464,6 @@ def _save_pretrained(model: nn.Module, folder: Path, checks: list, reference: li
                         f"the shrunk sizes ({'; '.join(filter(None, [hint, _unlike_config(model)])) or first_line(exc)[:300]})"}
         with torch.no_grad():
             diff = max(_max_diff(r, _tensors(c.call(loaded))) for r, c in zip(reference, checks))
-        limit = scaled_limit(TORCH_TOLERANCE, tree_leaves(reference))
         if not diff <= limit:
             return {"written": False, "why": f"reloaded, its outputs differ by {diff:.3g} (limit {limit:.3g})"}
         if folder.exists():
