@@ -8,6 +8,7 @@ give a GraphModule whose nodes carry ``nn_module_stack``, so every call maps bac
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import logging
@@ -64,15 +65,46 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def auto_dynamic(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """torch.export's dynamic_shapes for ``module`` called on ``args`` and ``kwargs``: every dimension
-    of every tensor input dynamic where the module allows (Dim.AUTO)."""
+    of every tensor input dynamic where the module allows (Dim.AUTO). Keywords that ``**kwargs``
+    takes must be named first (:func:`keywords_named`): torch.export refuses dynamic shapes for them."""
     def dims(value: Any) -> Any:
-        return {i: torch.export.Dim.AUTO for i in range(value.dim())} if isinstance(value, torch.Tensor) else None
+        if isinstance(value, torch.Tensor):
+            return {i: torch.export.Dim.AUTO for i in range(value.dim())}
+        if type(value) in (tuple, list):  # a tuple of tensors (a decoder layer's (cos, sin))
+            return type(value)(dims(v) for v in value)
+        if type(value) is dict:
+            return {k: dims(v) for k, v in value.items()}
+        return None
 
     if not kwargs:
         return tuple(dims(a) for a in args)
     positional = [p.name for p in inspect.signature(module.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return {**{n: dims(a) for n, a in zip(positional, args)}, **{k: dims(v) for k, v in kwargs.items()}}
+
+
+def keywords_named(module: nn.Module, kwargs: dict) -> nn.Module:
+    """``module``, or when it takes some of ``kwargs`` through ``**kwargs`` (a Hugging Face attention
+    receives position_ids and use_cache so), a shallow copy whose forward names each of them:
+    torch.export makes inputs dynamic only by name, and refuses dynamic shapes for keywords behind
+    ``**kwargs``. The copy shares the module's parameters and submodules, under the same names, and
+    computes the same function."""
+    cls = type(module)
+    signature = inspect.signature(cls.forward)
+    extra = [k for k in kwargs if k not in signature.parameters]
+    if not extra or not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return module
+    parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    parameters += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+
+    def forward(self, *args, **keywords):
+        return cls.forward(self, *args, **keywords)
+
+    forward.__signature__ = signature.replace(parameters=parameters)
+    named = copy.copy(module)
+    named.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return named
+
 
 def first_example(inputs: ExampleInputs) -> ExampleInputs | None:
     """``inputs`` cut to their first example, when every tensor input has the same batch size

@@ -3,15 +3,16 @@
 The pass runs the captured graph once on the example inputs and, beside every real value, an
 *index tensor* per linear site: an int32 tensor of the value's shape whose entries say which
 output feature of the site each element carries (-1: none). Data-movement ops (view, reshape,
-transpose, split, cat, slicing, expand, repeat...) are executed on the index tensors themselves,
-so heads, fused projections, rotary embeddings and grouped-query attention need no special
-cases. The other ops are read by kind:
+transpose, split, cat, slicing, expand, repeat, and indexing with constant index tensors) are
+executed on the index tensors themselves, so heads, fused projections, rotary embeddings and
+grouped-query attention need no special cases. The other ops are read by kind:
 
 - contraction (matmul, scaled_dot_product_attention): the features of both operands along the
   contracted dimension are *dot*-coupled pairs (q row i with k row i);
-- elementwise product of two sites' features: *mul*-coupled rows (act(gate) * up);
+- elementwise product of two sites' features, or of one site's features at different positions
+  (a fused gate_up layer's ``act(gate) * up``): *mul*-coupled rows;
 - a site's features reaching another site's input: a *chain* (v -> o, up -> down, fc1 -> fc2);
-- the same site's features meeting themselves at other positions (q*cos + rotate_half(q)*sin):
+- the same site's features summed with themselves at other positions (q*cos + rotate_half(q)*sin):
   *paired rows* (RoPE's i and i + head_dim/2);
 - residual adds, norms and reductions over features, model outputs, and ops the pass does not
   know: *boundaries*, never percolated.
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 STRUCTURAL = {
     "view", "reshape", "_unsafe_view", "transpose", "swapaxes", "swapdims", "permute", "t",
     "contiguous", "clone", "split", "split_with_sizes", "chunk", "unbind", "getitem", "slice",
-    "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "repeat_interleave",
+    "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave",
     "cat", "concat", "concatenate", "stack", "flatten", "unflatten", "alias", "detach", "movedim",
     "flip", "roll", "lift_fresh_copy", "view_as", "reshape_as", "Flatten", "Unflatten",
 }
@@ -55,6 +56,7 @@ UNARY = ACTIVATIONS | {
 }
 ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
 MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
+INDEXING = {"index", "index_select"}  # data movement by index tensors: structural when the indices are constants
 CONTRACTIONS = {"matmul", "bmm", "scaled_dot_product_attention"}
 SCORE_OPS = (UNARY | ADDITIVE | MULTIPLICATIVE | STRUCTURAL
              | {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"})  # q·kᵀ stays attention scores
@@ -109,10 +111,12 @@ class DotGroup:
     def heads(self) -> tuple[int, int, dict[int, list[int]]]:
         """(q heads, kv heads, kv head -> q heads sharing it)."""
         q_feats, k_feats = np.unique(self.pairs[:, 0]), np.unique(self.pairs[:, 1])
-        q0, k0 = q_feats.min(), k_feats.min()
+        # heads numbered in row order, also where other rows sit between them (Falcon's q, q, k, v per group)
+        q_block, k_block = (self.pairs[:, 0] - q_feats.min()) // self.head_dim, (self.pairs[:, 1] - k_feats.min()) // self.head_dim
+        q_head, k_head = np.unique(q_block, return_inverse=True)[1], np.unique(k_block, return_inverse=True)[1]
         share: dict[int, set[int]] = {}
-        for qf, kf in self.pairs:
-            share.setdefault(int((kf - k0) // self.head_dim), set()).add(int((qf - q0) // self.head_dim))
+        for qh, kh in zip(q_head.tolist(), k_head.tolist()):
+            share.setdefault(kh, set()).add(qh)
         return (len(q_feats) // self.head_dim, len(k_feats) // self.head_dim,
                 {k: sorted(v) for k, v in sorted(share.items())})
 
@@ -406,6 +410,8 @@ class _Propagator(fx.Interpreter):
             return parent[node.args[1]] if parent is not None else None
         if name in STRUCTURAL:
             return self._structural(node, value)
+        if name in INDEXING and not any(self.data.get(a, False) for a in node.all_input_nodes[1:]):
+            return self._structural(node, value)  # Falcon's qkv[:, :, :, [-2]]: constant indices
         if name in UNARY and name not in ADDITIVE | MULTIPLICATIVE:
             return self._elementwise(node, value, name, "unary")
         if name in ADDITIVE:
@@ -471,6 +477,7 @@ class _Propagator(fx.Interpreter):
     def _structural(self, node: fx.Node, value: Any) -> Any:
         in_tags = self._all_tags(node)
         sites = sorted({s for t in in_tags for s in t})
+        indexing = op_name(node, self.module) in INDEXING
         results: dict[str, Any] = {}
         for site in sites:
             trail: tuple = ()
@@ -487,6 +494,8 @@ class _Propagator(fx.Interpreter):
                 if isinstance(tag, (list, tuple)):
                     return [t[site].idx if isinstance(t, dict) and site in t else _blank(r)
                             for t, r in zip(tag, real)]
+                if indexing and real.dtype in (torch.int64, torch.int32, torch.bool) and not self.data.get(a, False):
+                    return real  # the index tensor itself
                 return _blank(real)
 
             args = fx.node.map_aggregate(node.args, sub)
@@ -521,16 +530,19 @@ class _Propagator(fx.Interpreter):
         out: Tags = {}
         for site in sites:
             tags = [t[site] for _, t in tagged if site in t]
-            idx = tags[0].idx
+            idx, trail = tags[0].idx, max((t.trail for t in tags), key=len)
             for other in tags[1:]:
                 a, b = torch.broadcast_tensors(idx, other.idx)
                 differ = (a >= 0) & (b >= 0) & (a != b)
                 if bool(differ.any()):
-                    self.paired.setdefault(site, []).append(
-                        _unique_pairs(a[differ], b[differ]))
+                    pairs = _unique_pairs(a[differ], b[differ])
+                    if kind == "mul":  # one fused layer's rows multiplied: gate, up = gate_up(x).chunk(2, -1)
+                        self._record_product(site, site, pairs, (tags[0].trail, other.trail))
+                        trail, step = tags[0].trail, step + ("mul",)  # the features kept are the first factor's
+                    else:  # rows combined additively (RoPE: q*cos + rotate_half(q)*sin)
+                        self.paired.setdefault(site, []).append(pairs)
                 idx = torch.where(a >= 0, a, b)
-            trail = max((t.trail for t in tags), key=len) + step
-            out[site] = _Tag(_like(value, idx), _dedupe(trail))
+            out[site] = _Tag(_like(value, idx), _dedupe(trail + step))
         if kind == "add":
             self._additive(node, value, tagged, untagged, out)
         elif kind == "mul" and len(sites) > 1:
@@ -565,14 +577,15 @@ class _Propagator(fx.Interpreter):
                 if sa == sb:
                     continue
                 pairs = _unique_pairs(tag_a.idx, tag_b.idx)
-                if not len(pairs):
-                    continue
-                key = (sa, sb)
-                prev = self.muls.get(key)
-                merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
-                self.muls[key] = (merged, (tag_a.trail, tag_b.trail))
+                if len(pairs):
+                    self._record_product(sa, sb, pairs, (tag_a.trail, tag_b.trail))
         for site, tag in out.items():
             out[site] = _Tag(tag.idx, _dedupe(tag.trail + ("mul",)))
+
+    def _record_product(self, a: str, b: str, pairs: np.ndarray, trails: tuple) -> None:
+        prev = self.muls.get((a, b))
+        merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
+        self.muls[(a, b)] = (merged, trails)
 
     def _contraction(self, node: fx.Node, value: torch.Tensor, name: str) -> Tags:
         if name == "scaled_dot_product_attention":

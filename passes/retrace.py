@@ -14,22 +14,26 @@ captured with ``torch.export``, in which the sizes are literals that can be rewr
 
 Only sizes on the path from q, k and v to o change; the batch and sequence dimensions stay as
 dynamic as torch.export found them, and every other literal is left alone. Under grouped-query
-attention (separate q and k/v layers), q's views ask for the q heads kept, k's and v's for the kv
-heads kept, and the repetition of kv heads follows (``expand`` to ``[.., kv, n_rep, ..]`` and the
-view merging them into the q heads, as LLaMA's ``repeat_kv`` writes it). The caller checks the
-rewritten model's outputs and undoes the change when they moved.
+attention, q's views ask for the q heads kept, k's and v's for the kv heads kept, and the
+repetition of kv heads follows (``expand`` to ``[.., kv, n_rep, ..]`` and the view merging them
+into the q heads, as LLaMA's ``repeat_kv`` writes it). q and k/v come from separate layers, or from
+one fused layer sliced at fixed offsets (Phi-3's ``qkv[..., :query_pos]``): each slice that takes
+exactly one role's rows is moved to where those rows sit among the rows kept. The caller checks
+the rewritten model's outputs and undoes the change when they moved.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import fx, nn
 
 from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs, auto_dynamic, replace_module
+from sparsify.passes.capture import ExampleInputs, auto_dynamic, keywords_named, replace_module
 
 VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
+SLICES = {torch.ops.aten.slice.Tensor}
 EXPANDS = {torch.ops.aten.expand.default}
 
 
@@ -89,22 +93,51 @@ def _linear_calls(graph: fx.Graph, rel: str) -> list[fx.Node]:
             and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr" and n.args[1].target == f"{rel}.weight"]
 
 
+def _slice_roles(graph: fx.Graph, sources: list, roles: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Slices of a fused layer's output along its features that take exactly one role's rows
+    (``roles``: role -> (its rows, its rows kept)), moved to where the kept rows of that role sit
+    among all the rows kept. Returns {slice node: (role, its new arguments)}."""
+    kept = np.sort(np.concatenate([rows for _, rows in roles.values()]))
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in SLICES or node.args[0] not in sources:
+            continue
+        shape = _shape(node.args[0])
+        given = node.args[1:5]
+        dim, start, end, step = (*given, *(0, None, None, 1)[len(given):])
+        start = 0 if start is None else start
+        if not shape or dim not in (-1, len(shape) - 1) or step != 1 or not isinstance(start, int) or start < 0 \
+                or not isinstance(end, (int, type(None))):
+            continue
+        end = shape[-1] if end is None else min(end, shape[-1])
+        role = next((r for r, (rows, _) in roles.items() if np.array_equal(np.sort(rows), np.arange(start, end))), None)
+        if role is None:
+            continue
+        found[node] = role, (node.args[0], dim, int(np.searchsorted(kept, start)), int(np.searchsorted(kept, end)),
+                             *node.args[4:])
+    return found
+
+
 def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
                             heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
-                            layers: dict[str, nn.Linear], sample) -> fx.GraphModule:
+                            layers: dict[str, nn.Linear], sample,
+                            roles: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> fx.GraphModule:
     """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
     ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
-    layer) in it. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
+    layer) in it. ``roles`` (q, k, v -> (rows, rows kept) in their layer) places the slices of a
+    fused layer. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
     owner = model.get_submodule(owner_name) if owner_name else model
     prefix = owner_name + "." if owner_name else ""
     (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
     q, k, v = qkv
-    if q_heads != kv_heads and q in (k, v):
-        raise RuntimeError("grouped-query attention from one fused layer is not rewritten")
+    fused_gqa = q_heads != kv_heads and q in (k, v)
+    if fused_gqa and roles is None:
+        raise RuntimeError("grouped-query attention from one fused layer needs the rows of q, k and v")
     args, kwargs = _owner_inputs(model, owner, sample)
     try:
         with torch.no_grad():
-            program = torch.export.export(owner, args, kwargs, dynamic_shapes=auto_dynamic(owner, args, kwargs), strict=False)
+            named = keywords_named(owner, kwargs)
+            program = torch.export.export(named, args, kwargs, dynamic_shapes=auto_dynamic(named, args, kwargs), strict=False)
     except Exception as exc:
         raise RuntimeError(f"torch.export cannot capture {owner_name or 'the model'}: {first_line(exc)}") from exc
     gm = program.module()
@@ -119,9 +152,20 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     ahead = _reachable(sources, forward=True) - after  # between q, k, v and o
     from_q = _reachable(calls[q], forward=True) - after
     from_kv = _reachable(calls[k] + calls[v], forward=True) - after
+    rewritten = 0
+    sliced = _slice_roles(graph, sources, roles) if q in (k, v) and roles is not None else {}
+    if {role for role, _ in sliced.values()} == {"q", "k", "v"}:  # one layer's rows, sliced apart at fixed offsets
+        for node, (_, new_args) in sliced.items():
+            node.args = new_args
+        starts = {part: [n for n, (role, _) in sliced.items() if (role == "q") == (part == "q")] for part in ("q", "kv")}
+        from_q = (_reachable(starts["q"], forward=True) | set(starts["q"])) - after  # q's and k/v's paths start there
+        from_kv = (_reachable(starts["kv"], forward=True) | set(starts["kv"])) - after
+        rewritten += len(sliced)
+    elif fused_gqa:
+        raise RuntimeError("grouped-query attention from one fused layer: its graph does not slice q, k and v apart "
+                           "at fixed offsets")
     behind = _reachable(into[0].all_input_nodes, forward=False) | set(into[0].all_input_nodes)
     width, kv_width = q_heads * head_dim, kv_heads * head_dim
-    rewritten = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node not in ahead:
             continue

@@ -2,7 +2,12 @@
 
 A *unit* is one hidden feature between linear layers: row c of every layer that feeds column c of
 a consumer ``dst`` through elementwise operations only (an MLP's fc1 → act → fc2; LLaMA's
-act(gate) · up → down), with nothing but ``dst`` reading those rows. A unit goes when
+act(gate) · up → down), with nothing but ``dst`` reading those rows. One fused layer may hold
+several factors (Phi-3's ``gate, up = gate_up_proj(x).chunk(2, -1)``): its rows multiplied together
+form the unit, and they go together, the kept rows in their order; since the model's code may
+split the layer at a fixed index, that change is run on the samples and kept only when the
+outputs are unchanged, after trying the module's integer attribute equal to the old width set to
+the new one (``split(self.hidden)``). A unit goes when
 
 - column c of ``dst`` has no weight left: nothing reads the feature, its rows are dropped;
 - every feeding row has no input weight: the feature is a constant (act(bias), or a product of
@@ -23,7 +28,10 @@ undone and the reason reported. q, k and v may be runs of one fused layer's rows
 c_attn), or interleaved in it head by head (GPT-NeoX): its kept rows stay in their order, and
 when the model splits the fused output by a width its module holds (``split(self.split_size)``),
 the first integer attribute of that module equal to the old width with which the outputs match
-is set to the new one (the report names it). Where the code fixes the head count (nanoGPT's
+is set to the new one (the report names it). Where the attention's module holds the head counts
+its views read (Falcon's num_heads and num_kv_heads, with grouped-query attention from one fused
+layer), its integer attributes named for heads that equal the old counts are set to the new ones
+together, checked the same way. Where the code fixes the head count (nanoGPT's
 ``view(B, T, self.n_head, C // self.n_head)``, LLaMA's reference ``repeat_kv``), the module
 holding the attention's layers is replaced by its graph with the head sizes rewritten
 (passes.retrace), checked the same way. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims with
@@ -79,6 +87,7 @@ class Unit:
     unused: int = 0  # dropped: nothing read them
     folded: int = 0  # dropped: constant, folded into dst's bias
     zero: int = 0  # dropped: a factor without input made them zero
+    rewritten: dict[str, int] = field(default_factory=dict)  # module attributes set to the new split width
 
     @property
     def removed(self) -> int:
@@ -86,7 +95,7 @@ class Unit:
 
     def to_json(self) -> dict:
         return {"layers": list(self.sources), "into": self.dst, "neurons": self.width, "kept": len(self.kept),
-                "unused": self.unused, "folded": self.folded, "zero": self.zero}
+                "unused": self.unused, "folded": self.folded, "zero": self.zero, "rewritten": dict(self.rewritten)}
 
 
 @dataclass
@@ -118,8 +127,31 @@ class Shrink:
     heads: list[Heads] = field(default_factory=list)
 
 
+def _unit_rows(coupling: Coupling, g, width: int) -> np.ndarray | str:
+    """[width, r]: the rows of ``g.src`` feeding each input column of ``g.dst``, or why there are none.
+    r is 1 when its rows map one to one onto the columns; a fused gate/up layer (Phi-3's
+    ``gate, up = gate_up_proj(x).chunk(2, -1)``, then ``act(gate) * up``) has r = 2: the chain maps
+    one factor's rows, and the layer's product with itself pairs each with the other's."""
+    out = coupling.sites.sites[g.src].out_features
+    not_one_to_one = f"{g.src}'s features do not map one to one onto its input"
+    if out == width:
+        return g.mapping[:, None] if np.array_equal(g.mapping, np.arange(width)) else not_one_to_one
+    products = [m.pairs for m in coupling.groups if m.kind == "mul" and m.a == m.b == g.src]
+    if g.mapping.min() < 0 or len(np.unique(g.mapping)) != width or not products:
+        return not_one_to_one
+    partners: dict[int, set[int]] = {}
+    for a, b in np.concatenate(products).tolist():
+        partners.setdefault(a, set()).add(b)
+        partners.setdefault(b, set()).add(a)
+    rows = [sorted({int(r)} | partners.get(int(r), set())) for r in g.mapping]
+    if len({len(r) for r in rows}) != 1 or not np.array_equal(np.sort(np.concatenate(rows)), np.arange(out)):
+        return not_one_to_one  # each row of the layer feeds exactly one column, the same number per column
+    return np.array(rows)
+
+
 def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
-    """dst -> the chain groups feeding it feature by feature, elementwise; and why others are skipped."""
+    """dst -> [(chain group feeding it feature by feature, elementwise; its rows per column
+    (_unit_rows))]; and why other consumers are skipped."""
     by_dst: dict[str, list] = {}
     skipped: dict[str, str] = {}
     sites = coupling.sites.sites
@@ -130,11 +162,13 @@ def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
     for dst, chains in by_dst.items():
         width = sites[dst].in_features
         why = None
+        rows = []
         for g in chains:
+            rows.append(_unit_rows(coupling, g, width))
             if not set(g.trail) <= ELEMENTWISE:
                 why = f"its input comes from {g.src} through {' -> '.join(g.trail)}"
-            elif sites[g.src].out_features != width or not np.array_equal(g.mapping, np.arange(width)):
-                why = f"{g.src}'s features do not map one to one onto its input"
+            elif isinstance(rows[-1], str):
+                why = rows[-1]
             elif (g.src, "out") in coupling.boundaries:
                 why = f"{g.src}'s output is also read elsewhere ({', '.join(sorted(coupling.boundaries[(g.src, 'out')]))})"
             else:
@@ -151,7 +185,7 @@ def _units(coupling: Coupling) -> tuple[dict[str, list], dict[str, str]]:
         if why:
             skipped[dst] = why
         else:
-            units[dst] = chains
+            units[dst] = list(zip(chains, rows))
     return units, skipped
 
 
@@ -171,18 +205,26 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
     chains_of, skipped = _units(coupling)
     seen = observe_inputs(model, list(chains_of), samples)
     units = []
+    reference = None
     for dst, chains in chains_of.items():
-        sources = tuple(g.src for g in chains)
+        sources = tuple(g.src for g, _ in chains)
         d = model.get_submodule(dst)
         layers = [model.get_submodule(s) for s in sources]
         if not isinstance(d, nn.Linear) or not all(isinstance(s, nn.Linear) for s in layers):
             skipped[dst] = "its layers are not plain nn.Linear (make sparse layers dense first)"
             continue
+        fused = [s for (_, rows), s in zip(chains, sources) if rows.shape[1] > 1]
+        if fused and not samples:
+            skipped[dst] = f"{fused[0]} holds several factors of its input: no sample inputs to check its shrinking on"
+            continue
+        rows_of = [torch.as_tensor(rows, device=d.weight.device) for _, rows in chains]  # per source, [width, r]
         unit = Unit(sources, dst, d.in_features)
         read = d.weight.ne(0).any(0)  # [in]: the column still has a weight
-        silent = [s.weight.eq(0).all(1) for s in layers]  # per source, [width]: the row has no input weight
-        biasless = [s.weight.new_ones(s.out_features, dtype=torch.bool) if s.bias is None else s.bias.eq(0)
-                    for s in layers]
+        # per source, [width]: every row feeding the column has no input weight / one such row has no bias either
+        silent = [s.weight.eq(0).all(1)[r].all(1) for s, r in zip(layers, rows_of)]
+        biasless = [(s.weight.eq(0).all(1) if s.bias is None else s.weight.eq(0).all(1) & s.bias.eq(0))[r].any(1)
+                    for s, r in zip(layers, rows_of)]
+        product = sum(r.shape[1] for r in rows_of) > 1  # the column is a product of several rows (act(gate) * up)
         values = seen.get(dst)
         observed = values is not None and len(values) > 0
         if observed:
@@ -199,19 +241,39 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
                 bias += d.weight[:, c] * values[0, c]
                 unit.folded += 1
                 continue
-            if observed and len(layers) > 1 and bool(zero_cols[c]) and any(
-                    bool(s[c]) and bool(b[c]) for s, b in zip(silent, biasless)):
+            if observed and product and bool(zero_cols[c]) and any(bool(b[c]) for b in biasless):
                 unit.zero += 1
                 continue
             unit.kept.append(c)
-        units.append(unit)
         if unit.removed == 0:
+            units.append(unit)
             continue
+        if fused and reference is None:
+            reference = _outputs(model, samples)
         keep = torch.tensor(unit.kept, dtype=torch.long, device=d.weight.device)
-        for name, layer in zip(sources, layers):
-            replace_module(model, name, _linear(layer.weight[keep], None if layer.bias is None else layer.bias[keep]))
+        previous = dict(zip((*sources, dst), (*layers, d)))
+        for name, layer, rows in zip(sources, layers, rows_of):
+            kept_rows = rows[keep].flatten().sort().values  # in the layer's order: chunk() still splits it alike
+            replace_module(model, name, _linear(layer.weight[kept_rows],
+                                                None if layer.bias is None else layer.bias[kept_rows]))
         needs_bias = d.bias is not None or unit.folded > 0
         replace_module(model, dst, _linear(d.weight[:, keep], bias if needs_bias else None))
+        if fused:
+            what = f"{unit.removed} dead neuron(s) of {fused[0]} kept"
+            check = lambda: _checked(model, samples, reference, what,  # noqa: E731
+                                     "split its output by its size, e.g. chunk(2, -1)")
+            why = check()
+            if why is not None:
+                widths = _split_widths(model, fused[0], unit.width, len(unit.kept), check)
+                if widths is None:
+                    for name, layer in previous.items():
+                        replace_module(model, name, layer)
+                    parent = fused[0].rpartition(".")[0] or "the model"
+                    skipped[dst] = (f"{why}; nor with an integer attribute of {parent} equal to {unit.width} "
+                                    f"set to {len(unit.kept)}")
+                    continue
+                unit.rewritten = widths
+        units.append(unit)
     heads = _shrink_heads(model, coupling, samples, skipped)
     return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()), heads)
 
@@ -292,17 +354,17 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     return o, None, _HeadLayout(o, hd, share, blocks)
 
 
-def _checked(model: nn.Module, samples: list, reference: list, dead: int) -> str | None:
-    """None when ``model``'s outputs on ``samples`` are within the scaled HEAD_TOLERANCE of ``reference``, else why not."""
+def _checked(model: nn.Module, samples: list, reference: list, what: str, hint: str) -> str | None:
+    """None when ``model``'s outputs on ``samples`` are within the scaled HEAD_TOLERANCE of
+    ``reference``, else why not: ``what`` was kept, and for a model that does not run, ``hint``."""
     try:
         diff = max((float((a - b).abs().max()) for a, b in zip(reference, _outputs(model, samples)) if a.numel()),
                    default=0.0)
-    except Exception as exc:  # the model's own code refused fewer heads
-        return (f"attention: {dead} dead head group(s) kept, the model does not run with fewer heads "
-                f"({first_line(exc)}); read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
+    except Exception as exc:  # the model's own code refused the new sizes
+        return f"{what}, the model does not run without them ({first_line(exc)}); {hint}"
     limit = scaled_limit(HEAD_TOLERANCE, reference)
     if not diff <= limit:
-        return f"attention: {dead} dead head group(s) kept, the outputs moved by {diff:.3g} without them (limit {limit:.3g})"
+        return f"{what}, the outputs moved by {diff:.3g} without them (limit {limit:.3g})"
     return None
 
 
@@ -322,9 +384,33 @@ def _split_widths(model: nn.Module, site: str, old: int, new: int, check) -> dic
     return None
 
 
+def _head_counts(model: nn.Module, owner: str, old: tuple[int, int], new: tuple[int, int], check) -> tuple[dict, str]:
+    """The attention's module holds its head counts and its views read them (Falcon's num_heads and
+    num_kv_heads): set its integer attributes named for heads (not for their size: head_dim) that
+    equal the old q or kv head count to the new count, together, and keep them when ``check()``
+    passes. Returns ({dotted attribute: new}, "") or, all restored, ({}, what was tried; "" when no
+    attribute matched)."""
+    module = model.get_submodule(owner)
+    counts = dict(zip(old[::-1], new[::-1]))  # q's count wins where both counts are equal
+    changes = {a: counts[v] for a, v in vars(module).items()
+               if not a.startswith("_") and type(v) is int and "head" in a.lower()
+               and not {"dim", "size"} & set(a.lower().split("_")) and v in counts and counts[v] != v}
+    if not changes:
+        return {}, ""
+    saved = {a: getattr(module, a) for a in changes}
+    for attr, value in changes.items():
+        setattr(module, attr, value)
+    named = {f"{owner}.{a}" if owner else a: v for a, v in changes.items()}
+    if check() is None:
+        return named, ""
+    for attr, value in saved.items():
+        setattr(module, attr, value)
+    return {}, ", ".join(f"{a} set to {v}" for a, v in named.items())
+
+
 def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: tuple[int, int],
                    kept: tuple[int, int], head_dim: int, before: dict[str, nn.Module], samples: list, check,
-                   why: str) -> tuple[str | None, str | None]:
+                   why: str, roles: dict) -> tuple[str | None, str | None]:
     """Replace the module owning an attention by its graph asking for ``kept`` of ``heads`` (q heads,
     kv heads; passes.retrace),
     with the shrunk layers now in ``model`` in it. Returns (None, its name) when ``check()`` passes,
@@ -337,7 +423,7 @@ def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: t
     if not owner:
         return why + "; nor through its graph: the attention's layers are not inside one submodule", None
     try:
-        graph = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0])
+        graph = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0], roles)
     except RuntimeError as exc:
         return f"{why}; nor through its graph: {exc}", None
     original = model.get_submodule(owner)
@@ -402,7 +488,8 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             layer, rows = layers[site], torch.cat(parts).sort().values
             replace_module(model, site, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
         replace_module(model, o, _linear(out.weight[:, _head_rows(kept, hd)], bias if out.bias is not None or folded else None))
-        check = lambda: _checked(model, samples, reference, len(dead))  # noqa: E731
+        check = lambda: _checked(model, samples, reference, f"attention: {len(dead)} dead head group(s) kept",  # noqa: E731
+                                 "read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
         why = check()
         rewritten: dict[str, int] = {}
         fused = [site for site in rows_of if len(rows_of[site]) > 1]
@@ -417,11 +504,21 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             else:
                 parent = fused[0].rpartition(".")[0] or "the model"
                 why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
+        if why is not None:  # the head counts its module holds
+            old_counts = (sum(len(h) for h in share.values()), len(share))
+            counts, tried = _head_counts(model, owner_of((attention.q, attention.k, attention.v, o)), old_counts,
+                                         (len(kept), len(kept_kv)), check)
+            if counts:
+                why, rewritten = None, counts
+            elif tried:
+                why += f"; nor with {tried}"
         traced = None
         if why is not None:  # try its graph, with the sizes rewritten
             heads_count = (sum(len(h) for h in share.values()), len(share))
+            roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
+                     for role in sites}
             why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, heads_count,
-                                         (len(kept), len(kept_kv)), hd, before, samples, check, why)
+                                         (len(kept), len(kept_kv)), hd, before, samples, check, why, roles)
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)

@@ -296,9 +296,10 @@ def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
     kept = {(len(h.kept), len(h.kept_kv)) for h in heads}
     if len(heads) != attentions or len(kept) != 1:
         return {"rewritten": False, "why": "the attentions kept different numbers of heads"}
-    if not hasattr(config, "head_dim") or not hasattr(config, "num_key_value_heads"):
-        return {"rewritten": False, "why": f"{type(config).__name__} has no head_dim or num_key_value_heads"}
-    head_dim = config.head_dim or config.hidden_size // count
+    if not hasattr(config, "num_key_value_heads"):
+        return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads"}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // count  # written out even where the
+    # config had none (Phi-3 reads it if present); the reload check tells whether the model reads it
     config.num_attention_heads, config.num_key_value_heads = kept.pop()
     config.head_dim = head_dim
     return {"rewritten": True, "num_attention_heads": config.num_attention_heads,
@@ -495,8 +496,9 @@ def print_report(report: dict) -> None:
         p = report["parameters"]
         lines.append(f"  parameters {p['before']:,} -> {p['after']:,} ({p['after'] / max(p['before'], 1):.1%})")
         for u in report["units"]:
+            split = "".join(f"; {a} set to {w}" for a, w in u.get("rewritten", {}).items())
             lines.append(f"  {' + '.join(u['layers'])} -> {u['into']}: {u['kept']} of {u['neurons']} neurons kept "
-                         f"({u['unused']} unused, {u['folded']} constant folded, {u['zero']} zero)")
+                         f"({u['unused']} unused, {u['folded']} constant folded, {u['zero']} zero{split})")
         for h in report.get("heads", []):
             layers = ' + '.join(dict.fromkeys(h['layers']))  # a fused qkv layer once
             split = "".join(f"; {a} set to {w}" for a, w in h.get("rewritten", {}).items())

@@ -135,7 +135,7 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
     if name in ("hf_llama", "hf_bert"):  # every attention kept the same heads: the config follows if it can
         assert report["hf_config_heads"] == ({"rewritten": True, "num_attention_heads": 2, "num_key_value_heads": 1,
                                               "head_dim": 16} if name == "hf_llama" else
-                                             {"rewritten": False, "why": "BertConfig has no head_dim or "
+                                             {"rewritten": False, "why": "BertConfig has no "
                                                                          "num_key_value_heads"})
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert report["parameters"]["after"] < report["parameters"]["before"]
@@ -154,7 +154,7 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
         assert not report["hf_pretrained"]["written"]
         why = report["hf_pretrained"]["why"]
         assert why.startswith("from_pretrained cannot reload it: its config does not describe the shrunk sizes "
-                              "(BertConfig has no head_dim or num_key_value_heads; bert.encoder.layer.0.attention.")
+                              "(BertConfig has no num_key_value_heads; bert.encoder.layer.0.attention.")
         assert "where the config gives [64, 64]" in why
 
 
@@ -375,27 +375,51 @@ class ReferenceLlamaAttention(torch.nn.Module):
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * self.cos[:T, None, :] + rotated * self.sin[:T, None, :]
 
+    def counts(self):
+        return self.n_heads, self.n_kv_heads
+
     def forward(self, x):
         B, T, _ = x.shape
-        q = self.rotary(self.wq(x).view(B, T, self.n_heads, self.head_dim), T)
-        k = self.rotary(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), T)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = (t[:, :, :, None, :].expand(B, T, self.n_kv_heads, n_rep, self.head_dim)
-                .reshape(B, T, self.n_kv_heads * n_rep, self.head_dim) for t in (k, v))
+        n_heads, n_kv_heads = self.counts()
+        q = self.rotary(self.wq(x).view(B, T, n_heads, self.head_dim), T)
+        k = self.rotary(self.wk(x).view(B, T, n_kv_heads, self.head_dim), T)
+        v = self.wv(x).view(B, T, n_kv_heads, self.head_dim)
+        n_rep = n_heads // n_kv_heads
+        k, v = (t[:, :, :, None, :].expand(B, T, n_kv_heads, n_rep, self.head_dim)
+                .reshape(B, T, n_kv_heads * n_rep, self.head_dim) for t in (k, v))
         y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                              is_causal=True)
         return self.wo(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
-def test_grouped_query_heads_of_reference_llama_go_through_the_graph(tmp_path):
+class CountsInATuple(ReferenceLlamaAttention):
+    """The same attention with its head counts in a tuple, which no integer attribute holds."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = (self.n_heads, self.n_kv_heads)
+        del self.n_heads, self.n_kv_heads
+
+    def counts(self):
+        return self.shape
+
+
+@pytest.mark.parametrize("attention", [ReferenceLlamaAttention, CountsInATuple])
+def test_grouped_query_heads_of_reference_llama_go(tmp_path, attention):
+    """Its n_heads and n_kv_heads are set to the heads kept; with the counts in a tuple, the module
+    runs as its graph with the views and repeat_kv's expand rewritten."""
     torch.manual_seed(0)
-    model = Blocks(ReferenceLlamaAttention, dim=64, layers=1)
+    model = Blocks(attention, dim=64, layers=1)
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 64))
     kill(handle, rows=[("blocks.0.wv", slice(16, 32))])  # kv head 1: its two q heads output 0
     x, other = torch.randn(2, 7, 64), torch.randn(3, 12, 64)
     report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
-    assert [(h["kept"], h["kept_kv"], h["traced"]) for h in report["heads"]] == [(2, 1, "blocks.0")]
+    if attention is CountsInATuple:
+        assert [(h["kept"], h["kept_kv"], h["traced"], h["rewritten"]) for h in report["heads"]] == [(2, 1, "blocks.0", {})]
+    else:
+        assert [(h["kept"], h["kept_kv"], h["traced"], h["rewritten"]) for h in report["heads"]] == [
+            (2, 1, None, {"blocks.0.n_heads": 2, "blocks.0.n_kv_heads": 1})]
+        assert model.blocks[0].n_heads == 4  # the trained model is left as it was
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     expected = reference(model, (other,))
     assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
@@ -426,9 +450,9 @@ def test_heads_stay_when_the_rewritten_graph_does_not_run(tmp_path):
     report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
     assert report["heads"] == []
     why = report["not_shrunk"]["blocks.0.c_proj"]
-    assert why.startswith("attention: 1 dead head group(s) kept, the model does not run with fewer heads (RuntimeError")
+    assert why.startswith("attention: 1 dead head group(s) kept, the model does not run without them (RuntimeError")
     assert "; nor through its graph with the sizes rewritten (attention: 1 dead head group(s) kept, the model does " \
-           "not run with fewer heads (RuntimeError: The size of tensor a (3) must match the size of tensor b (4)" in why
+           "not run without them (RuntimeError: The size of tensor a (3) must match the size of tensor b (4)" in why
     assert type(model.blocks[0]) is GainedHeads and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert (tmp_path / "m.onnx").exists()
 
@@ -456,12 +480,177 @@ def test_heads_stay_when_the_model_is_the_attention(tmp_path):
         handle.sites["v"].module.apply_mask()
     report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
     assert report["heads"] == []
-    assert report["not_shrunk"]["o"].startswith("attention: 1 dead head group(s) kept, the model does not run with "
-                                                "fewer heads (RuntimeError: shape")
+    assert report["not_shrunk"]["o"].startswith("attention: 1 dead head group(s) kept, the model does not run without "
+                                                "them (RuntimeError: shape")
     assert "view(B, T, -1, head_dim)" in report["not_shrunk"]["o"]
     assert report["not_shrunk"]["o"].endswith("; nor through its graph: the attention's layers are not inside one "
                                               "submodule")
     assert report["onnxruntime_max_abs_diff"] <= 1e-4
+
+
+class FusedGatedMLP(torch.nn.Module):
+    """A gated MLP whose gate and up projections are one layer (Phi-3's gate_up_proj), its output
+    split by ``chunk(2)``, by a width the module holds, or at a fixed index."""
+
+    def __init__(self, split, dim=16, hidden=32):
+        super().__init__()
+        self.split, self.hidden = split, hidden
+        self.gate_up, self.down = torch.nn.Linear(dim, 2 * hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        if self.split == "chunk":
+            gate, up = h.chunk(2, -1)
+        elif self.split == "width":
+            gate, up = h.split(self.hidden, -1)
+        else:
+            gate, up = h[..., :32], h[..., 32:]
+        return self.down(torch.nn.functional.silu(gate) * up)
+
+
+class FusedMLPs(torch.nn.Module):
+    def __init__(self, split):
+        super().__init__()
+        self.embed, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+        self.blocks = torch.nn.ModuleList([FusedGatedMLP(split) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("split", ["chunk", "width", "fixed"])
+def test_fused_gate_up_rows_go_in_pairs(tmp_path, split):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(FusedMLPs(split), {**EVERY, "defaults": {"density": 0.5}}, torch.randn(4, 8))
+    mul = next(g for g in handle.coupling.groups if g.kind == "mul" and g.a == "blocks.0.gate_up")
+    assert mul.b == mul.a and mul.pairs.tolist() == [[i, 32 + i] for i in range(32)]
+    with torch.no_grad():
+        kill(handle, rows=[("blocks.1.gate_up", [*range(4), *range(32, 36)])],  # gate and up of units 0-3: constants
+             columns=[("blocks.0.down", slice(0, 6))])  # nothing reads units 0-5
+        handle.sites["blocks.1.gate_up"].module.bias[[0, 1, 2, 3, 32, 33, 34, 35]] = torch.linspace(-1, 1, 8)
+        kill(handle, rows=[("blocks.1.gate_up", [4, 5])])  # gate rows without input or bias: silu(0) * up = 0
+        handle.sites["blocks.1.gate_up"].module.bias[[4, 5]] = 0
+    x, other = torch.randn(4, 8), torch.randn(9, 8)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
+    units = {u["into"]: u for u in report["units"]}
+    if split == "fixed":  # the model's code splits at 32: the change is undone, with the reason
+        assert units == {}
+        why = report["not_shrunk"]["blocks.0.down"]
+        assert why.startswith("6 dead neuron(s) of blocks.0.gate_up kept, the model does not run without them "
+                              "(RuntimeError") and "split its output by its size, e.g. chunk(2, -1)" in why
+        assert why.endswith("; nor with an integer attribute of blocks.0 equal to 32 set to 26")
+        assert report["parameters"]["after"] == report["parameters"]["before"]
+    else:
+        assert (units["blocks.0.down"]["unused"], units["blocks.0.down"]["kept"]) == (6, 26)
+        assert (units["blocks.1.down"]["folded"], units["blocks.1.down"]["zero"], units["blocks.1.down"]["kept"]) == (4, 2, 26)
+        assert units["blocks.0.down"]["rewritten"] == ({"blocks.0.hidden": 26} if split == "width" else {})
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    expected = reference(model, (other,))  # a batch the export never saw
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert (program(other) - expected).abs().max() <= 1e-5
+    assert program.state_dict()["blocks.1.gate_up.weight"].shape[0] == (64 if split == "fixed" else 52)
+    assert model.blocks[0].hidden == 32  # the trained model is left as it was
+
+
+def test_phi3_keeps_its_gate_rows_through_training_and_its_mlp_shrinks(tmp_path):
+    """Phi-3's gate_up_proj: the chain into down_proj follows up's rows; its gate rows are used through
+    the product, so percolation keeps them (it used to cut every one) and the shrink drops both."""
+    module = load_example("hf_phi3")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5, "method": "CHTs",
+                                                                    "update": {"every": 1, "unit": "steps"}}}, x)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle.attach(optimizer, total_steps=8)
+    for _ in range(4):
+        loss = model(**x).logits.square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    fused = handle.sites["model.layers.0.mlp.gate_up_proj"].module
+    assert len(handle.history) == 4 and int(fused.mask[:128].any(1).sum()) >= 120  # gate rows still have links
+    model.eval()
+    kill(handle, columns=[(f"model.layers.{i}.mlp.down_proj", slice(0, 32)) for i in range(2)])
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    assert [(u["kept"], u["unused"]) for u in report["units"]] == [(96, 32), (96, 32)]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert report["hf_config"] == {"intermediate_size": 96, "rewritten": True}
+    loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
+    assert loaded.model.layers[0].mlp.gate_up_proj.out_features == 192
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}
+    assert (reference(loaded, other) - reference(model, other)).abs().max() <= 1e-5
+
+
+def test_grouped_query_heads_of_falcons_fused_layer_go_with_its_head_counts(tmp_path, capsys):
+    """Falcon's new decoder architecture: one fused layer holds, per kv group, its q heads, then k, then
+    v; the views read the module's num_heads and num_kv_heads, and k and v are picked with index
+    tensors (qkv[:, :, :, [-2]]) and broadcast to the q heads."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           num_kv_heads=2, new_decoder_architecture=True, bias=True)).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    assert len(handle.coupling.attentions) == 2
+    qkv = "transformer.h.{}.self_attention.query_key_value"
+    assert "4 q heads, 2 kv heads (q 0,1 -> kv 0; q 2,3 -> kv 1)" in next(
+        line for line in handle.coupling.group_lines() if line.startswith(f"dot    {qkv.format(0)}"))
+    with torch.no_grad():
+        fused = handle.sites[qkv.format(0)].module
+        fused.mask[112:128] = False  # the second group's v rows (q 64-95, k 96-111, v 112-127) have no input
+        fused.apply_mask()
+        fused.bias[112:128] = torch.linspace(-1, 1, 16)  # so it outputs v's bias: folded into dense's bias
+    kill(handle, columns=[("transformer.h.1.self_attention.dense", slice(0, 32))])  # nothing reads group 0
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    heads = {h["into"]: h for h in report["heads"]}
+    assert [(h["kept"], h["kept_kv"], h["folded"]) for h in heads.values()] == [(2, 1, 1), (2, 1, 0)]
+    assert heads["transformer.h.0.self_attention.dense"]["rewritten"] == {
+        "transformer.h.0.self_attention.num_heads": 2, "transformer.h.0.self_attention.num_kv_heads": 1}
+    print_report(report)
+    assert "transformer.h.0.self_attention.num_heads set to 2; transformer.h.0.self_attention.num_kv_heads set to 1)" \
+        in capsys.readouterr().out
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert (program(**other).logits - expected).abs().max() <= 1e-5
+    assert program.state_dict()[qkv.format(1) + ".weight"].shape[0] == 64  # 2 q heads, 1 k, 1 v of 16
+    assert model.transformer.h[0].self_attention.num_heads == 4  # the trained model is left as it was
+
+
+def test_grouped_query_heads_of_phi3s_fused_layer_go_through_its_graph(tmp_path, capsys):
+    """Phi-3 slices q, k and v out of qkv_proj at offsets from its config (query_pos): the attention
+    runs as its graph with the slices moved to the rows kept; its config then says 2 heads and 1 kv
+    head, and from_pretrained reloads it."""
+    module = load_example("hf_phi3")
+    model, x = module.build_model(), module.example_inputs()
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, rows=[("model.layers.0.self_attn.qkv_proj", slice(112, 128))],  # kv group 1's v rows
+         columns=[("model.layers.1.self_attn.o_proj", slice(0, 32))])  # nothing reads q heads 0 and 1 (group 0)
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    assert [(h["kept"], h["kept_kv"], h["traced"]) for h in report["heads"]] == [
+        (2, 1, "model.layers.0.self_attn"), (2, 1, "model.layers.1.self_attn")]
+    assert report["hf_config_heads"] == {"rewritten": True, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                         "head_dim": 16}
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
+    assert loaded.model.layers[1].self_attn.qkv_proj.out_features == 64  # 2 q heads, 1 k and 1 v head of 16
+    assert (reference(loaded, other) - expected).abs().max() <= 1e-5
 
 
 def test_hf_config_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
@@ -534,9 +723,9 @@ def test_head_check_scales_with_the_outputs():
     largest = float(reference.abs().max())
     assert largest > 100
     rounding = reference + 5e-6 * largest  # above a fixed 1e-5, within 1e-5 of the largest output
-    assert _checked(model, [(x,)], [rounding], 1) is None
-    why = _checked(model, [(x,)], [reference + 0.5], 1)
-    assert why is not None and "the outputs moved by 0.5 without them (limit" in why
+    assert _checked(model, [(x,)], [rounding], "1 head", "hint") is None
+    why = _checked(model, [(x,)], [reference + 0.5], "1 head", "hint")
+    assert why is not None and "1 head, the outputs moved by 0.5 without them (limit" in why
 
 
 def test_compact_storage_keeps_values_and_indices_and_parity(tmp_path):

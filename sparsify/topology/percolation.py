@@ -5,8 +5,9 @@ a row of a layer (an output) or a column (an input), and the layers are tied tog
 :class:`NeuronGraph`, built from the coupling groups the analysis found:
 
 - a *chain* feeds column c of ``dst`` from row ``rows[c]`` of ``src`` (v → o, up → down, fc1 → fc2);
-- a *product* multiplies rows elementwise (act(gate) · up): the product is zero when either row has
-  no input, so both count as silent;
+- a *product* multiplies rows elementwise (act(gate) · up, of two layers or of one fused layer):
+  the product is zero when either row has no input, so both count as silent; a row is used while
+  its product is (one fused layer's chain follows only one factor's rows);
 - a *contraction* pairs rows inside a dot product (q · k): a row is used only while a partner row
   of the other layer has input; with grouped-query attention one k row has several q partners;
 - *paired* rows of one layer are rotated together (RoPE's i and i + head_dim/2): one unit, live
@@ -199,6 +200,10 @@ def percolate(masks: dict[str, torch.Tensor], graph: NeuronGraph) -> Percolation
         for d in graph.contractions:
             used[d.q] |= _scatter_or(len(used[d.q]), d.pairs[:, 0], live_in[d.k][d.pairs[:, 1]])
             used[d.k] |= _scatter_or(len(used[d.k]), d.pairs[:, 1], live_in[d.q][d.pairs[:, 0]])
+        for p in graph.products:
+            either = used[p.a][p.pairs[:, 0]] | used[p.b][p.pairs[:, 1]]
+            used[p.a] |= _scatter_or(len(used[p.a]), p.pairs[:, 0], either)
+            used[p.b] |= _scatter_or(len(used[p.b]), p.pairs[:, 1], either)
         changed = False
         for n, m in current.items():
             cols = fed[n]

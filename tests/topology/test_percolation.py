@@ -110,6 +110,23 @@ def test_gate_and_up_rows_go_together_and_feed_down():
     assert p.removed_links == {"gate": 8, "up": 4, "down": 4}
 
 
+def test_rows_of_one_fused_gate_up_layer_go_in_pairs():
+    """gate, up = gate_up(x).chunk(2): the chain into down follows up's rows (4-7); gate's rows (0-3)
+    are used through the product alone."""
+    shapes = {"gate_up": (8, 4), "down": (4, 4)}
+    up, gate = torch.arange(4, 8), torch.arange(4)
+    g = NeuronGraph(shapes, chains=[Chain("gate_up", "down", up, torch.arange(4))],
+                    products=[Product("gate_up", "gate_up", torch.stack([up, gate], 1))],
+                    open_inputs={"gate_up"}, open_outputs={"down"})
+    masks = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
+    assert percolate(masks, g).total_removed == 0  # every gate row is used
+    masks["gate_up"][1] = False  # gate 1 has no input: act(gate_1) * up_5 = 0
+    masks["down"][:, 2] = False  # nothing reads unit 2: gate 2 and up 6 are unused
+    p = percolate(masks, g)
+    assert [r for r in range(8) if not p.masks["gate_up"][r].any()] == [1, 2, 5, 6]
+    assert not p.masks["down"][:, 1].any() and p.masks["down"][:, [0, 3]].all()
+
+
 def test_on_the_llama_example_boundaries_stay_untouched():
     m = load_example("llama")
     policy = {"version": 1, "defaults": {"density": 0.03}, "unmatched": "sparsify",
