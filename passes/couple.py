@@ -223,6 +223,9 @@ class Coupling:
     groups: list = field(default_factory=list)
     paired: dict[str, np.ndarray] = field(default_factory=dict)
     boundaries: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (site, 'in'|'out') -> reasons
+    # site -> an 'out' boundary reason that is a reduction -> its sets of features reduced together,
+    # one row each (-1 pads): a norm over each head's features alone reads every head apart
+    reduced: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
 
@@ -311,6 +314,13 @@ def _varies(idx: torch.Tensor, dim: int) -> bool:
     return idx.shape[dim] > 1 and bool((idx != idx.narrow(dim, 0, 1)).any())
 
 
+def _reduced_together(idx: torch.Tensor, dims: list[int]) -> np.ndarray:
+    """The sets of features a reduction over ``dims`` combines, one padded row each (-1: none)."""
+    rest = [d for d in range(idx.dim()) if d not in dims]
+    rows = idx.permute(rest + list(dims)).reshape(-1, int(np.prod([idx.shape[d] for d in dims], dtype=np.int64)))
+    return np.unique(rows.cpu().numpy(), axis=0)
+
+
 def _labelled_dims(idx: torch.Tensor) -> list[int]:
     return [d for d in range(idx.dim()) if _varies(idx, d)]
 
@@ -335,6 +345,7 @@ class _Propagator(fx.Interpreter):
         self.muls: dict[tuple[str, str], tuple[list, tuple]] = {}
         self.paired: dict[str, list[np.ndarray]] = {}
         self.boundaries: dict[tuple[str, str], set[str]] = {}
+        self.reduced: dict[str, dict[str, list[np.ndarray]]] = {}  # site -> reduction -> features reduced together
         self.notes: list[str] = []
         self.attentions: list[tuple[list[str], list[str], list[str]]] = []  # q, k, v sites of each call
         self.scores: dict[fx.Node, tuple[list[str], list[str]]] = {}  # attention scores: from q·kᵀ of these sites
@@ -685,7 +696,9 @@ class _Propagator(fx.Interpreter):
         result = value[0] if isinstance(value, (tuple, list)) else value
         for site, tag in tags.items():
             if any(_varies(tag.idx, d) for d in dims):
-                self._boundary(site, "out", f"{name} over its features{self._where(node)}")
+                reason = f"{name} over its features{self._where(node)}"
+                self._boundary(site, "out", reason)
+                self.reduced.setdefault(site, {}).setdefault(reason, []).append(_reduced_together(tag.idx, dims))
                 continue
             idx = tag.idx
             for d in sorted(dims, reverse=True):
@@ -763,6 +776,9 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         rope = {s: result.paired[s] for s in (q, k) if s in result.paired}
         result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope))
     result.boundaries = prop.boundaries
+    for site, reductions in prop.reduced.items():
+        result.reduced[site] = {reason: np.unique(np.concatenate(rows), axis=0) for reason, rows in reductions.items()
+                                if len({r.shape[1] for r in rows}) == 1}
     for q, k, v in prop.attentions:
         if len(q) == len(k) == len(v) == 1:  # one site may be all three (a fused qkv layer)
             attention = Attention(q[0], k[0], v[0])

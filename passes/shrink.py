@@ -348,10 +348,26 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     if not all(np.array_equal(np.sort(np.concatenate(runs)), np.arange(layers[site].out_features))
                for site, runs in rows_of.items()):  # every row of each site is one head's, once
         return not_heads
-    for site in rows_of:
-        if (site, "out") in coupling.boundaries:
-            return o, f"attention: {site}'s output is also read elsewhere", None
+    for site, runs in rows_of.items():
+        across = sorted(_across_heads(coupling, site, runs))
+        if across:
+            return o, f"attention: {site}'s output is also read across heads ({'; '.join(across)})", None
     return o, None, _HeadLayout(o, hd, share, blocks)
+
+
+def _across_heads(coupling: Coupling, site: str, runs: list[np.ndarray]) -> set[str]:
+    """The reasons ``site``'s output is a boundary that read features of more than one of ``runs``
+    (its heads' rows) together. A norm over each head's features alone (Qwen3's and Gemma3's q_norm
+    and k_norm) does not: dropping whole heads leaves every other head's norm as it was."""
+    head = np.full(max(int(r.max()) for r in runs) + 1, -1)
+    for i, r in enumerate(runs):
+        head[r] = i
+    reasons = set(coupling.boundaries.get((site, "out"), ()))
+    for reason, together in coupling.reduced.get(site, {}).items():
+        rows = [row[row >= 0] for row in together]
+        if reason in reasons and all(len(np.unique(head[r])) == 1 for r in rows if len(r)):
+            reasons.discard(reason)
+    return reasons
 
 
 def _checked(model: nn.Module, samples: list, reference: list, what: str, hint: str) -> str | None:
@@ -467,6 +483,9 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
                 dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(heads)) if constant else None
         if len(dead) == len(share):  # keep one group: an attention without heads is not a valid model
             dead.pop(min(dead))
+            if not dead:
+                skipped[o] = "attention: its only head group is dead, and an attention keeps at least one"
+                continue
         if not dead:
             skipped[o] = "attention: no whole head (grouped-query group) is dead; dimensions within heads are not shrunk"
             continue

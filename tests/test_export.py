@@ -653,6 +653,58 @@ def test_grouped_query_heads_of_phi3s_fused_layer_go_through_its_graph(tmp_path,
     assert (reference(loaded, other) - expected).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("arch", ["Qwen3", "Olmo2"])
+def test_heads_go_under_a_norm_of_each_heads_q_and_k_but_not_of_all_heads(tmp_path, arch):
+    """Qwen3 normalizes q and k head by head (RMSNorm over head_dim after the view): whole heads go,
+    and from_pretrained reloads the model. OLMo2 normalizes q and k over all heads at once: dropping
+    a head would change every other head's norm, so the heads stay, with the reason."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[("model.layers.0.self_attn.o_proj", slice(0, 32))])  # nothing reads kv group 0's q heads
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    if arch == "Olmo2":
+        assert report["heads"] == []
+        assert report["not_shrunk"]["model.layers.0.self_attn.o_proj"] == (
+            "attention: model.layers.0.self_attn.q_proj's output is also read across heads (mean over its "
+            "features in model.layers.0.self_attn.q_norm (Olmo2RMSNorm))")
+        return
+    assert [(h["kept"], h["kept_kv"]) for h in report["heads"]] == [(2, 1)]
+    assert handle.coupling.boundaries[("model.layers.0.self_attn.q_proj", "out")] == {
+        "mean over its features in model.layers.0.self_attn.q_norm (Qwen3RMSNorm)"}  # still never percolated
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
+    assert loaded.model.layers[0].self_attn.q_proj.out_features == 32
+    assert (reference(loaded, other) - expected).abs().max() <= 1e-5
+
+
+def test_the_only_head_group_of_multi_query_attention_stays(tmp_path):
+    """GPTBigCode's multi-query attention: one kv head that every q head reads. With nothing reading
+    any head, the group is dead but is the only one, and an attention keeps at least one."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64, multi_query=True)).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[("transformer.h.0.attn.c_proj", slice(None))])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["heads"] == []
+    assert report["not_shrunk"]["transformer.h.0.attn.c_proj"] == (
+        "attention: its only head group is dead, and an attention keeps at least one")
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+
+
 def test_hf_config_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
     module = load_example("hf_llama")
     model, x = module.build_model(), module.example_inputs()
