@@ -18,7 +18,11 @@ attention, q's views ask for the q heads kept, k's and v's for the kv heads kept
 repetition of kv heads follows (``expand`` to ``[.., kv, n_rep, ..]`` and the view merging them
 into the q heads, as LLaMA's ``repeat_kv`` writes it). q and k/v come from separate layers, or from
 one fused layer sliced at fixed offsets (Phi-3's ``qkv[..., :query_pos]``): each slice that takes
-exactly one role's rows is moved to where those rows sit among the rows kept. The caller checks
+exactly one role's rows is moved to where those rows sit among the rows kept. A tensor from
+outside that path holding one value per head (T5's position bias added to the scores, a learned gain
+per head) is narrowed to the heads kept where it meets them: the graph is run once on the sample
+inputs, and an elementwise op whose operand from q, k or v now has the kept heads where the other
+operand has the old count gets that operand's kept heads (``index_select``). The caller checks
 the rewritten model's outputs and undoes the change when they moved.
 """
 
@@ -35,6 +39,11 @@ VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.
 SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}
 SLICES = {torch.ops.aten.slice.Tensor}
 EXPANDS = {torch.ops.aten.expand.default}
+TRANSPOSES = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
+BROADCASTING = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor, torch.ops.aten.sub.Tensor,
+                torch.ops.aten.mul.Tensor, torch.ops.aten.mul_.Tensor, torch.ops.aten.div.Tensor,
+                torch.ops.aten.where.self, torch.ops.aten.masked_fill.Scalar, torch.ops.aten.masked_fill.Tensor,
+                torch.ops.aten.scaled_dot_product_attention.default}  # its mask broadcasts against the scores
 
 
 def _merges_repeats(shape: tuple, size: list, kv_heads: int, q_heads: int) -> bool:
@@ -118,14 +127,71 @@ def _slice_roles(graph: fx.Graph, sources: list, roles: dict[str, tuple[np.ndarr
     return found
 
 
+def _copies_before_views(graph: fx.Graph) -> None:
+    """A contiguous copy between every transpose or permute and a view or reshape of its output.
+    The captured graph drops a ``contiguous()`` it found redundant for its sample sizes; re-captured
+    with dynamic sizes for export, the reshape of the transposed tensor is then taken for a view
+    and refused (T5's attention output). The copy costs nothing in ONNX (an Identity)."""
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target in VIEWS else None
+        if isinstance(source, fx.Node) and source.op == "call_function" and source.target in TRANSPOSES:
+            with graph.inserting_before(node):
+                copy = graph.call_function(torch.ops.aten.clone.default, (source,),
+                                           {"memory_format": torch.contiguous_format})
+            node.replace_input_with(source, copy)
+
+
+def _per_head_operands(gm: fx.GraphModule, inputs: list, path: set, q_heads: int, kept: list[int]) -> int:
+    """Run ``gm`` on ``inputs`` (its flat placeholders) and, at every elementwise op on ``path``
+    (from q, k, v to o) with an operand from off the path that holds ``q_heads`` values along an
+    axis where an operand from the path now holds ``len(kept)``, select that operand's ``kept``
+    heads. Returns how many operands were narrowed."""
+    graph, fixes = gm.graph, []
+
+    class Narrowing(fx.Interpreter):
+        def run_node(self, node):
+            if node.op != "call_function" or node.target not in BROADCASTING or node not in path:
+                return super().run_node(node)
+            values = {a: self.env[a] for a in node.all_input_nodes if isinstance(self.env.get(a), torch.Tensor)}
+            ours = [v for a, v in values.items() if a in path]
+            for arg, value in values.items():
+                if arg in path:
+                    continue
+                axes = [i for i in range(1, value.dim() + 1) if value.shape[-i] == q_heads
+                        and any(o.dim() >= i and o.shape[-i] == len(kept) for o in ours)]
+                if len(axes) == 1:
+                    fixes.append((node, arg, value.dim() - axes[0]))
+                    self.env[arg] = value.index_select(value.dim() - axes[0], torch.tensor(kept, device=value.device))
+            result = super().run_node(node)
+            for arg, value in values.items():
+                self.env[arg] = value  # other users of the operand see it whole
+            return result
+
+    try:
+        with torch.no_grad():
+            Narrowing(gm).run(*inputs, enable_io_processing=False)
+    except Exception as exc:
+        raise RuntimeError(f"its graph does not run with the heads kept: {first_line(exc)}") from exc
+    for n, (node, arg, axis) in enumerate(fixes):
+        name = f"_kept_heads{n}"
+        gm.register_buffer(name, torch.tensor(kept))
+        with graph.inserting_before(node):
+            index = graph.get_attr(name)
+            narrowed = graph.call_function(torch.ops.aten.index_select.default, (arg, axis, index))
+        node.replace_input_with(arg, narrowed)
+    return len(fixes)
+
+
 def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
                             heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
                             layers: dict[str, nn.Linear], sample,
-                            roles: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> fx.GraphModule:
+                            roles: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                            kept_heads: list[int] | None = None) -> fx.GraphModule:
     """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
     ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
     layer) in it. ``roles`` (q, k, v -> (rows, rows kept) in their layer) places the slices of a
-    fused layer. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
+    fused layer; ``kept_heads`` (the q heads kept, by index) narrows tensors holding a value per
+    head. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
     owner = model.get_submodule(owner_name) if owner_name else model
     prefix = owner_name + "." if owner_name else ""
     (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
@@ -204,8 +270,6 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
             continue
         node.args = (source, size, *node.args[2:])
         rewritten += 1
-    if not rewritten:
-        raise RuntimeError("no size in its graph asks for the head count")
     shrunk = {rel[name]: layer for name, layer in layers.items()}
     for node in list(graph.nodes):  # every nn.Linear of the owner is a module again (store_sparse finds it)
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
@@ -237,6 +301,12 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    if kept_heads is not None and len(kept_heads) < q_heads:
+        inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
+        rewritten += _per_head_operands(gm, inputs, ahead, q_heads, kept_heads)
+    if not rewritten:
+        raise RuntimeError("neither a size in its graph nor a tensor with a value per head asks for the head count")
+    _copies_before_views(graph)
     graph.lint()
     gm.recompile()
     return gm

@@ -426,7 +426,7 @@ def _head_counts(model: nn.Module, owner: str, old: tuple[int, int], new: tuple[
 
 def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: tuple[int, int],
                    kept: tuple[int, int], head_dim: int, before: dict[str, nn.Module], samples: list, check,
-                   why: str, roles: dict) -> tuple[str | None, str | None]:
+                   why: str, roles: dict, kept_heads: list[int]) -> tuple[str | None, str | None]:
     """Replace the module owning an attention by its graph asking for ``kept`` of ``heads`` (q heads,
     kv heads; passes.retrace),
     with the shrunk layers now in ``model`` in it. Returns (None, its name) when ``check()`` passes,
@@ -439,7 +439,8 @@ def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: t
     if not owner:
         return why + "; nor through its graph: the attention's layers are not inside one submodule", None
     try:
-        graph = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0], roles)
+        graph = traced_with_fewer_heads(model, owner, qkv, o, heads, kept, head_dim, shrunk, samples[0], roles,
+                                        kept_heads)
     except RuntimeError as exc:
         return f"{why}; nor through its graph: {exc}", None
     original = model.get_submodule(owner)
@@ -537,7 +538,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
                      for role in sites}
             why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, heads_count,
-                                         (len(kept), len(kept_kv)), hd, before, samples, check, why, roles)
+                                         (len(kept), len(kept_kv)), hd, before, samples, check, why, roles, kept)
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)

@@ -339,6 +339,32 @@ def test_t5_exports_and_its_config_follows_the_mlp_width(tmp_path):
     assert report["hf_pretrained"]["written"]
 
 
+def test_t5_heads_go_with_their_slices_of_the_shared_position_bias(tmp_path):
+    """T5's first layer computes a relative position bias with one slice per head and passes it to
+    every later layer of its stack. Each attention runs as its graph, in which the bias it adds to
+    its scores is narrowed to its own heads kept; the bias passed on stays whole."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                num_heads=4, decoder_start_token_id=0, use_cache=False)).eval()
+    tokens = lambda b, t: {"input_ids": torch.randint(0, 128, (b, t)),  # noqa: E731
+                           "decoder_input_ids": torch.randint(0, 128, (b, t - 2))}
+    x = tokens(2, 8)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[("encoder.block.0.layer.0.SelfAttention.o", slice(0, 16)),  # head 0 of the first layer
+                          ("encoder.block.1.layer.0.SelfAttention.o", slice(32, 48)),  # head 2 of the second
+                          ("decoder.block.1.layer.1.EncDecAttention.o", slice(16, 32))])
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[tokens(3, 11)], compare_dense=False)
+    assert sorted((h["into"], h["kept"]) for h in report["heads"]) == [
+        ("decoder.block.1.layer.1.EncDecAttention.o", 3), ("encoder.block.0.layer.0.SelfAttention.o", 3),
+        ("encoder.block.1.layer.0.SelfAttention.o", 3)]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = tokens(1, 13)
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", list(other.values())) - expected.numpy()).max() <= 1e-4
+
+
 def test_mixtral_exports_with_its_experts_in_batched_matmuls(tmp_path):
     """transformers' default experts (grouped_mm) call a custom op with no ONNX function."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -442,18 +468,46 @@ class GainedHeads(FusedFixedHeads):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def test_heads_stay_when_the_rewritten_graph_does_not_run(tmp_path):
+def test_a_gain_per_head_is_narrowed_to_the_heads_kept(tmp_path, capsys):
+    """The gain's [1, 4, 1, 1] meets the attention's output of 3 heads: the graph selects the gain's
+    entries of the heads kept, and the outputs match."""
     torch.manual_seed(0)
     model, handle = sparsify.sparsify(Blocks(GainedHeads, layers=1), {**EVERY, "defaults": {"density": 0.5}},
+                                      torch.randn(2, 5, 32))
+    kill(handle, columns=[("blocks.0.c_proj", slice(8, 16))])  # nothing reads head 1
+    report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), held_out=[(torch.randn(3, 7, 32),)],
+                           compare_dense=False)
+    assert [(h["kept"], h["traced"]) for h in report["heads"]] == [(3, "blocks.0")]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    gains = [v for k, v in program.state_dict().items() if k.endswith("gain")]
+    assert [tuple(g.shape) for g in gains] == [(1, 4, 1, 1)]  # stored whole, selected in the graph
+    x = torch.randn(1, 9, 32)
+    assert (program(x) - reference(model, (x,))).abs().max() <= 1e-5
+
+
+class LoopedHeads(FusedFixedHeads):
+    """A scale per head applied in a Python loop over the head count: the graph reads head 3 by index."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in self.c_attn(x).split(self.dim, 2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        y = torch.stack([y[:, h] * (h + 1) for h in range(self.heads)], 1)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_heads_stay_when_the_rewritten_graph_does_not_run(tmp_path):
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(Blocks(LoopedHeads, layers=1), {**EVERY, "defaults": {"density": 0.5}},
                                       torch.randn(2, 5, 32))
     kill(handle, columns=[("blocks.0.c_proj", slice(0, 8))])
     report = handle.export(tmp_path / "m.onnx", (torch.randn(2, 5, 32),), compare_dense=False)
     assert report["heads"] == []
     why = report["not_shrunk"]["blocks.0.c_proj"]
     assert why.startswith("attention: 1 dead head group(s) kept, the model does not run without them (RuntimeError")
-    assert "; nor through its graph with the sizes rewritten (attention: 1 dead head group(s) kept, the model does " \
-           "not run without them (RuntimeError: The size of tensor a (3) must match the size of tensor b (4)" in why
-    assert type(model.blocks[0]) is GainedHeads and report["onnxruntime_max_abs_diff"] <= 1e-4
+    assert "; nor through its graph: its graph does not run with the heads kept: " in why
+    assert type(model.blocks[0]) is LoopedHeads and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert (tmp_path / "m.onnx").exists()
 
 
