@@ -297,7 +297,9 @@ def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
     if len(heads) != attentions or len(kept) != 1:
         return {"rewritten": False, "why": "the attentions kept different numbers of heads"}
     if not hasattr(config, "num_key_value_heads"):
-        return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads"}
+        fixed = "" if getattr(config, "head_dim", None) else (
+            " or head_dim: its models derive the head size from the head count")
+        return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads{fixed}"}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // count  # written out even where the
     # config had none (Phi-3 reads it if present); the reload check tells whether the model reads it
     config.num_attention_heads, config.num_key_value_heads = kept.pop()

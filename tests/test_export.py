@@ -135,8 +135,9 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
     if name in ("hf_llama", "hf_bert"):  # every attention kept the same heads: the config follows if it can
         assert report["hf_config_heads"] == ({"rewritten": True, "num_attention_heads": 2, "num_key_value_heads": 1,
                                               "head_dim": 16} if name == "hf_llama" else
-                                             {"rewritten": False, "why": "BertConfig has no "
-                                                                         "num_key_value_heads"})
+                                             {"rewritten": False, "why": "BertConfig has no num_key_value_heads or "
+                                                                         "head_dim: its models derive the head size "
+                                                                         "from the head count"})
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert report["parameters"]["after"] < report["parameters"]["before"]
     other = inputs(2, 6)  # batch and sequence lengths the export never saw
@@ -154,7 +155,8 @@ def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name)
         assert not report["hf_pretrained"]["written"]
         why = report["hf_pretrained"]["why"]
         assert why.startswith("from_pretrained cannot reload it: its config does not describe the shrunk sizes "
-                              "(BertConfig has no num_key_value_heads; bert.encoder.layer.0.attention.")
+                              "(BertConfig has no num_key_value_heads or head_dim: its models derive the head "
+                              "size from the head count; bert.encoder.layer.0.attention.")
         assert "where the config gives [64, 64]" in why
 
 
