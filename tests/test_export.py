@@ -320,22 +320,31 @@ def test_heads_of_hugging_face_eager_attention_go(tmp_path):
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
 
 
+def t5_tokens(batch, length):
+    return {"input_ids": torch.randint(0, 128, (batch, length)),
+            "decoder_input_ids": torch.randint(0, 128, (batch, length - 2))}
+
+
+def sparse_t5(layers):
+    """A small T5ForConditionalGeneration (4 heads of 16), every linear layer at density 0.5."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=layers,
+                                                num_heads=4, decoder_start_token_id=0, use_cache=False)).eval()
+    x = t5_tokens(2, 8)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    return model, handle, x
+
+
 def test_t5_exports_and_its_config_follows_the_mlp_width(tmp_path):
     """T5: x.transpose(1, 2).contiguous().view(...) with dynamic sizes (the ONNX decomposition drops a
     contiguous() it cannot prove needed, then refuses the view, unless the export copies), and its
     MLP width in d_ff."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1,
-                                                num_heads=4, decoder_start_token_id=0, use_cache=False)).eval()
-    tokens = lambda b, t: {"input_ids": torch.randint(0, 128, (b, t)),  # noqa: E731
-                           "decoder_input_ids": torch.randint(0, 128, (b, t - 2))}
-    x = tokens(2, 8)
-    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    model, handle, x = sparse_t5(layers=1)
     kill(handle, columns=[(f"{part}.block.0.layer.{i}.DenseReluDense.wo", slice(0, 32))
                           for part, i in (("encoder", 1), ("decoder", 2))])
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[tokens(3, 11)], compare_dense=False)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[t5_tokens(3, 11)], compare_dense=False)
     assert report["hf_config"] == {"d_ff": 96, "rewritten": True}
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert report["hf_pretrained"]["written"]
@@ -345,24 +354,16 @@ def test_t5_heads_go_with_their_slices_of_the_shared_position_bias(tmp_path):
     """T5's first layer computes a relative position bias with one slice per head and passes it to
     every later layer of its stack. Each attention runs as its graph, in which the bias it adds to
     its scores is narrowed to its own heads kept; the bias passed on stays whole."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
-                                                num_heads=4, decoder_start_token_id=0, use_cache=False)).eval()
-    tokens = lambda b, t: {"input_ids": torch.randint(0, 128, (b, t)),  # noqa: E731
-                           "decoder_input_ids": torch.randint(0, 128, (b, t - 2))}
-    x = tokens(2, 8)
-    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    model, handle, x = sparse_t5(layers=2)
     kill(handle, columns=[("encoder.block.0.layer.0.SelfAttention.o", slice(0, 16)),  # head 0 of the first layer
                           ("encoder.block.1.layer.0.SelfAttention.o", slice(32, 48)),  # head 2 of the second
                           ("decoder.block.1.layer.1.EncDecAttention.o", slice(16, 32))])
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[tokens(3, 11)], compare_dense=False)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[t5_tokens(3, 11)], compare_dense=False)
     assert sorted((h["into"], h["kept"]) for h in report["heads"]) == [
         ("decoder.block.1.layer.1.EncDecAttention.o", 3), ("encoder.block.0.layer.0.SelfAttention.o", 3),
         ("encoder.block.1.layer.0.SelfAttention.o", 3)]
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
-    other = tokens(1, 13)
+    other = t5_tokens(1, 13)
     expected = reference(model, other)
     assert np.abs(ort_outputs(tmp_path / "m.onnx", list(other.values())) - expected.numpy()).max() <= 1e-4
 
