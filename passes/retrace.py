@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx._pytree import tree_flatten_spec
 
 from sparsify.errors import first_line
 from sparsify.passes.capture import ExampleInputs, auto_dynamic, keywords_named, replace_module
@@ -302,7 +303,7 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     if kept_heads is not None and len(kept_heads) < q_heads:
-        inputs = torch.fx._pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
+        inputs = tree_flatten_spec((args, kwargs), gm._in_spec)  # the graph's placeholders, in order
         rewritten += _per_head_operands(gm, inputs, ahead, q_heads, kept_heads)
     if not rewritten:
         raise RuntimeError("neither a size in its graph nor a tensor with a value per head asks for the head count")
