@@ -57,7 +57,7 @@ UNARY = ACTIVATIONS | {
 ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
 MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
 INDEXING = {"index", "index_select"}  # data movement by index tensors: structural when the indices are constants
-CONTRACTIONS = {"matmul", "bmm", "scaled_dot_product_attention"}
+CONTRACTIONS = {"matmul", "bmm", "baddbmm", "scaled_dot_product_attention"}  # baddbmm: input + b1 @ b2
 SCORE_OPS = (UNARY | ADDITIVE | MULTIPLICATIVE | STRUCTURAL
              | {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"})  # q·kᵀ stays attention scores
 LINEARS = {"linear", "Linear", "addmm", "mm"}
@@ -601,7 +601,10 @@ class _Propagator(fx.Interpreter):
     def _contraction(self, node: fx.Node, value: torch.Tensor, name: str) -> Tags:
         if name == "scaled_dot_product_attention":
             return self._attention(node, value)
-        a_node, b_node = node.args[0], node.args[1]
+        if name == "baddbmm":  # Bloom's scores: ALiBi + q @ kᵀ; the added input is not contracted
+            for site in self.tags.get(node.args[0]) or {}:
+                self._boundary(site, "out", f"added to a product by baddbmm{self._where(node)}")
+        a_node, b_node = node.args[1:3] if name == "baddbmm" else node.args[:2]
         a, b = self.env[a_node], self.env[b_node]
         if a.dim() < 2 or b.dim() < 2:
             self._end(node, f"opaque op {name}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from sparsify.passes.capture import capture
 from sparsify.passes.couple import DotGroup, MulGroup, ChainGroup, couple
@@ -100,3 +101,23 @@ def test_meaningless_names_give_the_same_groups():
     # the dump is sorted by name, so compare its lines as sets of the same size
     assert sorted(text.splitlines()) == sorted(c.dump().splitlines())
     assert len(ca.groups) == len(c.groups) == 10
+
+
+def test_bloom_scores_through_baddbmm_are_attention():
+    """Bloom computes its scores as baddbmm(alibi, q, kᵀ): q and k of each head (interleaved in one
+    fused layer, [head, q/k/v, dim]) are dot-coupled, the probabilities times v make v -> dense an
+    attention chain, and the added ALiBi bias couples nothing."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=1,
+                                                                   n_head=4)).eval()
+    linearize(model)
+    cap = capture(model, {"input_ids": torch.randint(0, 128, (2, 8))})
+    c = couple(cap, find_linears(model, cap))
+    qkv = "transformer.h.0.self_attention.query_key_value"
+    dot = next(g for g in c.groups if isinstance(g, DotGroup))
+    assert (dot.q, dot.k, dot.head_dim) == (qkv, qkv, 16)
+    assert dot.pairs.tolist() == [[h * 48 + d, h * 48 + 16 + d] for h in range(4) for d in range(16)]
+    chain = next(g for g in c.groups if isinstance(g, ChainGroup) and g.src == qkv)
+    assert chain.trail[-1] == "attention" and chain.mapping.tolist() == [h * 48 + 32 + d for h in range(4) for d in range(16)]
+    assert [(a.q, a.k, a.v) for a in c.attentions] == [(qkv, qkv, qkv)]
+    assert (qkv, "out") not in c.boundaries
