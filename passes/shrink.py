@@ -356,9 +356,9 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
 
 
 def _across_heads(coupling: Coupling, site: str, runs: list[np.ndarray]) -> set[str]:
-    """The reasons ``site``'s output is a boundary that read features of more than one of ``runs``
-    (its heads' rows) together. A norm over each head's features alone (Qwen3's and Gemma3's q_norm
-    and k_norm) does not: dropping whole heads leaves every other head's norm as it was."""
+    """The reasons ``site``'s output is a boundary, less the reductions that never combine features
+    of two of ``runs`` (its heads' rows): a norm over each head's features alone (Qwen3's and
+    Gemma3's q_norm and k_norm) is unchanged for every head kept when whole heads go."""
     head = np.full(max(int(r.max()) for r in runs) + 1, -1)
     for i, r in enumerate(runs):
         head[r] = i
