@@ -173,11 +173,11 @@ def _per_head_operands(gm: fx.GraphModule, inputs: list, path: set, q_heads: int
             Narrowing(gm).run(*inputs, enable_io_processing=False)
     except Exception as exc:
         raise RuntimeError(f"its graph does not run with the heads kept: {first_line(exc)}") from exc
-    for n, (node, arg, axis) in enumerate(fixes):
-        name = f"_kept_heads{n}"
-        gm.register_buffer(name, torch.tensor(kept))
+    if fixes:
+        gm.register_buffer("_kept_heads", torch.tensor(kept))
+    for node, arg, axis in fixes:
         with graph.inserting_before(node):
-            index = graph.get_attr(name)
+            index = graph.get_attr("_kept_heads")
             narrowed = graph.call_function(torch.ops.aten.index_select.default, (arg, axis, index))
         node.replace_input_with(arg, narrowed)
     return len(fixes)

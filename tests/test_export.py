@@ -471,7 +471,7 @@ class GainedHeads(FusedFixedHeads):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def test_a_gain_per_head_is_narrowed_to_the_heads_kept(tmp_path, capsys):
+def test_a_gain_per_head_is_narrowed_to_the_heads_kept(tmp_path):
     """The gain's [1, 4, 1, 1] meets the attention's output of 3 heads: the graph selects the gain's
     entries of the heads kept, and the outputs match."""
     torch.manual_seed(0)
@@ -715,7 +715,8 @@ def test_heads_go_under_a_norm_of_each_heads_q_and_k_but_not_of_all_heads(tmp_pa
     """Qwen3 normalizes q and k head by head (RMSNorm over head_dim after the view): whole heads go,
     and from_pretrained reloads the model. OLMo2 normalizes q and k over all heads at once: dropping
     a head would change every other head's norm, so the heads stay, with the reason."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     config = getattr(transformers, f"{arch}Config")(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, attn_implementation="sdpa")
@@ -748,7 +749,8 @@ def test_heads_go_under_a_norm_of_each_heads_q_and_k_but_not_of_all_heads(tmp_pa
 def test_the_only_head_group_of_multi_query_attention_stays(tmp_path):
     """GPTBigCode's multi-query attention: one kv head that every q head reads. With nothing reading
     any head, the group is dead but is the only one, and an attention keeps at least one."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     model = transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
         vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64, multi_query=True)).eval()
