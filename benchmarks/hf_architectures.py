@@ -107,7 +107,7 @@ def architectures():
             vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
             topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=64)), tokens),
+            qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=64)), tokens),
     }
 
 
@@ -140,9 +140,10 @@ def run(name: str, build, inputs, folder: Path) -> str:
             o = next((g.dst for g in handle.coupling.groups if isinstance(g, ChainGroup) and g.src == attention.v
                       and "attention" in g.trail), None)
             if o is not None:
-                first = dot.heads()[2][0]
-                out = handle.sites[o].module
-                out.mask[:, min(first) * dot.head_dim:(max(first) + 1) * dot.head_dim] = False
+                q_heads, _, share = dot.heads()
+                first, out = share[0], handle.sites[o].module
+                width = out.in_features // q_heads  # o's columns per head: v's head size
+                out.mask[:, min(first) * width:(max(first) + 1) * width] = False
                 out.apply_mask()
     model.eval()
     report = handle.export(folder / f"{name}.onnx", x, held_out=[inputs(3, 11)], compare_dense=False)

@@ -3,9 +3,11 @@
 The pass runs the captured graph once on the example inputs and, beside every real value, an
 *index tensor* per linear site: an int32 tensor of the value's shape whose entries say which
 output feature of the site each element carries (-1: none). Data-movement ops (view, reshape,
-transpose, split, cat, slicing, expand, repeat, and indexing with constant index tensors) are
-executed on the index tensors themselves, so heads, fused projections, rotary embeddings and
-grouped-query attention need no special cases. The other ops are read by kind:
+transpose, split, cat, slicing, expand, repeat, slice_scatter, and indexing with constant index
+tensors) are executed on the index tensors themselves, so heads, fused projections, rotary
+embeddings and grouped-query attention need no special cases; a copy into a view of a buffer
+(``key[..., :d].copy_(k_nope)`` into ``new_empty``) writes into the buffer's index tensors through
+the same views. The other ops are read by kind:
 
 - contraction (matmul, scaled_dot_product_attention): the features of both operands along the
   contracted dimension are *dot*-coupled pairs (q row i with k row i);
@@ -41,7 +43,13 @@ STRUCTURAL = {
     "select", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave",
     "cat", "concat", "concatenate", "stack", "flatten", "unflatten", "alias", "detach", "movedim",
     "flip", "roll", "lift_fresh_copy", "view_as", "reshape_as", "Flatten", "Unflatten",
+    "slice_scatter", "select_scatter",  # the second operand's elements placed into a copy of the first
 }
+# a tensor shaped from its input that holds none of its values (a buffer filled in place later)
+FRESH = {"new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like"}
+COPIES = {"copy_"}  # dst.copy_(src): src's elements written into dst, and into what dst is a view of
+VIEWS = {"slice", "select", "narrow", "view", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze",
+         "getitem", "alias", "t", "unflatten", "movedim", "split", "split_with_sizes", "chunk", "unbind"}
 ACTIVATIONS = {
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "tanh", "softplus", "elu", "selu",
     "leaky_relu", "mish", "hardswish", "hardsigmoid", "hardtanh", "relu6", "glu", "erf",
@@ -102,6 +110,8 @@ class DotGroup:
     head_dim: int
     via: str
     rope: dict[str, np.ndarray] = field(default_factory=dict)  # site -> (n, 2) paired rows
+    # the distinct (q rows, k rows) contracted in one slice of the product: one head and its kv head
+    slices: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     kind: str = "dot"
 
     @property
@@ -109,16 +119,16 @@ class DotGroup:
         return (self.q, self.k)
 
     def heads(self) -> tuple[int, int, dict[int, list[int]]]:
-        """(q heads, kv heads, kv head -> q heads sharing it)."""
-        q_feats, k_feats = np.unique(self.pairs[:, 0]), np.unique(self.pairs[:, 1])
-        # heads numbered in row order, also where other rows sit between them (Falcon's q, q, k, v per group)
-        q_block, k_block = (self.pairs[:, 0] - q_feats.min()) // self.head_dim, (self.pairs[:, 1] - k_feats.min()) // self.head_dim
-        q_head, k_head = np.unique(q_block, return_inverse=True)[1], np.unique(k_block, return_inverse=True)[1]
+        """(q heads, kv heads, kv head -> q heads sharing it), heads numbered in row order (also where
+        other rows sit between them: Falcon's q, q, k, v per group) and read off the slices the
+        product contracted, so a head may contract only part of its rows with this k (DeepSeek's
+        q · [k_nope, a rotary part every head shares])."""
+        q_sets = sorted({q for q, _ in self.slices}, key=min)
+        k_sets = sorted({k for _, k in self.slices}, key=min)
         share: dict[int, set[int]] = {}
-        for qh, kh in zip(q_head.tolist(), k_head.tolist()):
-            share.setdefault(kh, set()).add(qh)
-        return (len(q_feats) // self.head_dim, len(k_feats) // self.head_dim,
-                {k: sorted(v) for k, v in sorted(share.items())})
+        for q, k in self.slices:
+            share.setdefault(k_sets.index(k), set()).add(q_sets.index(q))
+        return len(q_sets), len(k_sets), {k: sorted(v) for k, v in sorted(share.items())}
 
     def describe(self, widths: dict[str, int]) -> str:
         q_heads, kv_heads, share = self.heads()
@@ -207,11 +217,14 @@ def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
 class Attention:
     """One attention (scaled_dot_product_attention, or softmax(q·kᵀ)·v written out) whose query, key
     and value each come from one site (the same site for all three when one layer projects them
-    together, as GPT-2's c_attn does)."""
+    together, as GPT-2's c_attn does). The key may also hold features of ``shared`` sites that every
+    query head reads alike (DeepSeek's multi-head latent attention: each head's key is its own
+    k_nope beside one rotary part for all heads)."""
 
     q: str
     k: str
     v: str
+    shared: tuple[str, ...] = ()
 
 
 @dataclass
@@ -325,6 +338,21 @@ def _labelled_dims(idx: torch.Tensor) -> list[int]:
     return [d for d in range(idx.dim()) if _varies(idx, d)]
 
 
+def _slices(a: torch.Tensor, b: torch.Tensor) -> set[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The distinct (a's features, b's features) contracted together in one slice of a product
+    (one head of one example), over the positions where both carry a feature."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    both = np.unique(torch.cat([a, b], 1).numpy(), axis=0)
+    n = a.shape[-1]
+    found = set()
+    for row in both:
+        x, y = row[:n], row[n:]
+        keep = (x >= 0) & (y >= 0)
+        if keep.any():
+            found.add((tuple(np.unique(x[keep]).tolist()), tuple(np.unique(y[keep]).tolist())))
+    return found
+
+
 def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     a, b = torch.broadcast_tensors(a, b)
     pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
@@ -408,10 +436,12 @@ class _Propagator(fx.Interpreter):
             return None
         if node.name in self.sites.node_to_site:
             return self._site_call(node, value)
+        name = op_name(node, self.module) if node.op.startswith("call") else node.op
+        if name in COPIES and self.tags.get(node.args[1]):
+            return self._copy_into(node)
         if not self._all_tags(node):
             return None
-        name = op_name(node, self.module)
-        if name in NO_VALUE or not _has_tensor(value):
+        if name in NO_VALUE | FRESH or not _has_tensor(value):
             return None
         if node.name in self.sites.node_to_excluded:
             self._end(node, f"consumed by excluded linear {self.sites.node_to_excluded[node.name]}")
@@ -521,6 +551,38 @@ class _Propagator(fx.Interpreter):
                 out = torch.reshape(args[0], args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
             results[site] = (out, trail)
         return _regroup(value, results)
+
+    def _copy_into(self, node: fx.Node) -> Tags:
+        """``dst.copy_(src)`` where dst is a view of a buffer (DeepSeek's key, k_nope and the shared
+        rotary part copied into the two halves of an empty tensor): the copy's features are written
+        into the buffer's index tensors through the same chain of views, so every later reader of
+        the buffer sees them."""
+        dst, src = node.args[0], node.args[1]
+        chain = []
+        while self._is_view(dst) and (op_name(dst, self.module) != "getitem" or self._is_view(dst.args[0])
+                                      or isinstance(self.env[dst.args[0]], torch.Tensor)):  # not an output of a tuple
+            chain.append(dst)
+            dst = dst.args[0]
+        root, sources = dst, self.tags[src]
+        if not isinstance(sources, dict) or not isinstance(self.tags.get(root) or {}, dict):
+            raise TypeError("the copy's source or destination is not one tensor")
+        root_tags = dict(self.tags.get(root) or {})
+        for site in set(root_tags) | set(sources):
+            trail = sources[site].trail if site in sources else ()
+            tag = root_tags.setdefault(site, _Tag(_like(self.env[root], torch.tensor(-1)), trail))
+            view = tag.idx
+            for step in reversed(chain):
+                args = fx.node.map_aggregate(step.args, lambda a: view if a is step.args[0] else self._real(a))
+                view = self._call(step, args, self._real(step.kwargs))
+                if isinstance(view, torch.Tensor) and isinstance(self.tags.get(step) or {}, dict):
+                    self.tags[step] = {**(self.tags.get(step) or {}), site: _Tag(view, tag.trail)}
+            view.copy_(sources[site].idx if site in sources else torch.tensor(-1, dtype=torch.int32))
+        self.tags[root] = root_tags
+        self.data[root] = self.data.get(root, False) or self.data.get(src, False)
+        return {site: self.tags[chain[0]][site] for site in root_tags} if chain else root_tags
+
+    def _is_view(self, node: fx.Node) -> bool:
+        return node.op.startswith("call") and op_name(node, self.module) in VIEWS and isinstance(node.args[0], fx.Node)
 
     def _call(self, node: fx.Node, args: tuple, kwargs: dict) -> Any:
         if node.op == "call_method":
@@ -641,11 +703,12 @@ class _Propagator(fx.Interpreter):
                 self._boundary(s, "out", f"contracted with non-feature data by {via}{self._where(node)}")
         for sa, ta in left.items():
             for sb, tb in right.items():
-                pairs = _unique_pairs(left_vec(ta), right_vec(tb))
+                a, b = torch.broadcast_tensors(left_vec(ta), right_vec(tb))
+                pairs = _unique_pairs(a, b)
                 key = (sa, sb)
                 prev = self.dots.get(key)
                 merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
-                self.dots[key] = (merged, size, via)
+                self.dots[key] = (merged, size, via, (prev[3] if prev else set()) | _slices(a, b))
 
     def _attention(self, node: fx.Node, value: torch.Tensor) -> Tags:
         names = ["query", "key", "value"]
@@ -775,16 +838,29 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         result.groups.append(ChainGroup(src, dst, mapping, trail))
     for (a, b), (pairs, trails) in prop.muls.items():
         result.groups.append(MulGroup(a, b, pairs, trails))
-    for (q, k), (pairs, head_dim, via) in prop.dots.items():
+    for (q, k), (pairs, head_dim, via, slices) in prop.dots.items():
         rope = {s: result.paired[s] for s in (q, k) if s in result.paired}
-        result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope))
+        result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope, sorted(slices)))
     result.boundaries = prop.boundaries
     for site, reductions in prop.reduced.items():
         result.reduced[site] = {reason: np.unique(np.concatenate(rows), axis=0) for reason, rows in reductions.items()
                                 if len({r.shape[1] for r in rows}) == 1}
+    dots = {(g.q, g.k): g for g in result.groups if isinstance(g, DotGroup)}
     for q, k, v in prop.attentions:
-        if len(q) == len(k) == len(v) == 1:  # one site may be all three (a fused qkv layer)
-            attention = Attention(q[0], k[0], v[0])
+        if len(q) != 1 or len(v) != 1:
+            continue
+        shared = tuple(sorted(s for s in k if len(k) > 1 and _read_by_every_head(dots.get((q[0], s)))))
+        own = [s for s in k if s not in shared]
+        if len(own) == 1:  # one site may be all three (a fused qkv layer)
+            attention = Attention(q[0], own[0], v[0], shared)
             if attention not in result.attentions:
                 result.attentions.append(attention)
     return result
+
+
+def _read_by_every_head(dot: DotGroup | None) -> bool:
+    """Whether a key's features are one head's worth that every one of several query heads reads."""
+    if dot is None:
+        return False
+    q_heads, kv_heads, _ = dot.heads()
+    return kv_heads == 1 and q_heads > 1

@@ -20,7 +20,10 @@ attention by whole groups (a kv head with the q heads sharing it), which keeps t
 group goes when its output reaches nothing: o's columns of its q heads have no weight left, or its
 v rows have no input weight, so every head of the group outputs v's bias (the attention weights sum
 to one), which is folded into o's bias. Its q, k and v rows and o's columns are then dropped
-together, RoPE pairs included since they stay inside a head. A model that reads the head count
+together, RoPE pairs included since they stay inside a head. Where part of every head's key is
+one set of rows all heads read (DeepSeek's multi-head latent attention: each head's k_nope beside a
+rotary part shared by all), those rows stay, and the heads' own rows go; q, k and v heads may then
+be of different sizes (q 192 rows, k_nope 128, v 128 in DeepSeek-V3). A model that reads the head count
 from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do) runs with fewer heads
 as it is. Each attention's change is run on the sample inputs and kept only when the outputs are
 unchanged (within 1e-5, or 1e-5 of the largest output when outputs exceed 1); otherwise it is
@@ -295,9 +298,19 @@ class _HeadLayout:
     one (GPT-NeoX's q, k, v of head 0, then of head 1, ...) are all blocks of rows."""
 
     o: str
-    head_dim: int
+    head_dim: int  # q's rows per head
     share: dict[int, list[int]]  # kv head -> the q heads sharing it
     blocks: dict[str, list[np.ndarray]]  # role (q, k, v) -> rows of each of its heads, in head order
+    o_width: int  # o's input columns per q head: v's head size
+
+    def width(self, role: str) -> int:
+        """The rows of one head of ``role`` (q, k or v)."""
+        return len(self.blocks[role][0])
+
+    @property
+    def uniform(self) -> bool:
+        """Whether q, k and v heads are all head_dim wide, the one head size the fallbacks rewrite."""
+        return all(self.width(role) == self.head_dim for role in self.blocks)
 
 
 def _blocks(features: np.ndarray, head_dim: int) -> list[np.ndarray] | None:
@@ -314,16 +327,24 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     dot = next((g for g in coupling.groups if g.kind == "dot" and (g.q, g.k) == (attention.q, attention.k)), None)
     chain = next((g for g in coupling.groups if g.kind == "chain" and g.src == attention.v and "attention" in g.trail),
                  None)
-    if dot is None or chain is None:
+    shared = [g for g in coupling.groups if g.kind == "dot" and g.q == attention.q and g.k in attention.shared]
+    if dot is None or chain is None or len(shared) != len(attention.shared):
         return None
     o = chain.dst
     if not all(isinstance(layers.get(n), nn.Linear) for n in (attention.q, attention.k, attention.v, o)):
         return o, "attention: its layers are not plain nn.Linear", None
     out, hd = layers[o], dot.head_dim
     not_heads = (o, "attention: its projections are not laid out as whole heads of one size", None)
-    q_blocks, k_blocks = _blocks(np.unique(dot.pairs[:, 0]), hd), _blocks(np.unique(dot.pairs[:, 1]), hd)
-    if q_blocks is None or k_blocks is None or out.in_features != len(q_blocks) * hd:
+    # each q head contracts head_dim rows: with its kv head's k rows, and with the rows of keys every
+    # head reads alike (DeepSeek's rotary part), which stay whole
+    q_heads, kv_heads, _ = dot.heads()
+    k_width = hd - sum(len(np.unique(g.pairs[:, 1])) for g in shared)
+    q_blocks = _blocks(np.unique(np.concatenate([g.pairs[:, 0] for g in (dot, *shared)])), hd)
+    k_blocks = _blocks(np.unique(dot.pairs[:, 1]), k_width) if k_width > 0 else None
+    if q_blocks is None or k_blocks is None or (len(q_blocks), len(k_blocks)) != (q_heads, kv_heads) \
+            or out.in_features % len(q_blocks):
         return not_heads
+    o_width = out.in_features // len(q_blocks)
     q_head = {int(r): i for i, b in enumerate(q_blocks) for r in b}
     k_head = {int(r): i for i, b in enumerate(k_blocks) for r in b}
     share_sets: dict[int, set[int]] = {}
@@ -336,7 +357,7 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     # o's columns of q head i read the v rows of i's kv head, a run of head_dim rows per kv head
     v_blocks: dict[int, np.ndarray] = {}
     for i in range(len(q_blocks)):
-        rows = chain.mapping[i * hd:(i + 1) * hd]
+        rows = chain.mapping[i * o_width:(i + 1) * o_width]
         if rows.min() < 0 or not np.all(np.diff(rows) == 1) or not np.array_equal(
                 v_blocks.setdefault(group_of[i], rows), rows):
             return o, f"attention: {o}'s input columns do not follow the heads of {attention.v}", None
@@ -352,7 +373,7 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
         across = sorted(_across_heads(coupling, site, runs))
         if across:
             return o, f"attention: {site}'s output is also read across heads ({'; '.join(across)})", None
-    return o, None, _HeadLayout(o, hd, share, blocks)
+    return o, None, _HeadLayout(o, hd, share, blocks, o_width)
 
 
 def _across_heads(coupling: Coupling, site: str, runs: list[np.ndarray]) -> set[str]:
@@ -470,12 +491,12 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         if why_not is not None or not samples:
             skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
             continue
-        hd, share, blocks = layout.head_dim, layout.share, layout.blocks
+        share, blocks, ow = layout.share, layout.blocks, layout.o_width
         sites = {"q": attention.q, "k": attention.k, "v": attention.v}
         v, out = layers[attention.v], layers[o]
         dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
         for g, heads in share.items():
-            cols = _head_rows(heads, hd)
+            cols = _head_rows(heads, ow)
             rows = torch.as_tensor(blocks["v"][g])
             if out.weight[:, cols].eq(0).all():
                 dead[g] = None
@@ -507,14 +528,13 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         for site, parts in rows_of.items():
             layer, rows = layers[site], torch.cat(parts).sort().values
             replace_module(model, site, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
-        replace_module(model, o, _linear(out.weight[:, _head_rows(kept, hd)], bias if out.bias is not None or folded else None))
+        replace_module(model, o, _linear(out.weight[:, _head_rows(kept, ow)], bias if out.bias is not None or folded else None))
         check = lambda: _checked(model, samples, reference, f"attention: {len(dead)} dead head group(s) kept",  # noqa: E731
                                  "read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
         why = check()
         rewritten: dict[str, int] = {}
         fused = [site for site in rows_of if len(rows_of[site]) > 1]
-        old_widths = {len(share) * hd if role != "q" else sum(len(h) for h in share.values()) * hd
-                      for role, site in sites.items() if site in fused}
+        old_widths = {len(blocks[role]) * layout.width(role) for role, site in sites.items() if site in fused}
         if why is not None and len(fused) == 1 and len(old_widths) == 1 and len({len(r) for r in rows_of[fused[0]]}) == 1:
             # roles of one fused layer, as wide as each other before and after: try its split width
             old, new = old_widths.pop(), len(rows_of[fused[0]][0])
@@ -533,12 +553,16 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             elif tried:
                 why += f"; nor with {tried}"
         traced = None
-        if why is not None:  # try its graph, with the sizes rewritten
+        if why is not None and not layout.uniform:
+            why += (f"; its graph is not rewritten: its heads are {layout.width('q')} rows of q, {layout.width('k')} "
+                    f"of k and {layout.width('v')} of v, and the rewrite knows one head size")
+        elif why is not None:  # try its graph, with the sizes rewritten
             heads_count = (sum(len(h) for h in share.values()), len(share))
             roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
                      for role in sites}
             why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, heads_count,
-                                         (len(kept), len(kept_kv)), hd, before, samples, check, why, roles, kept)
+                                         (len(kept), len(kept_kv)), layout.head_dim, before, samples, check, why,
+                                         roles, kept)
         if why is not None:
             for name, layer in before.items():
                 replace_module(model, name, layer)

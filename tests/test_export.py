@@ -14,6 +14,7 @@ from torch import nn
 import sparsify
 from sparsify.export import ExportError, OnnxModel, print_report, to_onnx
 from sparsify.onnx_layers import GatherLinear
+from sparsify.passes.couple import Attention
 from sparsify.passes.capture import ExampleInputs
 
 from model_zoo import load_example
@@ -743,6 +744,44 @@ def test_heads_go_under_a_norm_of_each_heads_q_and_k_but_not_of_all_heads(tmp_pa
     assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
     loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
     assert loaded.model.layers[0].self_attn.q_proj.out_features == 32
+    assert (reference(loaded, other) - expected).abs().max() <= 1e-5
+
+
+def test_heads_of_deepseeks_latent_attention_go_beside_the_rotary_key_every_head_reads(tmp_path):
+    """DeepSeek-V3's multi-head latent attention: each head's key is its own k_nope (rows of kv_b_proj,
+    beside its v rows) and one rotary part that every head reads (rows of kv_a_proj_with_mqa), copied
+    into the two halves of an empty tensor. q heads are 16 rows of q_b_proj, v heads 12: a dead head
+    takes its q rows, its k_nope and v rows and o's columns, and the shared rotary rows stay."""
+    import transformers
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, first_k_dense_replace=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    attn = "model.layers.0.self_attn."
+    assert handle.coupling.attentions[0] == Attention(attn + "q_b_proj", attn + "kv_b_proj", attn + "kv_b_proj",
+                                                      (attn + "kv_a_proj_with_mqa",))
+    dots = [line for line in handle.coupling.group_lines() if line.startswith("dot")]
+    assert [line.split("head_dim 16, ")[1].split(";")[0] for line in dots] == [
+        "4 q heads, 1 kv heads (q 0,1,2,3 -> kv 0)", "4 q heads, 4 kv heads"]  # rotary part, then k_nope
+    kill(handle, rows=[(attn + "kv_b_proj", slice(68, 80))],  # head 3's v rows (8 k_nope, 12 v per head)
+         columns=[(attn + "o_proj", slice(12, 24))])  # nothing reads head 1
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    assert [(h["kept"], h["kept_kv"]) for h in report["heads"]] == [(2, 2)]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    loaded = type(model).from_pretrained(report["hf_pretrained"]["folder"], use_cache=False).eval()
+    layer = loaded.model.layers[0].self_attn
+    assert (layer.q_b_proj.out_features, layer.kv_b_proj.out_features, layer.o_proj.in_features,
+            layer.kv_a_proj_with_mqa.out_features) == (32, 40, 24, 24)
     assert (reference(loaded, other) - expected).abs().max() <= 1e-5
 
 

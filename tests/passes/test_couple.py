@@ -122,3 +122,45 @@ def test_bloom_scores_through_baddbmm_are_attention():
     assert chain.trail[-1] == "attention" and chain.mapping.tolist() == [h * 48 + 32 + d for h in range(4) for d in range(16)]
     assert [(a.q, a.k, a.v) for a in c.attentions] == [(qkv, qkv, qkv)]
     assert (qkv, "out") not in c.boundaries
+
+
+class SplitKey(torch.nn.Module):
+    """A key built from two layers, as DeepSeek's latent attention builds it: each head's first 8
+    dimensions from its own rows of ``k_own``, the last 4 from ``k_shared``, one part for every head,
+    written into an empty tensor (``copy``) or placed with ``slice_scatter``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.q, self.k_own, self.k_shared, self.v = (torch.nn.Linear(16, n) for n in (48, 32, 4, 32))
+        self.o = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 12).transpose(1, 2)
+        own = self.k_own(x).view(b, t, 4, 8).transpose(1, 2)
+        shared = self.k_shared(x).view(b, 1, t, 4).expand(-1, 4, -1, -1)
+        if self.how == "copy":
+            k = own.new_empty(b, 4, t, 12)
+            k[..., :8].copy_(own)
+            k[..., 8:].copy_(shared)
+        else:
+            k = torch.slice_scatter(torch.zeros(b, 4, t, 12), own, dim=-1, start=0, end=8)
+            k = torch.slice_scatter(k, shared, dim=-1, start=8)
+        v = self.v(x).view(b, t, 4, 8).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, t, 32))
+
+
+@pytest.mark.parametrize("how", ["copy", "slice_scatter"])
+def test_a_key_written_part_by_part_couples_each_part(how):
+    model = SplitKey(how).eval()
+    cap = capture(model, (torch.randn(2, 5, 16),))
+    c = couple(cap, find_linears(model, cap))
+    dots = {g.k: g for g in c.groups if isinstance(g, DotGroup)}
+    assert dots["k_own"].pairs.tolist() == [[h * 12 + d, h * 8 + d] for h in range(4) for d in range(8)]
+    assert dots["k_own"].heads() == (4, 4, {h: [h] for h in range(4)})
+    assert dots["k_shared"].pairs.tolist() == [[h * 12 + 8 + d, d] for h in range(4) for d in range(4)]
+    assert dots["k_shared"].heads() == (4, 1, {0: [0, 1, 2, 3]})  # one part every head reads
+    assert [(a.q, a.k, a.v, a.shared) for a in c.attentions] == [("q", "k_own", "v", ("k_shared",))]
+    assert not c.notes and ("k_own", "out") not in c.boundaries
