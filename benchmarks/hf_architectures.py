@@ -34,6 +34,12 @@ POLICY = {"version": 1, "unmatched": "sparsify",
           "defaults": {"density": 0.5, "method": "CHTs", "update": {"every": 2, "unit": "steps"}}}
 DECODER = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+# multi-head latent attention: q heads of 16 rows (8 + 8 rotary), v heads of 12
+LATENT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+              v_head_dim=12, max_position_embeddings=64)
+EXPERTS = dict(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+               first_k_dense_replace=1)
 
 
 def architectures():
@@ -103,11 +109,10 @@ def architectures():
         "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
             **DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
             shared_expert_intermediate_size=128)), tokens),
-        "deepseek_v3": (lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
-            vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-            topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=64)), tokens),
+        "deepseek_v3": (lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(**LATENT, **EXPERTS)), tokens),
+        "deepseek_v2": (lambda: T.DeepseekV2ForCausalLM(T.DeepseekV2Config(**LATENT, **EXPERTS)), tokens),
+        "glm4_moe_lite": (lambda: T.Glm4MoeLiteForCausalLM(T.Glm4MoeLiteConfig(**LATENT, **EXPERTS)), tokens),
+        "minicpm3": (lambda: T.MiniCPM3ForCausalLM(T.MiniCPM3Config(**LATENT)), tokens),
     }
 
 
@@ -154,7 +159,7 @@ def run(name: str, build, inputs, folder: Path) -> str:
     heads = f"{len(report['heads'])} of {attentions}" + (f" ({why[0][:160]})" if why else "")
     return (f"{found} | {p['after']:,} of {p['before']:,} | {heads} | {report['torch_max_abs_diff']:.1e} | "
             f"{report['onnxruntime_max_abs_diff']:.1e} | "
-            f"{'reloads' if pretrained.get('written') else 'not written: ' + pretrained.get('why', '-')}")
+            f"{'reloads' if pretrained.get('written') else 'not written: ' + ' '.join(pretrained.get('why', '-').split())}")
 
 
 def csr_against_masked(build, inputs, optimizer_class) -> float:

@@ -8,10 +8,14 @@ mask. The three products of a training step run as sparse kernels:
 - weight gradient, only at active positions: ``torch.sparse.sampled_addmm`` of ``dyᵀ x``.
 
 So optimizer state exists only for active links. The products take their dense operands
-transposed (features × batch, contiguous), and the output is returned as the transpose of such a
-tensor, so a stack of CsrLinear layers with elementwise ops between them passes activations and
-gradients on without copies (``.reshape`` it, since ``.view`` cannot merge its batch and feature
-dimensions). ``weight`` is a dense view (zeros at inactive
+transposed (features × batch, contiguous). For an input of [batch, features], the output is
+returned as the transpose of such a tensor, so a stack of CsrLinear layers with elementwise ops
+between them (an MLP) passes activations and gradients on without copies (``.reshape`` it, since
+``.view`` cannot merge its batch and feature dimensions). For an input with more dimensions (a
+sequence model's [batch, tokens, features]), the output is contiguous, as nn.Linear's is: the
+model's code splits it into heads and may need the features innermost (DeepSeek-V2's rotary
+embedding views pairs of them as complex numbers); the copy costs 5-10% of a LLaMA-style
+block's training step at 1-10% density. ``weight`` is a dense view (zeros at inactive
 positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
 does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
 without loss. A topology change rebuilds the structure and carries each kept link's value and
@@ -263,7 +267,9 @@ class CsrLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = _CsrLinearFunction.apply(x.reshape(-1, shape[-1]), self.values, self.bias, self)
-        return y.reshape(*shape[:-1], self.out_features)
+        if x.dim() == 2:
+            return y  # transposed layout: the next CsrLinear of an MLP takes it without a copy
+        return y.reshape(*shape[:-1], self.out_features).contiguous()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

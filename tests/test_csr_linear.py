@@ -58,6 +58,17 @@ def test_any_input_layout_gives_the_same_numbers_and_chained_layers_pass_the_ker
     assert hidden.reshape(-1).shape == (6 * 48,)  # reshape works on it; view(-1) would need a copy
 
 
+def test_a_sequence_models_output_is_contiguous_as_nn_linears():
+    """DeepSeek-V2's rotary embedding views pairs of a projection's features as complex numbers,
+    which needs the features innermost."""
+    masked, csr = pair(48, 32, 0.1)
+    x = torch.randn(2, 3, 32)
+    y = csr(x)
+    assert y.is_contiguous()
+    pairs = torch.view_as_complex(y.view(2, 3, 4, 6, 2))
+    assert torch.allclose(torch.view_as_real(pairs).reshape(2, 3, 48), masked(x), atol=1e-5)
+
+
 def test_the_output_can_be_changed_in_place_as_a_linear_layer_s_can():
     """Falcon adds its bias to the projection's output in place: a custom Function returning a view
     would refuse that."""
@@ -216,7 +227,7 @@ def test_a_csr_layer_whose_link_count_shrinks_trains_like_the_masked_one():
 
 @pytest.mark.parametrize("name", ["nanogpt", "hf_llama", "hf_gpt2", "torch_transformer"])
 def test_transformers_train_on_csr_as_on_masked(name):
-    """Their code views and splits the projections' outputs, which csr returns transposed."""
+    """Their code views and splits the projections' outputs."""
     def losses(backend):
         module = load_example(name)
         torch.manual_seed(0)
