@@ -14,8 +14,8 @@ between them (an MLP) passes activations and gradients on without copies (``.res
 ``.view`` cannot merge its batch and feature dimensions). For an input with more dimensions (a
 sequence model's [batch, tokens, features]), the output is contiguous, as nn.Linear's is: the
 model's code splits it into heads and may need the features innermost (DeepSeek-V2's rotary
-embedding views pairs of them as complex numbers); the copy costs 5-10% of a LLaMA-style
-block's training step at 1-10% density. ``weight`` is a dense view (zeros at inactive
+embedding views pairs of them as complex numbers); the copy costs a few percent of a
+LLaMA-style block's training step (benchmarks/RESULTS.md). ``weight`` is a dense view (zeros at inactive
 positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
 does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
 without loss. A topology change rebuilds the structure and carries each kept link's value and
