@@ -113,6 +113,15 @@ def architectures():
         "deepseek_v2": (lambda: T.DeepseekV2ForCausalLM(T.DeepseekV2Config(**LATENT, **EXPERTS)), tokens),
         "glm4_moe_lite": (lambda: T.Glm4MoeLiteForCausalLM(T.Glm4MoeLiteConfig(**LATENT, **EXPERTS)), tokens),
         "minicpm3": (lambda: T.MiniCPM3ForCausalLM(T.MiniCPM3Config(**LATENT)), tokens),
+        "qwen3_moe": (lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
+            **DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)), tokens),
+        "gpt_oss": (lambda: T.GptOssForCausalLM(T.GptOssConfig(
+            **{**DECODER, "attn_implementation": "eager"}, head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+                    tokens),
+        "smollm3": (lambda: T.SmolLM3ForCausalLM(T.SmolLM3Config(**DECODER, pad_token_id=0)), tokens),
+        "glm4": (lambda: T.Glm4ForCausalLM(T.Glm4Config(**DECODER, head_dim=16, pad_token_id=0)), tokens),
+        "ernie4_5": (lambda: T.Ernie4_5ForCausalLM(T.Ernie4_5Config(**DECODER, head_dim=16)), tokens),
+        "helium": (lambda: T.HeliumForCausalLM(T.HeliumConfig(**DECODER, head_dim=16)), tokens),
     }
 
 

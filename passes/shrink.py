@@ -114,11 +114,12 @@ class Heads:
     folded: int  # groups whose constant output (v's bias) went into o's bias
     rewritten: dict[str, int] = field(default_factory=dict)  # module attributes set to the new split width
     traced: str | None = None  # the module replaced by its graph with the sizes rewritten (passes.retrace)
+    narrowed: list[str] = field(default_factory=list)  # parameters with one value per q head, cut to the kept heads
 
     def to_json(self) -> dict:
         return {"layers": list(self.sources), "into": self.dst, "heads": self.heads, "kv_heads": self.kv_heads,
                 "kept": len(self.kept), "kept_kv": len(self.kept_kv), "folded": self.folded,
-                "rewritten": dict(self.rewritten), "traced": self.traced}
+                "rewritten": dict(self.rewritten), "traced": self.traced, "narrowed": list(self.narrowed)}
 
 
 @dataclass
@@ -354,7 +355,7 @@ def _head_layout(coupling: Coupling, attention: Attention, layers: dict[str, nn.
     if sorted(h for hs in share.values() for h in hs) != list(range(len(q_blocks))) or len(share) != len(k_blocks):
         return not_heads  # each q head reads exactly one kv head
     group_of = {h: g for g, hs in share.items() for h in hs}
-    # o's columns of q head i read the v rows of i's kv head, a run of head_dim rows per kv head
+    # o's columns of q head i read the v rows of i's kv head, a run of o_width rows per kv head
     v_blocks: dict[int, np.ndarray] = {}
     for i in range(len(q_blocks)):
         rows = chain.mapping[i * o_width:(i + 1) * o_width]
@@ -445,6 +446,28 @@ def _head_counts(model: nn.Module, owner: str, old: tuple[int, int], new: tuple[
     return {}, ", ".join(f"{a} set to {v}" for a, v in named.items())
 
 
+def _narrow_per_head(model: nn.Module, owner: str, heads: int, kept: list[int], check) -> list[str]:
+    """The attention's module holds a parameter with one value per q head (gpt-oss's attention sinks,
+    ``sinks.reshape(1, -1, 1, 1)`` beside the scores): cut each such parameter of its own (not of its
+    layers) to the kept heads, and keep the cut when ``check()`` passes. Returns the dotted names
+    cut, or [] with every parameter restored."""
+    if not owner:
+        return []
+    module = model.get_submodule(owner)
+    saved = {}
+    for name, param in list(module.named_parameters(recurse=False)):
+        dims = [d for d, size in enumerate(param.shape) if size == heads]
+        if len(dims) == 1:
+            saved[name] = param
+            cut = param.detach().index_select(dims[0], torch.as_tensor(kept))
+            setattr(module, name, nn.Parameter(cut, requires_grad=param.requires_grad))
+    if saved and check() is None:
+        return [f"{owner}.{name}" for name in saved]
+    for name, param in saved.items():
+        setattr(module, name, param)
+    return []
+
+
 def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: tuple[int, int],
                    kept: tuple[int, int], head_dim: int, before: dict[str, nn.Module], samples: list, check,
                    why: str, roles: dict, kept_heads: list[int]) -> tuple[str | None, str | None]:
@@ -532,6 +555,11 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         check = lambda: _checked(model, samples, reference, f"attention: {len(dead)} dead head group(s) kept",  # noqa: E731
                                  "read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
         why = check()
+        narrowed: list[str] = []
+        if why is not None:
+            narrowed = _narrow_per_head(model, owner_of((attention.q, attention.k, attention.v, o)),
+                                        sum(len(h) for h in share.values()), kept, check)
+            why = None if narrowed else why
         rewritten: dict[str, int] = {}
         fused = [site for site in rows_of if len(rows_of[site]) > 1]
         old_widths = {len(blocks[role]) * layout.width(role) for role, site in sites.items() if site in fused}
@@ -570,5 +598,5 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             continue
         skipped.pop(o, None)
         done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),
-                          len(share), kept, kept_kv, folded, rewritten, traced))
+                          len(share), kept, kept_kv, folded, rewritten, traced, narrowed))
     return done

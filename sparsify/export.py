@@ -504,6 +504,7 @@ def print_report(report: dict) -> None:
         for h in report.get("heads", []):
             layers = ' + '.join(dict.fromkeys(h['layers']))  # a fused qkv layer once
             split = "".join(f"; {a} set to {w}" for a, w in h.get("rewritten", {}).items())
+            split += "".join(f"; {a} cut to the kept heads" for a in h.get("narrowed", []))
             if h.get("traced") is not None:
                 split += f"; {h['traced'] or 'the model'} runs as its graph with the head sizes rewritten"
             lines.append(f"  {layers} -> {h['into']}: {h['kept']} of {h['heads']} heads kept "

@@ -785,6 +785,38 @@ def test_heads_of_deepseeks_latent_attention_go_beside_the_rotary_key_every_head
     assert (reference(loaded, other) - expected).abs().max() <= 1e-5
 
 
+def test_attention_sinks_are_cut_to_the_heads_kept(tmp_path, capsys):
+    """gpt-oss adds a learned sink logit per q head beside the scores (``sinks.reshape(1, -1, 1, 1)``):
+    with a head gone, the model runs only once its sinks parameter holds the kept heads' values."""
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.sinks.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[("model.layers.0.self_attn.o_proj", slice(32, 64))])  # nothing reads kv group 1's q heads
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    assert [(h["kept"], h["kept_kv"], h["narrowed"]) for h in report["heads"]] == [
+        (2, 1, ["model.layers.0.self_attn.sinks"])]
+    print_report(report)
+    assert "model.layers.0.self_attn.sinks cut to the kept heads" in capsys.readouterr().out
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    assert program.state_dict()["model.layers.0.self_attn.sinks"].tolist() == [0.5, -1.0]
+    other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other["input_ids"]]) - expected.numpy()).max() <= 1e-4
+    assert (program(**other).logits - expected).abs().max() <= 1e-5
+
+
 def test_the_only_head_group_of_multi_query_attention_stays(tmp_path):
     """GPTBigCode's multi-query attention: one kv head that every q head reads. With nothing reading
     any head, the group is dead but is the only one, and an attention keeps at least one."""
