@@ -25,7 +25,8 @@ one set of rows all heads read (DeepSeek's multi-head latent attention: each hea
 rotary part shared by all), those rows stay, and the heads' own rows go; q, k and v heads may then
 be of different sizes (q 192 rows, k_nope 128, v 128 in DeepSeek-V3). A model that reads the head count
 from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do) runs with fewer heads
-as it is. Each attention's change is run on the sample inputs and kept only when the outputs are
+as it is; where it does not, a parameter of the attention's module with one value per q head
+(gpt-oss's attention sinks) is cut to the kept heads, checked as below. Each attention's change is run on the sample inputs and kept only when the outputs are
 unchanged (within 1e-5, or 1e-5 of the largest output when outputs exceed 1); otherwise it is
 undone and the reason reported. q, k and v may be runs of one fused layer's rows (GPT-2's
 c_attn), or interleaved in it head by head (GPT-NeoX): its kept rows stay in their order, and
