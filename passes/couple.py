@@ -138,9 +138,11 @@ class DotGroup:
         if q_heads != kv_heads:
             text += " (" + "; ".join(f"q {','.join(map(str, qs))} -> kv {k}" for k, qs in share.items()) + ")"
         for site in dict.fromkeys((self.q, self.k)):  # q first, then k: independent of names
-            if site not in self.rope:
-                continue
-            text += f"; {site} rows {describe_pairing(self.rope[site], self.head_dim)}"
+            rows = np.concatenate([self.pairs[:, i] for i, s in enumerate((self.q, self.k)) if s == site])
+            pairs = self.rope.get(site, np.zeros((0, 2), np.int64))
+            pairs = pairs[np.isin(pairs, rows).all(1)]  # the pairs among the rows this product contracts
+            if len(pairs):
+                text += f"; {site} rows {describe_pairing(pairs, self.head_dim)}"
         return text
 
 
