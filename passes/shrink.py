@@ -516,6 +516,8 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
             continue
         share, blocks, ow = layout.share, layout.blocks, layout.o_width
+        counts = (sum(len(h) for h in share.values()), len(share))  # q heads, kv heads
+        owner = owner_of((attention.q, attention.k, attention.v, o))  # the module holding the attention
         sites = {"q": attention.q, "k": attention.k, "v": attention.v}
         v, out = layers[attention.v], layers[o]
         dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
@@ -558,8 +560,7 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         why = check()
         narrowed: list[str] = []
         if why is not None:
-            narrowed = _narrow_per_head(model, owner_of((attention.q, attention.k, attention.v, o)),
-                                        sum(len(h) for h in share.values()), kept, check)
+            narrowed = _narrow_per_head(model, owner, counts[0], kept, check)
             why = None if narrowed else why
         rewritten: dict[str, int] = {}
         fused = [site for site in rows_of if len(rows_of[site]) > 1]
@@ -574,11 +575,9 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
                 parent = fused[0].rpartition(".")[0] or "the model"
                 why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
         if why is not None:  # the head counts its module holds
-            old_counts = (sum(len(h) for h in share.values()), len(share))
-            counts, tried = _head_counts(model, owner_of((attention.q, attention.k, attention.v, o)), old_counts,
-                                         (len(kept), len(kept_kv)), check)
-            if counts:
-                why, rewritten = None, counts
+            attributes, tried = _head_counts(model, owner, counts, (len(kept), len(kept_kv)), check)
+            if attributes:
+                why, rewritten = None, attributes
             elif tried:
                 why += f"; nor with {tried}"
         traced = None
@@ -586,10 +585,9 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             why += (f"; its graph is not rewritten: its heads are {layout.width('q')} rows of q, {layout.width('k')} "
                     f"of k and {layout.width('v')} of v, and the rewrite knows one head size")
         elif why is not None:  # try its graph, with the sizes rewritten
-            heads_count = (sum(len(h) for h in share.values()), len(share))
             roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
                      for role in sites}
-            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, heads_count,
+            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, counts,
                                          (len(kept), len(kept_kv)), layout.head_dim, before, samples, check, why,
                                          roles, kept)
         if why is not None:
@@ -598,6 +596,6 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
             skipped[o] = why
             continue
         skipped.pop(o, None)
-        done.append(Heads((attention.q, attention.k, attention.v), o, sum(len(h) for h in share.values()),
-                          len(share), kept, kept_kv, folded, rewritten, traced, narrowed))
+        done.append(Heads((attention.q, attention.k, attention.v), o, *counts, kept, kept_kv, folded, rewritten, traced,
+                          narrowed))
     return done

@@ -45,6 +45,15 @@ def ort_outputs(path, feed):
     return session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), feed)})[0]
 
 
+def export_tokens(handle, x, tmp_path):
+    """Export a token model to m.onnx, checked on 3 x 11 held-out tokens; returns the report and the
+    generator (seed 0) that drew them, which draws the tests' further inputs."""
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
+                           compare_dense=False)
+    return report, g
+
+
 def test_mlp_shrinks_folds_constants_and_matches_in_torch_and_onnxruntime(tmp_path):
     torch.manual_seed(0)
     model = load_example("mlp").MLP((20, 64, 64, 64, 5))
@@ -633,9 +642,7 @@ def test_phi3_keeps_its_gate_rows_through_training_and_its_mlp_shrinks(tmp_path)
     assert len(handle.history) == 4 and int(fused.mask[:128].any(1).sum()) >= 120  # gate rows still have links
     model.eval()
     kill(handle, columns=[(f"model.layers.{i}.mlp.down_proj", slice(0, 32)) for i in range(2)])
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     assert [(u["kept"], u["unused"]) for u in report["units"]] == [(96, 32), (96, 32)]
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     assert report["hf_config"] == {"intermediate_size": 96, "rewritten": True}
@@ -666,9 +673,7 @@ def test_grouped_query_heads_of_falcons_fused_layer_go_with_its_head_counts(tmp_
         fused.apply_mask()
         fused.bias[112:128] = torch.linspace(-1, 1, 16)  # so it outputs v's bias: folded into dense's bias
     kill(handle, columns=[("transformer.h.1.self_attention.dense", slice(0, 32))])  # nothing reads group 0
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     heads = {h["into"]: h for h in report["heads"]}
     assert [(h["kept"], h["kept_kv"], h["folded"]) for h in heads.values()] == [(2, 1, 1), (2, 1, 0)]
     assert heads["transformer.h.0.self_attention.dense"]["rewritten"] == {
@@ -695,9 +700,7 @@ def test_grouped_query_heads_of_phi3s_fused_layer_go_through_its_graph(tmp_path,
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
     kill(handle, rows=[("model.layers.0.self_attn.qkv_proj", slice(112, 128))],  # kv group 1's v rows
          columns=[("model.layers.1.self_attn.o_proj", slice(0, 32))])  # nothing reads q heads 0 and 1 (group 0)
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     assert [(h["kept"], h["kept_kv"], h["traced"]) for h in report["heads"]] == [
         (2, 1, "model.layers.0.self_attn"), (2, 1, "model.layers.1.self_attn")]
     assert report["hf_config_heads"] == {"rewritten": True, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -726,9 +729,7 @@ def test_heads_go_under_a_norm_of_each_heads_q_and_k_but_not_of_all_heads(tmp_pa
     x = {"input_ids": torch.randint(0, 128, (2, 8))}
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
     kill(handle, columns=[("model.layers.0.self_attn.o_proj", slice(0, 32))])  # nothing reads kv group 0's q heads
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     if arch == "Olmo2":
         assert report["heads"] == []
@@ -770,9 +771,7 @@ def test_heads_of_deepseeks_latent_attention_go_beside_the_rotary_key_every_head
         "4 q heads, 1 kv heads (q 0,1,2,3 -> kv 0)", "4 q heads, 4 kv heads"]  # rotary part, then k_nope
     kill(handle, rows=[(attn + "kv_b_proj", slice(68, 80))],  # head 3's v rows (8 k_nope, 12 v per head)
          columns=[(attn + "o_proj", slice(12, 24))])  # nothing reads head 1
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     assert [(h["kept"], h["kept_kv"]) for h in report["heads"]] == [(2, 2)]
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     other = {"input_ids": torch.randint(0, 128, (2, 6), generator=g)}  # shapes the export never saw
@@ -801,9 +800,7 @@ def test_attention_sinks_are_cut_to_the_heads_kept(tmp_path, capsys):
     x = {"input_ids": torch.randint(0, 128, (2, 8))}
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
     kill(handle, columns=[("model.layers.0.self_attn.o_proj", slice(32, 64))])  # nothing reads kv group 1's q heads
-    g = torch.Generator().manual_seed(0)
-    report = handle.export(tmp_path / "m.onnx", x, held_out=[{"input_ids": torch.randint(0, 128, (3, 11), generator=g)}],
-                           compare_dense=False)
+    report, g = export_tokens(handle, x, tmp_path)
     assert [(h["kept"], h["kept_kv"], h["narrowed"]) for h in report["heads"]] == [
         (2, 1, ["model.layers.0.self_attn.sinks"])]
     print_report(report)
