@@ -74,6 +74,9 @@ REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm",
               "softmax", "_softmax", "log_softmax", "_log_softmax", "logsumexp", "cumsum", "argmax", "argmin"}
 EMBEDDINGS = {"embedding", "Embedding", "EmbeddingBag"}
 NO_VALUE = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "size", "dim", "numel", "getattr"}
+# ops a complex value's features pass through unchanged (its index tensor: the real view's, [..., 2])
+COMPLEX_SAME = {"view_as_complex", "view_as_real", "to", "_to_copy", "type", "type_as", "clone", "contiguous",
+                "detach", "alias"}
 
 
 def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -445,6 +448,8 @@ class _Propagator(fx.Interpreter):
             return None
         if name in NO_VALUE | FRESH or not _has_tensor(value):
             return None
+        if _is_complex(value) or any(self.tags.get(a) and _is_complex(self.env.get(a)) for a in node.all_input_nodes):
+            return self._complex(node, value, name)
         if node.name in self.sites.node_to_excluded:
             self._end(node, f"consumed by excluded linear {self.sites.node_to_excluded[node.name]}")
             return None
@@ -592,6 +597,32 @@ class _Propagator(fx.Interpreter):
         if node.op == "call_module":
             return self.module.get_submodule(node.target)(*args, **kwargs)
         return node.target(*args, **kwargs)
+
+    def _complex(self, node: fx.Node, value: Any, name: str) -> Tags | None:
+        """Features through complex numbers (a rotary embedding à la Meta's LLaMA:
+        ``view_as_real(view_as_complex(q.reshape(..., -1, 2)) * freqs_cis)``). A complex value's index
+        tensor is its real view's ([..., 2]: the features of the real and imaginary parts), kept through
+        the views between real and complex and through casts. A product with a tensor carrying no
+        feature mixes each element's two parts: they become paired rows, as RoPE's are. Any other op
+        on a complex value ends its features there."""
+        tagged = [a for a in node.all_input_nodes if self.tags.get(a)]
+        source = tagged[0] if len(tagged) == 1 else None
+        was = _is_complex(self.env.get(source))  # whether its index tensor is a real view's
+        if name in COMPLEX_SAME and source is node.args[0] and (was, _is_complex(value)) == {
+                "view_as_complex": (False, True), "view_as_real": (True, False)}.get(name, (True, True)):
+            return {site: _Tag(tag.idx if _is_complex(value) else _like(value, tag.idx), tag.trail)
+                    for site, tag in self.tags[source].items()}
+        if name in MULTIPLICATIVE and was and _is_complex(value):
+            tags = self.tags[source]
+            for site, tag in tags.items():
+                parts = tag.idx.reshape(-1, 2)
+                both = (parts >= 0).all(1) & (parts[:, 0] != parts[:, 1])
+                if bool(both.any()):
+                    self.paired.setdefault(site, []).append(_unique_pairs(parts[both, 0], parts[both, 1]))
+            shape = torch.view_as_real(value).shape
+            return {site: _Tag(tag.idx.broadcast_to(shape).contiguous(), tag.trail) for site, tag in tags.items()}
+        self._end(node, f"opaque op {name} on complex numbers{self._where(node)}")
+        return None
 
     def _elementwise(self, node: fx.Node, value: torch.Tensor, name: str, kind: str) -> Tags:
         operands = [a for a in _flat_nodes(node.args) + _flat_nodes(node.kwargs.values())
@@ -777,6 +808,10 @@ class _Propagator(fx.Interpreter):
         if isinstance(value, (tuple, list)):
             return [out] + [None] * (len(value) - 1)
         return out
+
+
+def _is_complex(real: Any) -> bool:
+    return isinstance(real, torch.Tensor) and real.is_complex()
 
 
 def _blank(real: Any) -> Any:

@@ -467,6 +467,39 @@ def test_grouped_query_heads_of_reference_llama_go(tmp_path, attention):
         (32, 64), (16, 64), (64, 32))
 
 
+class ComplexRotaryAttention(ReferenceLlamaAttention):
+    """The same attention with Meta's rotary embedding: pairs of features as complex numbers,
+    multiplied by a complex buffer unsqueezed over the heads."""
+
+    def __init__(self, max_len=16, **kwargs):
+        super().__init__(max_len=max_len, **kwargs)
+        angles = torch.outer(torch.arange(max_len), 1e4 ** (-torch.arange(0, self.head_dim, 2) / self.head_dim))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def rotary(self, x, T):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * self.freqs_cis[:T].unsqueeze(1)).flatten(3).type_as(x)
+
+
+def test_heads_go_and_the_model_exports_with_a_rotary_embedding_in_complex_numbers(tmp_path):
+    """The coupling pass follows q's and k's features through the complex numbers; torch.onnx has no
+    function for the unsqueeze of a complex tensor, so the export goes through its real view. The
+    ONNX model matches on lengths it never saw."""
+    torch.manual_seed(0)
+    model = Blocks(ComplexRotaryAttention, dim=64, layers=1)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 64))
+    kill(handle, rows=[("blocks.0.wv", slice(16, 32))])  # kv head 1: its two q heads output 0
+    x = torch.randn(2, 7, 64)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
+    assert [(h["kept"], h["kept_kv"], h["rewritten"]) for h in report["heads"]] == [
+        (2, 1, {"blocks.0.n_heads": 2, "blocks.0.n_kv_heads": 1})]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    for other in (torch.randn(3, 12, 64), torch.randn(1, 1, 64)):
+        expected = reference(model, (other,))
+        assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+        assert (torch.export.load(str(tmp_path / "m.pt2")).module()(other) - expected).abs().max() <= 1e-5
+
+
 class GainedHeads(FusedFixedHeads):
     """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
 

@@ -164,3 +164,50 @@ def test_a_key_written_part_by_part_couples_each_part(how):
     assert dots["k_shared"].heads() == (4, 1, {0: [0, 1, 2, 3]})  # one part every head reads
     assert [(a.q, a.k, a.v, a.shared) for a in c.attentions] == [("q", "k_own", "v", ("k_shared",))]
     assert not c.notes and ("k_own", "out") not in c.boundaries
+
+
+class ComplexRotary(torch.nn.Module):
+    """Meta's LLaMA rotary embedding: each head's features in pairs (2d, 2d+1) as complex numbers,
+    times a complex buffer unsqueezed over the heads; ``rope`` picks what the pairs go through."""
+
+    def __init__(self, rope="mul"):
+        super().__init__()
+        self.rope = rope
+        self.q, self.k, self.v = (torch.nn.Linear(16, 32) for _ in range(3))
+        self.o = torch.nn.Linear(32, 16)
+        angles = torch.outer(torch.arange(8), 1e4 ** (-torch.arange(0, 8, 2) / 8))
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles))
+
+    def rotary(self, x, t):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        if self.rope == "mul":
+            return torch.view_as_real(pairs * self.freqs_cis[:t].unsqueeze(1)).flatten(3).type_as(x)
+        return torch.view_as_real(pairs.conj().resolve_conj()).flatten(3)  # an op on complex numbers it does not know
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (self.rotary(layer(x).view(b, t, 4, 8), t) if layer is not self.v else layer(x).view(b, t, 4, 8)
+                   for layer in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(y.transpose(1, 2).reshape(b, t, 32))
+
+
+def test_features_go_through_complex_numbers_and_their_pairs_are_coupled():
+    model = ComplexRotary().eval()
+    cap = capture(model, (torch.randn(2, 5, 16),))
+    c = couple(cap, find_linears(model, cap))
+    dot = next(g for g in c.groups if isinstance(g, DotGroup))
+    assert (dot.q, dot.k) == ("q", "k") and dot.pairs.tolist() == [[i, i] for i in range(32)]
+    assert dot.heads() == (4, 4, {h: [h] for h in range(4)})
+    for site in ("q", "k"):  # the product by freqs_cis mixes each complex number's two parts
+        assert dot.rope[site].tolist() == [[2 * d, 2 * d + 1] for d in range(16)]
+    assert [(a.q, a.k, a.v) for a in c.attentions] == [("q", "k", "v")]
+    assert not c.notes and ("q", "out") not in c.boundaries
+
+
+def test_an_unknown_op_on_complex_numbers_ends_the_features():
+    model = ComplexRotary(rope="conj").eval()
+    cap = capture(model, (torch.randn(2, 5, 16),))
+    c = couple(cap, find_linears(model, cap))
+    assert not [g for g in c.groups if isinstance(g, DotGroup)]
+    assert any("on complex numbers" in reason for reason in c.boundaries[("q", "out")])
