@@ -14,8 +14,9 @@ the same views. The other ops are read by kind:
 - elementwise product of two sites' features, or of one site's features at different positions
   (a fused gate_up layer's ``act(gate) * up``): *mul*-coupled rows;
 - a site's features reaching another site's input: a *chain* (v -> o, up -> down, fc1 -> fc2);
-- the same site's features summed with themselves at other positions (q*cos + rotate_half(q)*sin):
-  *paired rows* (RoPE's i and i + head_dim/2);
+- the same site's features summed with themselves at other positions (q*cos + rotate_half(q)*sin),
+  or the two parts of a complex number multiplied by a constant (``view_as_complex(q) * freqs_cis``):
+  *paired rows* (RoPE's i and i + head_dim/2, or 2i and 2i + 1);
 - residual adds, norms and reductions over features, model outputs, and ops the pass does not
   know: *boundaries*, never percolated.
 """
