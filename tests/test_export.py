@@ -108,7 +108,7 @@ def test_gated_mlps_of_llama_decoders_shrink_with_rope_and_gqa_attention_intact(
         assert report["hf_config"]["rewritten"] == (len(kept) == 1)
 
 
-@pytest.mark.parametrize("name", ["llama", "hf_llama", "hf_bert", "hf_phi", "torch_transformer"])
+@pytest.mark.parametrize("name", ["llama", "meta_llama", "hf_llama", "hf_bert", "hf_phi", "torch_transformer"])
 def test_dead_head_groups_go_with_their_q_k_v_rows_and_o_columns(tmp_path, name):
     module = load_example(name)
     model, x = module.build_model(), module.example_inputs()

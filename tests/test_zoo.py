@@ -15,7 +15,7 @@ from sparsify.passes.couple import ChainGroup
 
 from model_zoo import MODELS, load_example
 
-ZOO = ["mlp", "nanogpt", "llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer"]
+ZOO = ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer"]
 POLICY = {"version": 1, "unmatched": "sparsify",
           "defaults": {"density": 0.5, "method": "CHTs", "update": {"every": 2, "unit": "steps"}}}
 
