@@ -570,7 +570,7 @@ def print_report(report: dict) -> None:
                      + "".join(f"; {label} {report[key + '_ms']['shrunk']:.3f} ms vs {report[key + '_ms']['dense']:.3f} ms "
                                f"({report[key + '_ratio']:.2f}x)" for key, label in
                                (("latency_one_example", "one example"),
-                                ("latency_one_example_one_thread", "on one thread"))
+                                ("latency_one_example_one_thread", "one example on one thread"))
                                if key + "_ms" in report))
     print("\n".join(lines))
 
