@@ -500,6 +500,41 @@ def test_heads_go_and_the_model_exports_with_a_rotary_embedding_in_complex_numbe
         assert (torch.export.load(str(tmp_path / "m.pt2")).module()(other) - expected).abs().max() <= 1e-5
 
 
+class SharedKvHeads(torch.nn.Module):
+    """Grouped-query attention left to scaled_dot_product_attention (``enable_gqa=True``: 2 kv heads
+    for 4 q heads, never repeated in the model's code), head counts read from the tensors."""
+
+    def __init__(self, dim=64, n_heads=4, n_kv_heads=2):
+        super().__init__()
+        self.head_dim = dim // n_heads
+        self.wq, self.wo = torch.nn.Linear(dim, dim, bias=False), torch.nn.Linear(dim, dim, bias=False)
+        self.wk, self.wv = (torch.nn.Linear(dim, n_kv_heads * self.head_dim, bias=False) for _ in range(2))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (layer(x).view(B, T, -1, self.head_dim).transpose(1, 2) for layer in (self.wq, self.wk, self.wv))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def test_grouped_query_heads_shared_inside_the_attention_call_go(tmp_path):
+    torch.manual_seed(0)
+    model = Blocks(SharedKvHeads, dim=64, layers=1)
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 5, 64))
+    dot = handle.groups_of("blocks.0.wq")[0]
+    assert dot.heads() == (4, 2, {0: [0, 1], 1: [2, 3]})
+    kill(handle, rows=[("blocks.0.wv", slice(16, 32))])  # kv head 1: its two q heads output 0
+    x, other = torch.randn(2, 7, 64), torch.randn(3, 12, 64)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
+    assert [(h["kept"], h["kept_kv"]) for h in report["heads"]] == [(2, 1)]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    expected = reference(model, (other,))
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    shapes = {k: tuple(v.shape) for k, v in torch.export.load(str(tmp_path / "m.pt2")).module().state_dict().items()}
+    assert (shapes["blocks.0.wq.weight"], shapes["blocks.0.wk.weight"], shapes["blocks.0.wo.weight"]) == (
+        (32, 64), (16, 64), (64, 32))
+
+
 class GainedHeads(FusedFixedHeads):
     """A learned gain per head, broadcast as [1, heads, 1, 1]: rewriting the views is not enough."""
 
