@@ -443,6 +443,16 @@ class CountsInATuple(ReferenceLlamaAttention):
         return self.shape
 
 
+def check_one_kv_group_gone(model, other, tmp_path):
+    """m.onnx matches ``model`` on ``other``, and m.pt2's block of 4 q and 2 kv heads (64 wide) kept
+    one kv group: half of wq's rows and wo's columns, half of wk's rows."""
+    expected = reference(model, (other,))
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
+    shapes = {k: tuple(v.shape) for k, v in torch.export.load(str(tmp_path / "m.pt2")).module().state_dict().items()}
+    assert (shapes["blocks.0.wq.weight"], shapes["blocks.0.wk.weight"], shapes["blocks.0.wo.weight"]) == (
+        (32, 64), (16, 64), (64, 32))
+
+
 @pytest.mark.parametrize("attention", [ReferenceLlamaAttention, CountsInATuple])
 def test_grouped_query_heads_of_reference_llama_go(tmp_path, attention):
     """Its n_heads and n_kv_heads are set to the heads kept; with the counts in a tuple, the module
@@ -460,11 +470,7 @@ def test_grouped_query_heads_of_reference_llama_go(tmp_path, attention):
             (2, 1, None, {"blocks.0.n_heads": 2, "blocks.0.n_kv_heads": 1})]
         assert model.blocks[0].n_heads == 4  # the trained model is left as it was
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
-    expected = reference(model, (other,))
-    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
-    shapes = {k: tuple(v.shape) for k, v in torch.export.load(str(tmp_path / "m.pt2")).module().state_dict().items()}
-    assert (shapes["blocks.0.wq.weight"], shapes["blocks.0.wk.weight"], shapes["blocks.0.wo.weight"]) == (
-        (32, 64), (16, 64), (64, 32))
+    check_one_kv_group_gone(model, other, tmp_path)
 
 
 class ComplexRotaryAttention(ReferenceLlamaAttention):
@@ -528,11 +534,7 @@ def test_grouped_query_heads_shared_inside_the_attention_call_go(tmp_path):
     report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(x,)], compare_dense=False)
     assert [(h["kept"], h["kept_kv"]) for h in report["heads"]] == [(2, 1)]
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
-    expected = reference(model, (other,))
-    assert np.abs(ort_outputs(tmp_path / "m.onnx", [other]) - expected.numpy()).max() <= 1e-4
-    shapes = {k: tuple(v.shape) for k, v in torch.export.load(str(tmp_path / "m.pt2")).module().state_dict().items()}
-    assert (shapes["blocks.0.wq.weight"], shapes["blocks.0.wk.weight"], shapes["blocks.0.wo.weight"]) == (
-        (32, 64), (16, 64), (64, 32))
+    check_one_kv_group_gone(model, other, tmp_path)
 
 
 class GainedHeads(FusedFixedHeads):
