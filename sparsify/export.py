@@ -455,20 +455,21 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
         if compare_dense:
             to_onnx(dense, inputs, dense_tmp, opset)
             dense_runtime = OnnxModel(dense_tmp, dense)
-            batch = fastest({"dense": dense_runtime, "shrunk": runtime}, checks[0], latency_repeat)
-            report["latency_ms"] = {k: round(v * 1e3, 4) for k, v in batch.items()}
-            report["latency_ratio"] = batch["shrunk"] / batch["dense"]
+
+            def timed(key: str, runtimes: dict, on: ExampleInputs, repeat: int) -> None:
+                seconds = fastest(runtimes, on, repeat)
+                report[key + "_ms"] = {k: round(v * 1e3, 4) for k, v in seconds.items()}
+                report[key + "_ratio"] = seconds["shrunk"] / seconds["dense"]
+
+            timed("latency", {"dense": dense_runtime, "shrunk": runtime}, checks[0], latency_repeat)
             one = first_example(checks[0])
             if one is not None:  # the latency of a single example, where small batches differ most
-                single = fastest({"dense": dense_runtime, "shrunk": runtime}, one, latency_repeat * 5)
-                report["latency_one_example_ms"] = {k: round(v * 1e3, 4) for k, v in single.items()}
-                report["latency_one_example_ratio"] = single["shrunk"] / single["dense"]
+                timed("latency_one_example", {"dense": dense_runtime, "shrunk": runtime}, one, latency_repeat * 5)
                 # and with one onnxruntime thread each, as a server running a worker per core would:
                 # a gathered product gains nothing from more threads, a dense one does
-                single = fastest({"dense": OnnxModel(dense_tmp, dense, threads=1),
-                                  "shrunk": OnnxModel(onnx_tmp, shrunk, threads=1)}, one, latency_repeat * 5)
-                report["latency_one_example_one_thread_ms"] = {k: round(v * 1e3, 4) for k, v in single.items()}
-                report["latency_one_example_one_thread_ratio"] = single["shrunk"] / single["dense"]
+                timed("latency_one_example_one_thread", {"dense": OnnxModel(dense_tmp, dense, threads=1),
+                                                         "shrunk": OnnxModel(onnx_tmp, shrunk, threads=1)},
+                      one, latency_repeat * 5)
             sizes["dense_onnx_bytes"] = dense_tmp.stat().st_size
             report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
         os.replace(onnx_tmp, path)
