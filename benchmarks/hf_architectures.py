@@ -122,6 +122,12 @@ def architectures():
         "glm4": (lambda: T.Glm4ForCausalLM(T.Glm4Config(**DECODER, head_dim=16, pad_token_id=0)), tokens),
         "ernie4_5": (lambda: T.Ernie4_5ForCausalLM(T.Ernie4_5Config(**DECODER, head_dim=16)), tokens),
         "helium": (lambda: T.HeliumForCausalLM(T.HeliumConfig(**DECODER, head_dim=16)), tokens),
+        "whisper": (lambda: T.WhisperForConditionalGeneration(T.WhisperConfig(
+            vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
+            max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1)),  # the encoder takes exactly 2 x max_source_positions frames
+            lambda b, t: {"input_features": torch.randn(b, 16, 32), "decoder_input_ids": torch.randint(3, 128, (b, t))}),
     }
 
 

@@ -282,40 +282,51 @@ class OnnxModel:
         return best
 
 
-# Llama/BERT/NeoX/ViT..., GPT-2, OPT, Falcon, DistilBERT
-MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "d_ff")
+# Llama/BERT/NeoX/ViT..., GPT-2, OPT, Falcon, DistilBERT, T5; BART, Whisper, Marian (one per side);
+# Qwen2-MoE's shared expert
+MLP_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim", "d_ff",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "shared_expert_intermediate_size")
 
 
-def _mlp_size(config) -> tuple[str, int] | None:
-    """The key of a Hugging Face config that sizes its MLPs, and the size (GPT-2's n_inner and
+def _mlp_sizes(config) -> dict[str, int]:
+    """Every key of a Hugging Face config that sizes MLPs, with its size (GPT-2's n_inner and
     Falcon's ffn_hidden_size, when None, mean 4 x the model width)."""
     defaults = {"n_inner": "n_embd", "ffn_hidden_size": "hidden_size"}
+    sizes = {}
     for key in MLP_SIZE_KEYS:
         if hasattr(config, key):
             size = getattr(config, key)
             if size is None and isinstance(getattr(config, defaults.get(key, ""), None), int):
                 size = 4 * getattr(config, defaults[key])
             if isinstance(size, int):
-                return key, size
-    return None
+                sizes[key] = size
+    return sizes
 
 
 def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
-    """Rewrite a Hugging Face config's MLP size (the first of MLP_SIZE_KEYS it has) when every MLP
-    kept the same width."""
+    """Rewrite each MLP size of a Hugging Face config (MLP_SIZE_KEYS) whose MLPs all kept the same
+    width. A size kept apart for the encoder's or the decoder's MLPs counts only theirs (by module
+    name); the reload check after save_pretrained tells whether the model reads what was written."""
     config = getattr(shrunk, "config", None)
-    found = _mlp_size(config)
-    if found is None:
+    sizes = _mlp_sizes(config) if config is not None else {}
+    if not sizes:
         if config is None or not units or not hasattr(shrunk, "save_pretrained"):
             return None
         return {"rewritten": False, "why": f"{type(config).__name__} has no MLP size ({', '.join(MLP_SIZE_KEYS)})"}
-    key, size = found
-    widths = {len(u.kept) for u in units if u.width == size}
-    if len(widths) == 1 and widths != {size}:
-        setattr(config, key, widths.pop())
-        return {key: getattr(config, key), "rewritten": True}
-    return {key: size, "rewritten": False,
-            "why": "the MLPs kept different widths" if len(widths) > 1 else "no MLP changed width"}
+    rewritten, differ = {}, []
+    for key, size in sizes.items():
+        side = key.split("_")[0] if key.startswith(("encoder_", "decoder_")) else None
+        widths = {len(u.kept) for u in units if u.width == size and (side is None or f"{side}." in u.dst)}
+        if len(widths) == 1 and widths != {size}:
+            rewritten[key] = widths.pop()
+        elif len(widths) > 1:
+            differ.append(key)
+    for key, size in rewritten.items():
+        setattr(config, key, size)
+    why = {"why": f"the MLPs sized by {', '.join(differ)} kept different widths"} if differ else {}
+    if rewritten:
+        return {**rewritten, "rewritten": True, **why}
+    return {**sizes, "rewritten": False, **(why or {"why": "no MLP changed width"})}
 
 
 def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
@@ -405,7 +416,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
                          compare_dense, latency_repeat)
         if pretrained is not None:
-            hints = [c["why"] for c in configs.values() if c and not c["rewritten"] and c.get("why") != "no MLP changed width"]
+            hints = [c["why"] for c in configs.values() if c and c.get("why") not in (None, "no MLP changed width")]
             report["hf_pretrained"] = _save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks, reference,
                                                        limit, getattr(model.config, "use_cache", None),
                                                        "; ".join(hints))

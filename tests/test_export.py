@@ -1133,6 +1133,48 @@ def test_opt_ffn_dim_is_rewritten_when_every_mlp_kept_the_same_width(tmp_path):
     assert type(model).from_pretrained(tmp_path / "m_hf").model.decoder.layers[1].fc1.out_features == 100
 
 
+def test_bart_encoder_and_decoder_mlp_sizes_are_rewritten_apart(tmp_path):
+    """BART (and Whisper, Marian) size the encoder's and the decoder's MLPs with two keys: each
+    follows its own side's MLPs, here 100 and 90 wide."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64)).eval()
+    x = {"input_ids": torch.randint(3, 128, (2, 8)), "decoder_input_ids": torch.randint(3, 128, (2, 6))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[(f"model.encoder.layers.{i}.fc2", slice(0, 28)) for i in range(2)]
+         + [(f"model.decoder.layers.{i}.fc2", slice(0, 38)) for i in range(2)])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["hf_config"] == {"encoder_ffn_dim": 100, "decoder_ffn_dim": 90, "rewritten": True}
+    assert report["hf_pretrained"]["written"] and report["hf_pretrained"]["max_abs_diff"] <= 1e-5
+    loaded = type(model).from_pretrained(tmp_path / "m_hf").eval()
+    assert loaded.model.encoder.layers[1].fc1.out_features == 100
+    assert loaded.model.decoder.layers[1].fc1.out_features == 90
+    assert (reference(loaded, x) - reference(model, x)).abs().max() <= 1e-5
+
+
+def test_qwen2_moe_shared_expert_size_is_rewritten(tmp_path):
+    """Qwen2-MoE sizes its shared expert apart from the routed ones (fused parameters, left whole)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=96)).eval()
+    x = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.5}}, x)
+    kill(handle, columns=[(f"model.layers.{i}.mlp.shared_expert.down_proj", slice(0, 16)) for i in range(2)])
+    report = handle.export(tmp_path / "m.onnx", x, compare_dense=False)
+    assert report["hf_config"] == {"shared_expert_intermediate_size": 80, "rewritten": True}
+    assert report["hf_pretrained"]["written"] and report["hf_pretrained"]["max_abs_diff"] <= 1e-5
+    loaded = type(model).from_pretrained(tmp_path / "m_hf")
+    assert loaded.config.moe_intermediate_size == 64
+    assert loaded.model.layers[1].mlp.shared_expert.down_proj.in_features == 80
+
+
 def test_a_failed_onnx_conversion_names_its_cause(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, handle = sparsify.sparsify(load_example("mlp").MLP((8, 16, 16, 16, 2)),
