@@ -32,7 +32,7 @@ from sparsify.checkpoint import load_state, read as read_checkpoint
 from sparsify.errors import ModelFileError, SparsifyError
 from sparsify.evolution import describe_spec
 from sparsify.files import atomic_write
-from sparsify.model_file import load_model_file
+from sparsify.model_file import CONTRACT, load_model_file
 from sparsify.passes.plan import CALIBRATED_INIT
 from sparsify.policy import Policy, load_policy
 from sparsify.topology.metrics import active_neuron_rate, itop_rate
@@ -197,11 +197,13 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     """Sparsify, train with the topology evolution, and write the run folder; returns the report."""
     model_file = load_model_file(model_path)
     policy = load_policy(policy_path)
-    for name in ("train_data", "eval_data"):
-        if not model_file.has(name):
-            raise ModelFileError(f"{model_path}: defines no {name}(batch_size); a training run needs "
-                                 "train_data(batch_size) and eval_data(batch_size) returning iterables of "
-                                 "(inputs, targets) batches. To only analyze the model, use `sparsify inspect`.")
+    missing = [f"{name}()" for name in ("build_model", "example_inputs") if not model_file.has(name)]
+    data = [f"{name}(batch_size)" for name in ("train_data", "eval_data") if not model_file.has(name)]
+    if missing or data:  # all that is missing at once, before anything runs
+        raise ModelFileError(f"{model_path}: defines no {', '.join(missing + data)}; a training run needs "
+                             f"{CONTRACT}, and train_data(batch_size) and eval_data(batch_size) returning "
+                             "iterables of (inputs, targets) batches"
+                             + (". To only analyze the model, use `sparsify inspect`." if not missing else ""))
     cfg = {**TRAINING_DEFAULTS, **policy.training}
     if epochs is not None:
         if epochs < 1:

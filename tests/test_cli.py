@@ -120,7 +120,16 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
 def test_training_needs_data_functions(tmp_path):
     proc = subprocess.run(["sparsify", str(MODELS / "mlp.py"), str(ROOT / "examples/policies/static.yaml"),
                            "-o", str(tmp_path / "run")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "defines no train_data(batch_size)" in proc.stderr
+    assert proc.returncode == 2 and "defines no train_data(batch_size), eval_data(batch_size);" in proc.stderr
+    assert "To only analyze the model, use `sparsify inspect`" in proc.stderr
+    empty = tmp_path / "empty.py"
+    empty.write_text("import torch\n")
+    proc = subprocess.run(["sparsify", str(empty), str(ROOT / "examples/policies/static.yaml"),
+                           "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("defines no build_model(), example_inputs(), train_data(batch_size), eval_data(batch_size); "
+            "a training run needs build_model() returning a torch.nn.Module") in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(not FMNIST.exists() and not os.environ.get("CI"),
