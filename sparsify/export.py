@@ -391,6 +391,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         if hasattr(shrunk, "save_pretrained"):  # before storage swaps; in the model class's own layers
             pretrained = copy.deepcopy(shrunk)
             transposed_back(pretrained, handle.analysis.linearized)
+        nonzero = sum(int(torch.count_nonzero(t)) for t in shrunk.parameters())  # before storage swaps
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         other = other_rows(checks[0]) if gathered else None
         if other is not None:  # a gathered layer branches on one row or several: check both
@@ -408,7 +409,8 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
                         "sparse_matmul": gathered,
                         "torch_max_abs_diff": torch_diff, "torch_limit": limit}
         if result is not None:
-            report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after}
+            report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after,
+                                    "nonzero": nonzero}
             report["units"] = [u.to_json() for u in result.units]
             report["heads"] = [h.to_json() for h in result.heads]
             report["not_shrunk"] = result.skipped
@@ -546,7 +548,8 @@ def print_report(report: dict) -> None:
     lines = [f"exported {report['onnx']} (opset {report['opset']}) and {report['files']['pt2']}"]
     if "parameters" in report:
         p = report["parameters"]
-        lines.append(f"  parameters {p['before']:,} -> {p['after']:,} ({p['after'] / max(p['before'], 1):.1%})")
+        lines.append(f"  parameters {p['before']:,} -> {p['after']:,} ({p['after'] / max(p['before'], 1):.1%}), "
+                     f"{p['nonzero']:,} of them non-zero")
         for u in report["units"]:
             split = "".join(f"; {a} set to {w}" for a, w in u.get("rewritten", {}).items())
             lines.append(f"  {' + '.join(u['layers'])} -> {u['into']}: {u['kept']} of {u['neurons']} neurons kept "

@@ -68,6 +68,9 @@ def test_mlp_shrinks_folds_constants_and_matches_in_torch_and_onnxruntime(tmp_pa
     assert (units["fc3"]["unused"], units["fc3"]["folded"], units["fc3"]["kept"]) == (10, 10, 44)
     assert units["fc4"]["unused"] >= 3  # the killed columns, and those the 30% density left empty
     assert report["parameters"]["after"] < report["parameters"]["before"]
+    shrunk = torch.export.load(tmp_path / "mlp.pt2").module()
+    assert report["parameters"]["nonzero"] == sum(int(t.count_nonzero()) for t in shrunk.parameters())
+    assert report["parameters"]["nonzero"] < report["parameters"]["after"] * 0.4  # density 0.3, plus biases
     assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
     onnx.checker.check_model(str(tmp_path / "mlp.onnx"))
     assert report["latency_ratio"] > 0 and report["size_ratio"] < 1
