@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPARSIFY_PIP_ARGS="-e .[test]" ./scripts/setup.sh
-exec pytest "$@"
+exec pytest --durations=15 "$@"  # the 15 slowest tests listed at the end, to keep the suite quick
