@@ -331,7 +331,12 @@ def _hf_config(shrunk: nn.Module, units: list) -> dict | None:
 
 def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
     """Rewrite a Hugging Face config's head counts when every attention kept the same heads (the
-    head size is written out as head_dim, since the config would otherwise derive it anew)."""
+    head size is written out as head_dim, since the config would otherwise derive it anew). A
+    config with a head size of its own but no num_key_value_heads (T5's d_kv) gets its head count
+    alone, where every kv head stayed with its q head. T5's relative position bias, one column per
+    head shared by a stack's attentions, is named under "narrowed": the saved folder keeps the
+    kept heads' columns (see :func:`_narrow_heads`), which needs every attention to keep the same
+    heads."""
     config = getattr(shrunk, "config", None)
     count = getattr(config, "num_attention_heads", None)
     if count is None or not heads:
@@ -339,16 +344,49 @@ def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
     kept = {(len(h.kept), len(h.kept_kv)) for h in heads}
     if len(heads) != attentions or len(kept) != 1:
         return {"rewritten": False, "why": "the attentions kept different numbers of heads"}
+    shared = [name for name, p in shrunk.named_parameters()
+              if name.endswith(SHARED_PER_HEAD) and p.dim() == 2 and p.shape[1] == count]
+    if shared and len({tuple(h.kept) for h in heads}) != 1:
+        return {"rewritten": False, "why": f"the attentions kept different heads, and {shared[0]} (one column per "
+                                           "head) is shared by them"}
+    q_heads, kv_heads = kept.pop()
+    narrowed = {"narrowed": shared} if shared else {}
     if not hasattr(config, "num_key_value_heads"):
-        fixed = "" if getattr(config, "head_dim", None) else (
-            " or head_dim: its models derive the head size from the head count")
-        return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads{fixed}"}
+        if not _stored(config, "head_dim"):
+            return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads or head_dim: its "
+                                               "models derive the head size from the head count"}
+        if kv_heads != q_heads:
+            return {"rewritten": False, "why": f"{type(config).__name__} has no num_key_value_heads"}
+        config.num_attention_heads = q_heads
+        return {"rewritten": True, "num_attention_heads": q_heads, **narrowed}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // count  # written out even where the
     # config had none (Phi-3 reads it if present); the reload check tells whether the model reads it
-    config.num_attention_heads, config.num_key_value_heads = kept.pop()
+    config.num_attention_heads, config.num_key_value_heads = q_heads, kv_heads
     config.head_dim = head_dim
-    return {"rewritten": True, "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim}
+    return {"rewritten": True, "num_attention_heads": q_heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+            **narrowed}
+
+
+def _stored(config, key: str) -> bool:
+    """Whether a Hugging Face config holds ``key`` itself (T5's head_dim is its d_kv), rather than
+    deriving it (Falcon's head_dim property) or lacking it."""
+    held = vars(config)
+    return key in held or getattr(config, "attribute_map", {}).get(key) in held
+
+
+SHARED_PER_HEAD = "relative_attention_bias.weight"  # T5, mT5, UMT5, LongT5: [buckets, heads]
+
+
+@torch.no_grad()
+def _narrow_heads(model: nn.Module, names: list[str], kept: list[int]) -> None:
+    """Cut the parameters ``names`` (one column per head) of the copy saved with save_pretrained to
+    the kept heads' columns. The shrunk model itself keeps them whole: its attentions' graphs take
+    their heads' slices of the bias they compute."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        param = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(param[:, kept].clone(), requires_grad=param.requires_grad))
 
 
 def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
@@ -391,6 +429,8 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         if hasattr(shrunk, "save_pretrained"):  # before storage swaps; in the model class's own layers
             pretrained = copy.deepcopy(shrunk)
             transposed_back(pretrained, handle.analysis.linearized)
+            if configs.get("hf_config_heads", {}).get("narrowed"):
+                _narrow_heads(pretrained, configs["hf_config_heads"]["narrowed"], result.heads[0].kept)
         nonzero = sum(int(torch.count_nonzero(t)) for t in shrunk.parameters())  # before storage swaps
         gathered, compacted = store_sparse(shrunk, compact, sparse_matmul)
         other = other_rows(checks[0]) if gathered else None

@@ -379,6 +379,39 @@ def test_t5_heads_go_with_their_slices_of_the_shared_position_bias(tmp_path):
     other = t5_tokens(1, 13)
     expected = reference(model, other)
     assert np.abs(ort_outputs(tmp_path / "m.onnx", list(other.values())) - expected.numpy()).max() <= 1e-4
+    assert report["hf_config_heads"] == {"rewritten": False, "why": "the attentions kept different numbers of heads"}
+    assert not report["hf_pretrained"]["written"]
+
+
+def test_t5_with_the_same_head_gone_everywhere_reloads_with_its_position_bias_narrowed(tmp_path):
+    """T5's config gives the head size itself (d_kv): with the same head gone from every attention,
+    num_heads is rewritten, and the saved folder keeps the kept heads' columns of each stack's
+    relative position bias. Different heads gone from each attention cannot be saved so."""
+    from transformers import T5ForConditionalGeneration
+
+    model, handle, x = sparse_t5(layers=1)
+    attentions = ["encoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.0.SelfAttention",
+                  "decoder.block.0.layer.1.EncDecAttention"]
+    kill(handle, columns=[(f"{a}.o", slice(16, 32)) for a in attentions])  # head 1 everywhere
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[t5_tokens(3, 11)], compare_dense=False)
+    assert report["hf_config_heads"] == {"rewritten": True, "num_attention_heads": 3, "narrowed": [
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]}
+    assert report["hf_pretrained"]["written"] and report["hf_pretrained"]["max_abs_diff"] <= 1e-5
+    loaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "m_hf").eval()
+    bias = loaded.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    trained = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert loaded.config.num_heads == 3 and torch.equal(bias, trained[:, [0, 2, 3]])
+    other = t5_tokens(1, 13)
+    assert (reference(loaded, other) - reference(model, other)).abs().max() <= 1e-5
+
+    model, handle, x = sparse_t5(layers=1)
+    kill(handle, columns=[(f"{a}.o", slice(16 * i, 16 * i + 16)) for i, a in enumerate(attentions)])  # heads 0, 1, 2
+    report = handle.export(tmp_path / "n.onnx", x, compare_dense=False)
+    assert report["hf_config_heads"] == {"rewritten": False, "why": (
+        "the attentions kept different heads, and encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+        ".weight (one column per head) is shared by them")}
+    assert not report["hf_pretrained"]["written"]
 
 
 def test_mixtral_exports_with_its_experts_in_batched_matmuls(tmp_path):
