@@ -371,7 +371,7 @@ def _stored(config, key: str) -> bool:
     """Whether a Hugging Face config holds ``key`` itself (T5's head_dim is its d_kv), rather than
     deriving it (Falcon's head_dim property) or lacking it."""
     held = vars(config)
-    return key in held or getattr(config, "attribute_map", {}).get(key) in held
+    return held.get(key, held.get(getattr(config, "attribute_map", {}).get(key))) is not None
 
 
 SHARED_PER_HEAD = "relative_attention_bias.weight"  # T5, mT5, UMT5, LongT5: [buckets, heads]
