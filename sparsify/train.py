@@ -43,6 +43,7 @@ TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.
                      "weight_decay": 0.0, "lr_schedule": "linear", "device": "cpu"}
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
 CHECKPOINT = "checkpoint.pt"
+UNPERCOLATED_ANP = 0.99  # above it, a run with percolation on and no weight decay gets a note on why
 
 
 def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> Path:
@@ -397,7 +398,8 @@ def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, mod
             "active_outputs": int(mask.any(1).sum()), "active_inputs": int(mask.any(0).sum()),
             "itop": itop_rate(evolution.state[i].ever), "frozen": bool(evolution.state[i].frozen),
             "updates": sum(1 for r in state.updates if name in r["layers"]),
-            "method": site.spec.method, "schedule": describe_spec(site.spec), "rule": site.rule})
+            "method": site.spec.method, "percolation": bool(site.spec.percolation),
+            "schedule": describe_spec(site.spec), "rule": site.rule})
     return {
         "model": str(model_path), "policy": policy.source, "capture": handle.capture, "training": cfg,
         "processes": ranks.world, "steps": state.step,
@@ -420,6 +422,11 @@ def _summary(report: dict, folder: Path) -> str:
         lines.append(f"  {layer['name']:<24} {layer['shape'][0]}x{layer['shape'][1]}  density {layer['density']:.4f}  "
                      f"active out {layer['active_outputs']}/{layer['shape'][0]} in {layer['active_inputs']}/"
                      f"{layer['shape'][1]}  ITOP {layer['itop']:.3f}  {layer['method']}")
+    percolating = any(layer["percolation"] for layer in report["layers"])
+    if percolating and report["anp"] > UNPERCOLATED_ANP and not report["training"].get("weight_decay"):
+        lines.append(f"note: percolation is on but ANP is {report['anp']:.3f}: with no weight decay the links of "
+                     "unused neurons keep their size, so few neurons lose all their links; a training.weight_decay "
+                     "(5e-4 in examples/fmnist/paper.yaml) lets them percolate over a long run")
     files = ["checkpoint.pt", "model.pt", "report.json", "metrics.jsonl", "coupling.txt", *report.get("plots", [])]
     lines.append(f"wrote {folder}/({', '.join(files)})")
     return "\n".join(lines)

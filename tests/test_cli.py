@@ -151,6 +151,8 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
     update = rows[0]["layers"]["fc2"]
     assert update["regrown"] == update["removed"] + update["percolated_links"] > 0
     assert report["topology_updates"] == 1 and 0 < report["anp"] <= 1
+    assert all(l["percolation"] for l in layers.values()) and report["training"]["weight_decay"] == 0
+    assert "note: percolation is on but ANP is" in proc.stdout  # one short epoch percolates nothing
     export = report["export"]  # the example policy exports with sparse matmul, checked with onnxruntime
     assert export["sparse_matmul"] == ["fc1", "fc2", "fc3"] and export["compact"] == []
     assert export["onnxruntime_max_abs_diff"] <= 1e-4
@@ -159,6 +161,19 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize("anp, weight_decay, percolation, noted", [
+    (0.999, 0.0, True, True), (0.999, 5e-4, True, False), (0.5, 0.0, True, False), (0.999, 0.0, False, False)])
+def test_the_summary_notes_a_percolating_run_without_weight_decay(anp, weight_decay, percolation, noted):
+    from sparsify.train import _summary
+
+    layer = {"name": "fc1", "shape": [4, 3], "density": 0.5, "active_outputs": 4, "active_inputs": 3, "itop": 0.7,
+             "method": "CHTs", "percolation": percolation}
+    report = {"final": {"eval_accuracy": 0.9, "epoch": 1}, "parameters": {"model": 19, "model_active": 13},
+              "steps": 10, "topology_updates": 1, "anp": anp, "layers": [layer],
+              "training": {"weight_decay": weight_decay}}
+    assert ("note: percolation is on" in _summary(report, Path("run"))) is noted
 
 
 def test_python_dash_m_and_version():
