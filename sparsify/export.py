@@ -361,8 +361,12 @@ def _hf_heads(shrunk: nn.Module, heads: list, attentions: int) -> dict | None:
         return {"rewritten": True, "num_attention_heads": q_heads, **narrowed}
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // count  # written out even where the
     # config had none (Phi-3 reads it if present); the reload check tells whether the model reads it
+    try:
+        config.head_dim = head_dim  # unchanged here; a derived head size (Falcon's property) cannot be set
+    except AttributeError:
+        return {"rewritten": False, "why": f"{type(config).__name__} derives head_dim from the head count: its models "
+                                           "derive the head size"}
     config.num_attention_heads, config.num_key_value_heads = q_heads, kv_heads
-    config.head_dim = head_dim
     return {"rewritten": True, "num_attention_heads": q_heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
             **narrowed}
 

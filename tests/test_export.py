@@ -784,6 +784,8 @@ def test_grouped_query_heads_of_falcons_fused_layer_go_with_its_head_counts(tmp_
     assert [(h["kept"], h["kept_kv"], h["folded"]) for h in heads.values()] == [(2, 1, 1), (2, 1, 0)]
     assert heads["transformer.h.0.self_attention.dense"]["rewritten"] == {
         "transformer.h.0.self_attention.num_heads": 2, "transformer.h.0.self_attention.num_kv_heads": 1}
+    config = report["hf_config_heads"]  # the config's head_dim is a property of its head count: no rewrite
+    assert not config["rewritten"] and "derive the head size" in config["why"], config
     print_report(report)
     assert "transformer.h.0.self_attention.num_heads set to 2; transformer.h.0.self_attention.num_kv_heads set to 1)" \
         in capsys.readouterr().out
