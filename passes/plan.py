@@ -55,6 +55,7 @@ class Plan:
     layer_names: list[str] = field(default_factory=list)
     shadowed: dict[int, list[str]] = field(default_factory=dict)  # unused rule -> layers earlier rules took
     notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
+    raw_input_layers: list[str] = field(default_factory=list)  # linear layers that read the model's input
 
     @property
     def sparse(self) -> dict[str, LayerSpec]:
@@ -105,6 +106,8 @@ def init_parameters(model_name: str) -> set[str]:
 def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | None = None) -> Plan:
     """Decide, for every site, its rule and spec. Raises PlanError when nothing would be sparse."""
     decisions, used, matching, notes = {}, set(), {}, []
+    raw = [n for n in sites.sites if coupling is not None
+           and "model input" in coupling.boundaries.get((n, "in"), set())]
     for name, site in sites.sites.items():
         types = _enclosing_types(model, name)
         for r in policy.rules:
@@ -121,11 +124,11 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
         if note:
             notes.append(note)
         _check_weights(name, model.get_submodule(name), rule, policy)
-        _check_calibrated(name, spec, rule, policy, coupling)
+        _check_calibrated(name, spec, rule, policy, coupling, raw)
         decisions[name] = Decision(name, rule, spec)
     unused = [r for r in policy.rules if r.index not in used]
     shadowed = {r.index: matching[r.index] for r in unused if r.index in matching}
-    result = Plan(decisions, unused, list(sites.sites), shadowed, notes)
+    result = Plan(decisions, unused, list(sites.sites), shadowed, notes, raw)
     if not result.sparse:
         names = ", ".join(list(sites.sites)[:6]) + (", ..." if len(sites.sites) > 6 else "")
         raise PlanError(
@@ -143,7 +146,7 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
     if spec.init["model"] not in INIT_TOPOLOGIES:
         raise PlanError(f"{where}: initial topology {spec.init['model']!r} is not available; "
                         f"available: {', '.join(INIT_TOPOLOGIES)}")
-    given = set(spec.init) - {"model", "rescale"}
+    given = set(spec.init) - {"model", "weights"}
     allowed = init_parameters(spec.init["model"])
     if given - allowed:
         takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no parameters"
@@ -183,13 +186,13 @@ def _check_weights(name: str, layer: nn.Module, rule: Rule | None, policy: Polic
 
 
 def _check_calibrated(name: str, spec: LayerSpec, rule: Rule | None, policy: Policy,
-                      coupling: Coupling | None) -> None:
-    if spec.init["model"] not in CALIBRATED_INIT or coupling is None:
+                      coupling: Coupling | None, raw_input_layers: list[str]) -> None:
+    """CSTI correlates the model's raw input features: a layer reading them takes the correlation as
+    is, a later layer takes it tiled, so some linear layer must read the raw input."""
+    if spec.init["model"] not in CALIBRATED_INIT or coupling is None or raw_input_layers:
         return
-    reasons = coupling.boundaries.get((name, "in"), set())
-    if "model input" not in reasons:
-        where = f"{policy.source}: {rule.describe() if rule else 'defaults'}: layer {name}"
-        got = "; ".join(sorted(reasons)) or "another layer's output"
-        raise PlanError(f"{where}: init model {spec.init['model']} correlates the model's raw input "
-                        f"features, but this layer reads {got}. Use it only for layers that read the "
-                        "model input (an MLP's first layer) and give the others ER, BSW, BRF or BSF.")
+    where = f"{policy.source}: {rule.describe() if rule else 'defaults'}: layer {name}"
+    raise PlanError(f"{where}: init model {spec.init['model']} correlates the model's raw input features "
+                    "(the inputs of a linear layer that reads the model input), but no linear layer of this "
+                    "model reads its input directly (an embedding or another module comes first). Give "
+                    "these layers ER, BSW, BRF or BSF.")

@@ -7,6 +7,7 @@ as many swaps as planned sites, no reference to a replaced module left, graph li
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -28,7 +29,7 @@ def site_generator(seed: int, name: str) -> torch.Generator:
 
 def initial_mask(name: str, module: nn.Linear, spec, seed: int, inputs: torch.Tensor | None = None) -> torch.Tensor:
     init = INIT_TOPOLOGIES[spec.init["model"]]
-    params = {k: v for k, v in spec.init.items() if k not in ("model", "rescale")}
+    params = {k: v for k, v in spec.init.items() if k not in ("model", "weights")}
     if spec.init["model"] in CALIBRATED_INIT:
         params["inputs"] = inputs
     return init(module.out_features, module.in_features, spec.initial_density, site_generator(seed, name), **params)
@@ -51,20 +52,56 @@ def observe_inputs(model: nn.Module, names: list[str], batches: list) -> dict[st
     return {n: torch.cat(parts) for n, parts in seen.items() if parts}
 
 
-def layer_inputs(model: nn.Module, names: list[str], batches: list) -> dict[str, torch.Tensor]:
-    """The calibration inputs of the CSTI layers ``names``; refuses inputs that do not vary."""
+def layer_inputs(model: nn.Module, names: list[str], raw_input_layers: list[str], batches: list
+                 ) -> dict[str, torch.Tensor]:
+    """The calibration features of the CSTI layers ``names``: a layer that reads the model's raw input
+    gets its own inputs, any other the raw input features (of the first layer reading them), which
+    its initial topology tiles. Refuses inputs that do not vary."""
     if not names:
         return {}
-    seen = observe_inputs(model, names, batches)
+    if not raw_input_layers:
+        raise PlanError(f"layers {', '.join(names)}: CSTI correlates the model's raw input features, but no "
+                        "linear layer reads the model input")
+    source = {n: n if n in raw_input_layers else raw_input_layers[0] for n in names}
+    seen = observe_inputs(model, sorted(set(source.values())), batches)
     out = {}
     for n in names:
-        x = seen.get(n, torch.empty(0))
+        x = seen.get(source[n], torch.empty(0))
         if x.shape[0] < 2 or not bool((x.std(0) > 0).any()):
             raise PlanError(f"layer {n}: CSTI needs calibration data whose input features vary; got "
                             f"{x.shape[0]} sample(s) with no varying feature. Pass real inputs "
                             "(sparsify(..., calibration=batches); the CLI uses the first training batches).")
         out[n] = x
     return out
+
+
+def _weights_swi(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
+    """Sparse weight init (CHT): normal, std sqrt(2 / (density * in)), Kaiming's for the expected in-degree."""
+    layer.weight.normal_(0.0, math.sqrt(2.0 / (density * layer.in_features)), generator=generator)
+
+
+def _weights_kaiming(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
+    """Kaiming normal as if dense: std sqrt(2 / in)."""
+    layer.weight.normal_(0.0, math.sqrt(2.0 / layer.in_features), generator=generator)
+
+
+def _weights_rescale(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
+    """The layer's own weights, each row times sqrt(in / its active inputs): the dense activation scale."""
+    layer.rescale_to_fan_in()
+
+
+def _weights_keep(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
+    """The layer's own weights as they are (pretrained models; the official LLaMA recipe)."""
+
+
+def initial_weights(name: str, layer: SparseLinear, spec, seed: int) -> None:
+    """Weight the layer's links as ``spec.init['weights']`` says, in place (inactive weights stay 0)."""
+    if spec.initial_density >= 1.0:
+        return
+    with torch.no_grad():
+        WEIGHT_INITS[spec.init.get("weights", "rescale")](layer, spec.initial_density,
+                                                          site_generator(seed, name + "/weights"))
+        layer.apply_mask()
 
 
 def replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> int:
@@ -88,7 +125,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
     """Swap every planned linear of ``model`` for a sparse layer with its initial topology: a
     SparseLinear (backend masked) or a CsrLinear (backend csr; auto picks by density)."""
     calibrated = layer_inputs(model, [n for n, s in plan.sparse.items() if s.init["model"] in CALIBRATED_INIT],
-                              calibration)
+                              plan.raw_input_layers, calibration)
     swaps: dict[int, nn.Module] = {}
     created: dict[str, SparseLinear] = {}
     replaced: list[nn.Module] = []  # keeps the old modules alive, so their ids stay unique
@@ -98,8 +135,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
         mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
-        if spec.init.get("rescale", True) and spec.initial_density < 1.0:
-            new.rescale_to_fan_in()
+        initial_weights(name, new, spec, seed)
         new = new.to_backend(resolved_backend(spec))
         swaps[id(old)] = new
         created[name] = new
@@ -124,3 +160,12 @@ def _check(model: nn.Module, created: dict[str, SparseLinear], swaps: dict[int, 
         for name, module in root.named_modules(remove_duplicate=False):
             if id(module) in swaps:
                 raise AssertionError(f"rewrite: {name} still refers to the replaced nn.Linear")
+
+
+# init.weights: how a new sparse layer's links are first weighted (the policy schema's enum).
+WEIGHT_INITS = {
+    "swi": _weights_swi,
+    "kaiming": _weights_kaiming,
+    "rescale": _weights_rescale,
+    "keep": _weights_keep,
+}

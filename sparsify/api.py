@@ -14,6 +14,7 @@ from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, transform
 from sparsify.policy import LayerSpec, Policy, load_policy
 from sparsify.sparse_linear import SparseLinear
+from sparsify.topology.init import link_count
 from sparsify.topology.percolation import NeuronGraph
 
 
@@ -96,6 +97,12 @@ class SparseModel:
         active = sum(s.module.active_links for s in self.sites.values())
         total = sum(s.module.mask.numel() for s in self.sites.values())
         return active, total
+
+    def at_target(self) -> bool:
+        """Whether every sparse layer holds its final density (no gradual pruning or EM&S growth
+        pending): from then on the official runs count their best accuracy."""
+        return all(s.module.active_links == link_count(s.module.out_features, s.module.in_features, s.spec.density)
+                   for s in self.sites.values())
 
     def summary(self) -> str:
         active, total = self.parameters_active()

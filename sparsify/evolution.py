@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparsify.errors import SparsifyError
-from sparsify.policy import LayerSpec
+from sparsify.policy import EMS_EXTRA, LayerSpec
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology import bits
 from sparsify.topology.init import link_count
@@ -45,7 +45,7 @@ from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rat
 from sparsify.topology.percolation import NeuronGraph, percolate
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS, regrow
 from sparsify.topology.removal import REMOVAL_SCORES, remove
-from sparsify.topology.schedules import DENSITY_DECAYS, ZETA_SCHEDULES, ramp
+from sparsify.topology.schedules import DENSITY_DECAYS, SOFT_RAMPS, ZETA_SCHEDULES
 
 # Optimizer state with one value per weight that must restart at zero on a changed link.
 MOMENTS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -170,7 +170,9 @@ class Evolution(nn.Module):
         return DENSITY_DECAYS[decay["kind"]](step, t0=decay["start"] * total, tf=decay["end"] * total,
                                              d_i=spec.initial_density, d_f=spec.density,
                                              steepness=decay.get("steepness", 6.0),
-                                             halved_window=decay.get("halved_window", False))
+                                             halved_window=decay.get("halved_window", False),
+                                             t_end=self.t_end(name), last=last if last is not None else total,
+                                             extra=EMS_EXTRA)
 
     def _require_schedule(self) -> None:
         if self.evolving and int(self.total_steps) <= 0:
@@ -310,18 +312,24 @@ class Evolution(nn.Module):
             row = rows[name] = {"scheduled_density": density, "pruned": 0, "removed": 0,
                                 "percolated_links": 0, "percolated_neurons": 0}
             active = bits.count(mask)
-            if active > target:  # gradual pruning down to the scheduled density
+            ems = spec.density_decay["kind"] == "ems"
+            if active > target and not ems:  # gradual pruning down to the scheduled density
                 decay = spec.density_decay
                 scores = self._scores(decay["score"], name, mask, {"alpha": 0.0 if decay["score"] == "RI" else None})
                 mask = remove(mask, scores, active - target, generator, mode="hard")
                 row["pruned"] = active - target
             t_end = self.t_end(name)
-            zeta = ZETA_SCHEDULES[spec.removal["zeta_schedule"]](step, t_end, spec.removal["zeta"])
-            count = int(round(zeta * bits.count(mask)))
+            if ems:  # EM&S removes down to the final density, whatever zeta says
+                zeta = None
+                count = max(bits.count(mask) - link_count(layer.out_features, layer.in_features, spec.density), 0)
+            else:
+                zeta = ZETA_SCHEDULES[spec.removal["zeta_schedule"]](step, t_end, spec.removal["zeta"])
+                count = int(round(zeta * bits.count(mask)))
             row["zeta"] = zeta
             if count:
                 removal = spec.removal
-                delta = ramp(step, t_end, removal["delta"]["start"], removal["delta"]["end"])
+                delta = SOFT_RAMPS[removal.get("ramp", "delta")](step, t_end, removal["delta"]["start"],
+                                                                 removal["delta"]["end"])
                 scores = self._scores(removal["score"], name, mask, removal)
                 mask = remove(mask, scores, count, generator, mode=removal["mode"], delta=delta)
                 row["removed"] = count
@@ -474,15 +482,20 @@ def describe_spec(spec: LayerSpec) -> str:
     update = spec.update
     unit = update.get("unit", "steps")
     removal, regrowth, decay = spec.removal, spec.regrowth, spec.density_decay
+    amount = ("down to the target density (EM&S)" if decay["kind"] == "ems"
+              else f"zeta {removal['zeta']:g} ({removal['zeta_schedule']})")
     text = (f"{spec.method}: every {update['every']} {unit[:-1] if update['every'] == 1 else unit} until "
-            f"{spec.t_end:.0%} of training; remove zeta {removal['zeta']:g} ({removal['zeta_schedule']}) by "
-            f"{removal['score']} {removal['mode']}")
+            f"{spec.t_end:.0%} of training; remove {amount} by {removal['score']} {removal['mode']}")
     if removal["mode"] == "soft":
-        text += f" (delta {removal['delta']['start']:g}->{removal['delta']['end']:g})"
+        start, end = removal["delta"]["start"], removal["delta"]["end"]
+        text += (f" (T {start / (1 - start):g}->{end / (1 - end):g} linear)" if removal.get("ramp") == "temperature"
+                 else f" (delta {start:g}->{end:g})")
     text += f"; regrow {regrowth['predictor']} {regrowth['mode']}"
     if spec.percolation:
         text += "; percolation"
-    if decay["kind"] != "none":
+    if decay["kind"] == "ems":
+        text += f"; density {spec.initial_density:g}->{spec.density:g} (EM&S, cut at the last update)"
+    elif decay["kind"] != "none":
         text += (f"; density {spec.initial_density:g}->{spec.density:g} ({decay['kind']}, "
                  f"{decay['start']:.0%}-{decay['end']:.0%})")
     if spec.early_stop:

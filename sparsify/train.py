@@ -39,8 +39,14 @@ from sparsify.topology.metrics import active_neuron_rate, itop_rate
 
 log = logging.getLogger(__name__)
 
+# The official MLP recipe (mlp_and_cnn/run.py of the CHT papers' code, docs/fidelity.md): SGD lr 0.025
+# with momentum 0.9 and weight decay 5e-4, batch 32, the rate decayed linearly to 1% of its start over
+# 90% of training and held there.
 TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.025, "momentum": 0.9,
-                     "weight_decay": 0.0, "lr_schedule": "linear", "device": "cpu"}
+                     "weight_decay": 5e-4, "lr_schedule": "linear", "lr_end_factor": 0.01, "lr_decay_end": 0.9,
+                     "lr_step": "step", "device": "cpu"}
+# Settings a resumed run must share with the run it continues: the schedules depend on them.
+RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "optimizer", "lr_end_factor", "lr_decay_end", "lr_step")
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
 CHECKPOINT = "checkpoint.pt"
 UNPERCOLATED_ANP = 0.99  # above it, a run with percolation on and no weight decay gets a note on why
@@ -68,7 +74,8 @@ def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> 
     return folder
 
 
-def _optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """The optimizer the training settings ``cfg`` name, over every trainable parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -76,12 +83,30 @@ def _optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
-def _lr_factor(kind: str, step: int, total: int) -> float:
+def lr_factor(cfg: dict, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``cfg['lr']``.
+
+    linear and cosine fall from 1 to ``lr_end_factor`` at ``lr_decay_end`` of training and hold
+    there; with ``lr_step: epoch`` the rate moves once per epoch, as torch's LinearLR stepped per
+    epoch does in the official recipe (epoch e of 100: 1 - 0.99 min(e, 90) / 90).
+
+    >>> cfg = {"lr_schedule": "linear", "lr_end_factor": 0.01, "lr_decay_end": 0.9, "lr_step": "epoch"}
+    >>> [round(lr_factor(cfg, e * 10, 10, 1000), 4) for e in (0, 45, 90, 99)]
+    [1.0, 0.505, 0.01, 0.01]
+    """
+    kind = cfg["lr_schedule"]
+    if kind == "constant":
+        return 1.0
+    end = cfg.get("lr_end_factor", 0.0)
+    if cfg.get("lr_step", "step") == "epoch":
+        epochs = max(total_steps // max(steps_per_epoch, 1), 1)
+        horizon = max(int(epochs * cfg.get("lr_decay_end", 1.0)), 1)
+        x = min((step // max(steps_per_epoch, 1)) / horizon, 1.0)
+    else:
+        x = min(step / max(cfg.get("lr_decay_end", 1.0) * total_steps, 1.0), 1.0)
     if kind == "linear":
-        return 1.0 - step / max(total, 1)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
-    return 1.0
+        return 1.0 - (1.0 - end) * x
+    return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * x))
 
 
 def _forward(model: nn.Module, inputs: Any) -> Any:
@@ -233,7 +258,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     device = torch.device(cfg["device"])
     model.to(device)
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ranks.world > 1 else model
-    optimizer = _optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     handle.attach(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     state = RunState(start_masks={n: m.detach().cpu().clone() for n, m in handle.masks().items()})
     if resume:
@@ -267,7 +292,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
             if i % ranks.world != ranks.rank:
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * _lr_factor(cfg["lr_schedule"], state.step, total_steps)
+                group["lr"] = cfg["lr"] * lr_factor(cfg, state.step, steps_per_epoch, total_steps)
             loss = loss_fn(_forward(net, _to(inputs, device)), _to(targets, device))
             if not torch.isfinite(loss):
                 bar.close()
@@ -294,7 +319,8 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         active, dense = handle.parameters_active()
         row = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
                **{f"eval_{k}": v for k, v in evaluate(model, _EvalData(test, device), loss_fn).items()},
-               "density": active / dense, "anp": anp(), "seconds": round(time.perf_counter() - started, 2)}
+               "density": active / dense, "anp": anp(), "at_target": handle.at_target(),
+               "seconds": round(time.perf_counter() - started, 2)}
         state.epochs.append(row)
         state.epoch, state.seconds = epoch, time.perf_counter() - started
         if ranks.main:
@@ -360,8 +386,8 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, handle: SparseModel,
                      state: RunState, cfg: dict, ranks: Ranks) -> None:
     checkpoint = read_checkpoint(path, CHECKPOINT_KEYS)
-    for key in ("epochs", "batch_size", "lr", "lr_schedule", "optimizer"):
-        if checkpoint["training"].get(key) != cfg.get(key):
+    for key in RESUME_KEYS:
+        if key in checkpoint["training"] and checkpoint["training"][key] != cfg.get(key):
             raise SparsifyError(f"{path}: the run was started with training.{key} = {checkpoint['training'].get(key)!r}, "
                                 f"now {cfg.get(key)!r}; resume with the same settings (the schedules depend on them)")
     if checkpoint["world"] != ranks.world:
@@ -403,7 +429,7 @@ def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, mod
     return {
         "model": str(model_path), "policy": policy.source, "capture": handle.capture, "training": cfg,
         "processes": ranks.world, "steps": state.step,
-        "final": state.epochs[-1] if state.epochs else {}, "anp": anp,
+        "final": state.epochs[-1] if state.epochs else {}, "best": best_epoch(state.epochs), "anp": anp,
         "parameters": {"model": all_params, "sparse_layers_dense": total, "sparse_layers_active": active,
                        "model_active": all_params - total + active},
         "topology_updates": len(state.updates),
@@ -411,10 +437,30 @@ def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, mod
     }
 
 
+def best_epoch(epochs: list[dict]) -> dict | None:
+    """The epoch with the best evaluation (highest accuracy, or lowest loss without one) among those
+    that ended with every sparse layer at its target density, as the official runs track it; None
+    when no epoch did."""
+    rows = [r for r in epochs if r.get("at_target", True)]
+    if not rows:
+        return None
+    if all("eval_accuracy" in r for r in rows):
+        best = max(rows, key=lambda r: (r["eval_accuracy"], -r["epoch"]))
+        return {"epoch": best["epoch"], "eval_accuracy": best["eval_accuracy"], "eval_loss": best.get("eval_loss")}
+    best = min(rows, key=lambda r: (r.get("eval_loss", math.inf), r["epoch"]))
+    return {"epoch": best["epoch"], "eval_loss": best.get("eval_loss")}
+
+
 def _summary(report: dict, folder: Path) -> str:
-    final, params = report["final"], report["parameters"]
-    metric = (f"accuracy {final['eval_accuracy']:.4f}" if "eval_accuracy" in final
-              else f"eval loss {final.get('eval_loss', float('nan')):.4f}")
+    final, params, best = report["final"], report["parameters"], report.get("best")
+    if "eval_accuracy" in final:
+        metric = f"accuracy {final['eval_accuracy']:.4f}"
+        if best and "eval_accuracy" in best:
+            metric += f" (best {best['eval_accuracy']:.4f} at epoch {best['epoch']})"
+    else:
+        metric = f"eval loss {final.get('eval_loss', float('nan')):.4f}"
+        if best and best.get("eval_loss") is not None:
+            metric += f" (best {best['eval_loss']:.4f} at epoch {best['epoch']})"
     lines = [f"done: {metric} after {final.get('epoch', 0)} epochs ({report['steps']} steps, "
              f"{report['topology_updates']} topology updates); {params['model_active']:,} of {params['model']:,} "
              f"parameters active; ANP {report['anp']:.3f}"]
@@ -426,7 +472,7 @@ def _summary(report: dict, folder: Path) -> str:
     if percolating and report["anp"] > UNPERCOLATED_ANP and not report["training"].get("weight_decay"):
         lines.append(f"note: percolation is on but ANP is {report['anp']:.3f}: with no weight decay the links of "
                      "unused neurons keep their size, so few neurons lose all their links; a training.weight_decay "
-                     "(5e-4 in examples/fmnist/paper.yaml) lets them percolate over a long run")
+                     "(5e-4 by default, the official recipe's) lets them percolate over a long run")
     files = ["checkpoint.pt", "model.pt", "report.json", "metrics.jsonl", "coupling.txt", *report.get("plots", [])]
     lines.append(f"wrote {folder}/({', '.join(files)})")
     return "\n".join(lines)

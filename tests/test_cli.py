@@ -151,8 +151,10 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
     update = rows[0]["layers"]["fc2"]
     assert update["regrown"] == update["removed"] + update["percolated_links"] > 0
     assert report["topology_updates"] == 1 and 0 < report["anp"] <= 1
-    assert all(l["percolation"] for l in layers.values()) and report["training"]["weight_decay"] == 0
-    assert "note: percolation is on but ANP is" in proc.stdout  # one short epoch percolates nothing
+    assert all(l["percolation"] for l in layers.values()) and report["training"]["weight_decay"] == 5e-4
+    assert "note: percolation is on but ANP is" not in proc.stdout  # weight decay is set (the official 5e-4)
+    assert report["best"]["epoch"] == 1 and report["best"]["eval_accuracy"] == report["final"]["eval_accuracy"]
+    assert f"(best {report['best']['eval_accuracy']:.4f} at epoch 1)" in proc.stdout
     export = report["export"]  # the example policy exports with sparse matmul, checked with onnxruntime
     assert export["sparse_matmul"] == ["fc1", "fc2", "fc3"] and export["compact"] == []
     assert export["onnxruntime_max_abs_diff"] <= 1e-4

@@ -4,11 +4,12 @@ import pytest
 
 from sparsify.errors import PolicyError
 from sparsify.passes.plan import AVAILABLE_BACKENDS, init_parameters
+from sparsify.passes.rewrite import WEIGHT_INITS
 from sparsify.policy import METHODS, load_policy, schema
 from sparsify.topology.init import INIT_TOPOLOGIES
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS
 from sparsify.topology.removal import REMOVAL_SCORES
-from sparsify.topology.schedules import DENSITY_DECAYS, ZETA_SCHEDULES
+from sparsify.topology.schedules import DENSITY_DECAYS, SOFT_RAMPS, ZETA_SCHEDULES
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
@@ -50,7 +51,9 @@ def test_schema_enums_equal_code_registries():
     assert defs["regrowth"]["properties"]["predictor"]["enum"] == list(REGROWTH_PREDICTORS)
     assert defs["density_decay"]["properties"]["kind"]["enum"] == list(DENSITY_DECAYS)
     # every init parameter the schema allows is a parameter of some topology, and back
-    params = set(defs["init"]["properties"]) - {"model", "rescale"}
+    assert defs["init"]["properties"]["weights"]["enum"] == list(WEIGHT_INITS)
+    assert defs["removal"]["properties"]["ramp"]["enum"] == list(SOFT_RAMPS)
+    params = set(defs["init"]["properties"]) - {"model", "weights"}
     assert params == set().union(*(init_parameters(m) for m in INIT_TOPOLOGIES))
     assert AVAILABLE_BACKENDS | {"auto"} == set(defs["fields"]["properties"]["backend"]["enum"])
 

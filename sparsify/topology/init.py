@@ -242,29 +242,32 @@ def _make_bipartite(src: np.ndarray, dst: np.ndarray, side: np.ndarray,
 
 def correlated_sparse(out_features: int, in_features: int, density: float, generator: torch.Generator,
                       *, inputs: torch.Tensor) -> torch.Tensor:
-    """CSTI: links where input features are most correlated, for a layer that reads the raw input.
+    """CSTI: links where the model's raw input features are most correlated.
 
-    ``inputs`` is ``[samples, in_features]`` of calibration data. Output ``u`` is given the
-    |Pearson correlation| row of input feature ``u mod in`` (its own diagonal entry and constant
-    features count as 0), so a layer wider than its input tiles the correlation matrix; the ``k``
-    largest entries become links, ties broken at random.
+    ``inputs`` is ``[samples, n]`` of calibration data: the raw input features. Link (u, j) is
+    scored by the |Pearson correlation| of features ``u mod n`` and ``j mod n`` (a feature's own
+    diagonal entry and constant features count as 0): a layer that reads the raw input (``in ==
+    n``) gets row ``u mod n`` of the correlation matrix, a later or wider layer gets the matrix
+    tiled to its shape, as the official MLP runs tile it into every hidden layer. The ``k`` largest
+    scores over the whole layer become links, ties broken at random.
 
     >>> x = torch.tensor([[0., 0., 1.], [1., 1., 0.], [2., 2., 1.], [3., 3., 0.]])
     >>> correlated_sparse(3, 3, 2 / 9, torch.Generator().manual_seed(0), inputs=x).int().tolist()
     [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
+    >>> correlated_sparse(2, 6, 4 / 12, torch.Generator().manual_seed(0), inputs=x).int().tolist()
+    [[0, 1, 0, 0, 1, 0], [1, 0, 0, 1, 0, 0]]
     """
     x = inputs.detach().reshape(inputs.shape[0], -1).double()
-    if x.shape[1] != in_features:
-        raise ValueError(f"CSTI: calibration inputs have {x.shape[1]} features, the layer reads {in_features}")
     if x.shape[0] < 2:
         raise ValueError("CSTI needs at least 2 calibration samples to correlate input features")
+    n = x.shape[1]
     x = x - x.mean(0)
     norm = x.norm(dim=0)
     corr = (x.t() @ x) / torch.outer(norm, norm).clamp_min(1e-300)
     corr = corr.abs().nan_to_num_(0.0).fill_diagonal_(0.0)
     corr[norm == 0] = 0.0
     corr[:, norm == 0] = 0.0
-    scores = corr[torch.arange(out_features) % in_features]
+    scores = corr[torch.arange(out_features) % n][:, torch.arange(in_features) % n]
     return select(scores, link_count(out_features, in_features, density), generator)
 
 

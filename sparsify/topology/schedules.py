@@ -1,7 +1,7 @@
 """Schedules: pure functions of the optimizer step.
 
 - ζ_t, the fraction of active links replaced at an update (constant, cosine, elastic);
-- δ_t, soft removal's ramp, and its exponent T = δ/(1−δ) (in :mod:`removal`);
+- δ_t, soft removal's ramp (δ linear, or its exponent T = δ/(1−δ) linear), T applied in :mod:`removal`;
 - the density of a gradually pruned layer (cubic, sigmoid, linear, MEST's soft memory bound).
 
 Steps are plain numbers; the caller turns fractions of training into steps. Density schedules
@@ -52,6 +52,20 @@ def ramp(t: float, t_end: float, start: float, end: float) -> float:
     if t_end <= 0 or t >= t_end:
         return end
     return start + (end - start) * max(t, 0.0) / t_end
+
+
+def temperature_ramp(t: float, t_end: float, start: float, end: float) -> float:
+    """δ_t such that soft removal's T = δ/(1−δ) ramps linearly from T(start) at 0 to T(end) at
+    ``t_end``, held after: the official code's T = 1 + 2t/T_end for δ 0.5 → 0.75 (T 1 → 3).
+
+    >>> round(temperature_ramp(50, 100, 0.5, 0.75), 6), temperature_ramp(100, 100, 0.5, 0.75)
+    (0.666667, 0.75)
+    """
+    if t_end <= 0 or t >= t_end:
+        return end
+    t_start, t_stop = start / (1.0 - start), end / (1.0 - end)
+    temperature = t_start + (t_stop - t_start) * max(t, 0.0) / t_end
+    return temperature / (1.0 + temperature)
 
 
 def _progress(t: float, t0: float, tf: float) -> float:
@@ -114,10 +128,30 @@ def density_sigmoid(t: float, *, t0: float, tf: float, d_i: float, d_f: float, s
     return d_i + (d_f - d_i) * progress
 
 
+def density_ems(t: float, *, d_f: float, t_end: float, last: float, extra: tuple = (0.05, 0.025),
+                **_: object) -> float:
+    """The official EM&S (extended mutation and shrink): after an update at ``t`` a layer holds its
+    target density plus ``extra[0]`` until 60% of T_end, plus ``extra[1]`` after, and exactly the
+    target from its ``last`` update on (the final cut).
+
+    >>> [density_ems(t, d_f=0.01, t_end=100, last=99) for t in (10, 70, 99)]
+    [0.060000000000000005, 0.035, 0.01]
+    """
+    if t >= last:
+        return d_f
+    return min(1.0, d_f + extra[0 if t <= 0.6 * t_end else 1])
+
+
 ZETA_SCHEDULES = {
     "constant": zeta_constant,
     "cosine": zeta_cosine,
     "elastic": zeta_elastic,
+}
+
+# How soft removal's δ moves from its start to its end over [0, T_end] (removal.ramp).
+SOFT_RAMPS = {
+    "delta": ramp,
+    "temperature": temperature_ramp,
 }
 
 DENSITY_DECAYS = {
@@ -126,4 +160,5 @@ DENSITY_DECAYS = {
     "sigmoid": density_sigmoid,
     "linear": density_linear,
     "mest": density_linear,  # the soft memory bound: from target + 5% down to the target
+    "ems": density_ems,
 }

@@ -1,4 +1,6 @@
 import pytest
+import torch
+from torch import nn
 
 from sparsify.errors import PlanError
 from sparsify.passes.capture import capture
@@ -66,19 +68,25 @@ def test_init_parameters_must_belong_to_the_topology():
         plan(model, sites, policy)
 
 
-def test_csti_only_for_layers_reading_the_model_input():
+def test_csti_for_any_layer_of_a_model_whose_linear_reads_the_raw_input():
     from sparsify.passes.couple import couple
     m = load_example("mlp")
     model = m.build_model()
     cap = capture(model, m.example_inputs())
     sites = find_linears(model, cap)
     coupling = couple(cap, sites)
-    ok = load_policy({"version": 1, "rules": [{"match": {"name": "fc1"}, "density": 0.1, "init": {"model": "CSTI"}}]})
-    assert plan(model, sites, ok, coupling).sparse["fc1"].init == {"model": "CSTI"}
-    bad = load_policy({"version": 1, "rules": [{"match": {"name": "fc2"}, "density": 0.1, "init": {"model": "CSTI"}}]})
-    with pytest.raises(PlanError, match=r"layer fc2: init model CSTI correlates the model's raw input features, "
-                                        r"but this layer reads another layer's output"):
-        plan(model, sites, bad, coupling)
+    hidden = load_policy({"version": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": 0.1,
+                                                   "init": {"model": "CSTI"}}]})
+    planned = plan(model, sites, hidden, coupling)
+    assert planned.raw_input_layers == ["fc1"]  # fc2 takes fc1's input features, tiled
+    assert planned.sparse["fc2"].init == {"model": "CSTI", "weights": "rescale"}
+    embedded = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    cap = capture(embedded, torch.tensor([[1, 2]]))
+    sites = find_linears(embedded, cap)
+    bad = load_policy({"version": 1, "rules": [{"match": {"name": "1"}, "density": 0.5, "init": {"model": "CSTI"}}]})
+    with pytest.raises(PlanError, match=r"layer 1: init model CSTI correlates the model's raw input features .* "
+                                        r"no linear layer of this model reads its input directly"):
+        plan(embedded, sites, bad, couple(cap, sites))
 
 
 def test_a_model_is_sparsified_once():

@@ -98,9 +98,27 @@ def test_rescaled_initial_weights_keep_the_dense_row_scale():
     assert after == pytest.approx(before, rel=0.25)
     kept = nn.Sequential(nn.Linear(1000, 50))
     w = kept[0].weight.detach().clone()
-    sparsify.sparsify(kept, {**EVERY, "defaults": {"density": 0.1, "init": {"model": "ER", "rescale": False}}},
+    sparsify.sparsify(kept, {**EVERY, "defaults": {"density": 0.1, "init": {"model": "ER", "weights": "keep"}}},
                       torch.randn(2, 1000))
     assert torch.equal(kept[0].weight[kept[0].mask], w[kept[0].mask])
+
+
+@pytest.mark.parametrize("weights, std", [("swi", (2 / (0.1 * 1000)) ** 0.5), ("kaiming", (2 / 1000) ** 0.5)])
+def test_sparse_and_kaiming_weight_inits_draw_the_official_scales(weights, std):
+    model = nn.Sequential(nn.Linear(1000, 200))
+    model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.1, "init": {"model": "ER", "weights": weights}}},
+                                      torch.randn(2, 1000))
+    layer = handle.sites["0"].module
+    active = layer.weight[layer.mask]
+    assert active.numel() == 20000 and active.std().item() == pytest.approx(std, rel=0.03)
+    assert abs(active.mean().item()) < 0.05 * std and int((layer.weight[~layer.mask] != 0).sum()) == 0
+
+
+def test_cht_methods_default_to_sparse_weight_init_and_chtss_keeps_the_model_s_own():
+    specs = {m: sparsify.load_policy({**EVERY, "defaults": {"density": 0.1, "method": m}}).resolve(None)
+             for m in ("CHT", "CHTs", "CHTss", "SET", "RigL")}
+    assert [specs[m].init["weights"] for m in specs] == ["swi", "swi", "keep", "rescale", "rescale"]
+    assert specs["CHTss"].init == {"model": "BRF", "r": 0.3, "degrees": "uniform", "weights": "keep"}
 
 
 def test_er_exact_counts_any_shape():

@@ -139,5 +139,10 @@ def test_csti_links_correlated_features():
     assert {tuple(p) for p in torch.nonzero(mask).tolist()} == expected
     wide = correlated_sparse(20, 10, 0.04, gen(), inputs=x)  # a wider layer tiles the matrix
     assert int(wide.sum()) == 8 and torch.equal(wide[:10], wide[10:])
-    with pytest.raises(ValueError, match="features"):
-        correlated_sparse(10, 9, 0.1, gen(), inputs=x)
+    # a hidden layer 20 x 20 scores (u, j) by features (u mod 10, j mod 10): every strong pair, 4 times
+    hidden = correlated_sparse(20, 20, 32 / 400, gen(), inputs=x)
+    assert int(hidden.sum()) == 32
+    assert {(u % 10, j % 10) for u, j in torch.nonzero(hidden).tolist()} == expected
+    assert torch.equal(hidden[:10, :10], hidden[10:, 10:]) and torch.equal(hidden[:10, :10], hidden[:10, 10:])
+    with pytest.raises(ValueError, match="2 calibration samples"):
+        correlated_sparse(10, 10, 0.1, gen(), inputs=x[:1])
