@@ -367,3 +367,22 @@ def test_a_schedule_with_no_update_is_refused_or_warned():
     with pytest.warns(RuntimeWarning, match=r"no topology update fits in 40 steps for fc1 \(every 50 steps, "
                                             r"updates stop at step 40\), fc2"):
         handle.attach(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=40)
+
+
+def test_ems_starts_five_points_above_grows_then_cuts_to_the_target():
+    """EM&S at 10%: 15% until 60% of T_end, 12.5% after, exactly 10% from the last update on."""
+    model, handle = sparsify.sparsify(mlp(), policy("CHTs", density=0.1, density_decay={"kind": "ems"}),
+                                      torch.randn(2, 12))
+    layer = handle.sites["fc2"].module
+    assert layer.active_links == link_count(24, 24, 0.15)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    handle.attach(optimizer, total_steps=200, steps_per_epoch=20)  # T_end 150: updates at 10, ..., 140
+    checker = Checker(handle, optimizer)
+    train(model, handle, optimizer, 200)
+    links = {r["step"]: r["layers"]["fc2"]["links"] for r in handle.history}
+    assert sorted(links) == list(range(10, 150, 10)) and checker.updates == 14
+    assert all(links[s] == link_count(24, 24, 0.15) for s in range(10, 100, 10))  # step <= 0.6 * 150
+    assert all(links[s] == link_count(24, 24, 0.125) for s in (100, 110, 120, 130))
+    assert links[140] == link_count(24, 24, 0.1) == layer.active_links and handle.at_target()
+    removed = handle.history[0]["layers"]["fc2"]
+    assert removed["zeta"] is None and removed["removed"] == link_count(24, 24, 0.15) - link_count(24, 24, 0.1)

@@ -144,3 +144,37 @@ def test_chtss_starts_denser():
     policy = load_policy({"version": 1, "defaults": {"density": 0.1, "method": "CHTss"}, "unmatched": "sparsify"})
     spec = policy.resolve(None)
     assert spec.density_decay["kind"] == "sigmoid" and spec.initial_density == 0.5
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("  init: {model: ER, weigths: swi}\n", "defaults.init.weigths: unknown key 'weigths'; did you mean 'weights'?"),
+    ("  init: {model: ER, weights: SWI}\n", "defaults.init.weights: 'SWI' is not one of swi, kaiming, rescale, keep; "
+                                            "did you mean 'swi'?"),
+    ("  removal: {ramp: temprature}\n", "defaults.removal.ramp: 'temprature' is not one of delta, temperature; "
+                                        "did you mean 'temperature'?"),
+    ("  density_decay: {kind: emss}\n", "did you mean 'ems'?"),
+])
+def test_recipe_options_name_the_field_and_the_nearest_choice(tmp_path, text, expected):
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\n" + text)
+    assert f"{path}:4: " in error_of(path) and expected in error_of(path)
+
+
+def test_training_recipe_options_are_checked(tmp_path):
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\ntraining:\n  lr_step: epochs\n  lr_end_factr: 0.1\n")
+    message = error_of(path)
+    assert "training.lr_step: 'epochs' is not one of step, epoch; did you mean 'epoch'?" in message
+    assert "training.lr_end_factr: unknown key 'lr_end_factr'; did you mean 'lr_end_factor'?" in message
+
+
+def test_presets_carry_the_official_recipe():
+    def spec(method):
+        return load_policy({"version": 1, "defaults": {"density": 0.01, "method": method}}).resolve(None)
+    chts, cht, chtss = spec("CHTs"), spec("CHT"), spec("CHTss")
+    assert chts.removal | {"gamma": None} == {"score": "RI", "alpha": 0.0, "mode": "soft", "ramp": "temperature",
+                                              "delta": {"start": 0.5, "end": 0.75}, "zeta": 0.3,
+                                              "zeta_schedule": "cosine", "gamma": None}
+    assert chts.regrowth == {"predictor": "CH2_L3n", "mode": "soft"} and chts.percolation and chts.t_end == 0.75
+    assert cht.t_end == 1.0 and cht.regrowth["predictor"] == "CH3_L3p" and cht.early_stop == {"overlap": 0.9}
+    assert (chtss.removal["score"], chtss.removal["zeta"], chtss.removal["delta"]["end"]) == ("WM", 0.1, 0.9)
+    assert chtss.update == {"every": 100, "unit": "steps"} and not chtss.percolation
+    assert chtss.density_decay["kind"] == "sigmoid" and chtss.initial_density == 0.5
