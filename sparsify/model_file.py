@@ -68,8 +68,18 @@ def _where(exc: BaseException) -> str:
 def load_model_file(path: str | Path) -> ModelFile:
     """Import model.py from ``path`` (its folder is importable while it loads)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a folder; give the path of a model.py that defines {CONTRACT}")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file; give the path of a model.py that defines {CONTRACT}")
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read it: {exc.strerror}") from None
+    if b"\0" in source:
+        raise ModelFileError(f"{path}: not Python source (it holds null bytes: a binary file?)")
+    if not source.strip():
+        raise ModelFileError(f"{path}: is empty; model.py must define {CONTRACT}")
     name = f"sparsify_user_model_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -80,7 +90,8 @@ def load_model_file(path: str | Path) -> ModelFile:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as exc:
-        raise ModelFileError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+        line = f":{exc.lineno}" if exc.lineno else ""
+        raise ModelFileError(f"{path}{line}: syntax error: {exc.msg}") from None
     except Exception as exc:
         raise ModelFileError(f"{path}: importing it raised {_where(exc)}") from exc
     finally:

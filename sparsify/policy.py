@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -357,6 +358,17 @@ def _check_rules(doc: dict, where: _Where) -> list[str]:
     return problems
 
 
+def _non_finite(node: Any, where: _Where, path: tuple = ()) -> list[str]:
+    """Numbers such as .nan, .inf or 1e999 (read as inf): every bound in the schema lets NaN through."""
+    if isinstance(node, float) and not math.isfinite(node):
+        return [f"{where(path)}: {path_text(path)}: {node} is not a finite number"]
+    if isinstance(node, dict):
+        return [m for k, v in node.items() for m in _non_finite(v, where, path + (k,))]
+    if isinstance(node, list):
+        return [m for i, v in enumerate(node) for m in _non_finite(v, where, path + (i,))]
+    return []
+
+
 def load_policy(policy: "str | Path | dict | Policy") -> Policy:
     """Load a policy from a YAML file path, a dict, or return a Policy as is.
 
@@ -368,10 +380,15 @@ def load_policy(policy: "str | Path | dict | Policy") -> Policy:
         return _build(copy.deepcopy(policy), _Where("policy", None))
     path = Path(policy)
     source = str(policy)
+    if path.is_dir():
+        raise PolicyError(f"{source}: is a folder, not a policy file; give the path of a YAML policy") from None
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyError(f"{source}: no such policy file") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{source}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "a policy is a YAML text file") from None
     except OSError as exc:
         raise PolicyError(f"{source}: cannot read the policy file: {exc.strerror}") from None
     try:
@@ -398,6 +415,7 @@ def _build(doc: Any, where: _Where) -> Policy:
     for error in validator.iter_errors(doc):
         problems += _messages(error, root, where)
     problems += _check_rules(doc, where)
+    problems += _non_finite(doc, where)
     if problems:
         problems = sorted(set(problems), key=_line_of)
         raise PolicyError("invalid policy:\n  " + "\n  ".join(problems))

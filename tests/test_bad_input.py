@@ -275,3 +275,36 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     assert couple.couple is not broken
     with pytest.raises(RuntimeError, match="pass couple failed \\(after find_linears\\): ZeroDivisionError: a bug"):
         main(["inspect", str(MLP)])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\xff\xfe\x00version: 1", "not UTF-8 text (byte 0xff at offset 0); a policy is a YAML text file"),
+    (b"", "the policy is empty"),
+    (b"version: 1\ndefaults:\n  density: .nan\n", ":3: defaults.density: nan is not a finite number"),
+    (b"version: 1\ndefaults:\n  density: 0.1\ntraining:\n  lr: 1.0e+999\n", ":5: training.lr: inf is not a finite number"),
+    (None, "is a folder, not a policy file"),
+])
+def test_policy_files_that_are_not_text_empty_folders_or_not_finite(tmp_path, capsys, content, expected):
+    policy = tmp_path / "p.yaml"
+    if content is None:
+        policy.mkdir()
+    else:
+        policy.write_bytes(content)
+    err = error_of(capsys, TINY, policy, "-o", tmp_path / "run")
+    assert expected in err and str(policy) in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x00\x01binary", "not Python source (it holds null bytes: a binary file?)"),
+    (b"  \n", "is empty; model.py must define build_model()"),
+    (b"x = 1\n\xff bad\n", ":2: syntax error: (unicode error)"),
+    (None, "is a folder; give the path of a model.py"),
+])
+def test_model_files_that_are_not_text_empty_or_folders(tmp_path, capsys, content, expected):
+    model = tmp_path / "model.py"
+    if content is None:
+        model.mkdir()
+    else:
+        model.write_bytes(content)
+    err = error_of(capsys, model, write(tmp_path, "policy.yaml", POLICY))
+    assert expected in err and str(model) in err

@@ -90,6 +90,23 @@ def test_policy_loader_on_random_yaml_text(text):
         assert str(exc).strip()
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=120),
+                      st.builds(lambda prefix, tail: prefix + tail,
+                                st.sampled_from([b"version: 1\n", b"version: 1\ndefaults:\n  density: ", b"\xef\xbb\xbf"]),
+                                st.binary(max_size=60))))
+def test_policy_loader_on_arbitrary_bytes(data):
+    """Any bytes at all, text or not: a Policy or one PolicyError with a message, nothing else."""
+    path = TMP / "p.yaml"
+    path.write_bytes(data)
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        assert str(exc).strip() and str(path) in str(exc)
+    else:
+        assert isinstance(policy, Policy)
+
+
 # --- one topology update ---------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
