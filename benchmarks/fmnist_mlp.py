@@ -53,6 +53,12 @@ METHODS = {
     "CHTs (CH3-L3p)": "chts_l3p.yaml",
     "CHTss": "chtss.yaml",
 }
+# One recipe point changed at a time (benchmarks/ablations/), run with --methods like the table's rows.
+ABLATIONS = {
+    "CHTs (CH2-L3n) WM-soft": "../../benchmarks/ablations/chts_wm_soft.yaml",
+    "CHTs (CH2-L3n) BRF": "../../benchmarks/ablations/chts_brf.yaml",
+    "CHTs (CH2-L3n) rescaled weights": "../../benchmarks/ablations/chts_rescale.yaml",
+}
 # Fashion-MNIST test accuracy (%) after 100 epochs in the CHTs paper's Table 4 (ALGORITHMS.md);
 # None where the table gives no number for this MLP.
 PAPER = {"FC": 90.88, "SET": 89.00, "RigL": 89.91, "MEST": None, "GMP": None, "GraNet": None,
@@ -61,9 +67,15 @@ PAPER = {"FC": 90.88, "SET": 89.00, "RigL": 89.91, "MEST": None, "GMP": None, "G
 PAPER_ANP = {"SET": 100.0, "RigL": 55.0, "CHT": 30.0, "CHTs (CH2-L3n)": 73.0, "CHTs (CH3-L3p)": 89.0}
 
 
+def policy_file(method: str) -> Path:
+    """The policy a row of the table trains with (FC: the CHTs policy, for its training section)."""
+    name = {**METHODS, **ABLATIONS}[method] or METHODS["CHTs (CH2-L3n)"]
+    return (POLICIES / name).resolve()
+
+
 def training_settings(method: str) -> dict:
     """The method's policy's training section over sparsify's defaults (FC: the CHTs policy's)."""
-    policy = yaml.safe_load((POLICIES / (METHODS[method] or METHODS["CHTs (CH2-L3n)"])).read_text())
+    policy = yaml.safe_load(policy_file(method).read_text())
     return {**TRAINING_DEFAULTS, **policy.get("training", {})}
 
 
@@ -80,8 +92,8 @@ def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -
     torch.manual_seed(seed)
     model = data.build_model()
     handle = None
-    if METHODS[method] is not None:
-        policy = yaml.safe_load((POLICIES / METHODS[method]).read_text())
+    if method != "FC":
+        policy = yaml.safe_load(policy_file(method).read_text())
         policy["seed"] = seed
         if backend:  # every rule's storage backend replaced (the policies leave it at auto)
             for rule in policy["rules"]:
@@ -145,12 +157,12 @@ def _mean_std(values: list[float]) -> str:
 def table(records: list[dict], epochs: int) -> str:
     lines = [f"| method | seeds | final accuracy % ({epochs} epochs) | best accuracy % | ANP % | paper ANP % | "
              "links | seconds per run | paper accuracy % (100 epochs) |", "|---|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in {**METHODS, **ABLATIONS}:
         rows = [r for r in records if r["method"] == method and r["epochs"] == epochs]
         if not rows:
             continue
         best = [100 * r["best"] for r in rows if r.get("best") is not None]
-        paper = f"{PAPER[method]:.2f}" if PAPER[method] is not None else "–"
+        paper = f"{PAPER[method]:.2f}" if PAPER.get(method) is not None else "–"
         paper_anp = f"{PAPER_ANP[method]:.0f}" if method in PAPER_ANP else "–"
         lines.append(f"| {method} | {len(rows)} | {_mean_std([100 * r['accuracy'] for r in rows])} | "
                      f"{_mean_std(best) if best else '–'} | {_mean_std([100 * r['anp'] for r in rows])} | "
@@ -164,7 +176,7 @@ def plot(records: list[dict], epochs: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in METHODS:
+    for method in {**METHODS, **ABLATIONS}:
         rows = [r for r in records if r["method"] == method and r["epochs"] == epochs]
         if rows:
             mean = [100 * statistics.mean(c) for c in zip(*(r["curve"] for r in rows))]
@@ -184,8 +196,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-                        help=f"subset of: {', '.join(METHODS)}")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *ABLATIONS], metavar="METHOD",
+                        help=f"subset of: {', '.join([*METHODS, *ABLATIONS])}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "fmnist_mlp.jsonl")
     parser.add_argument("--backend", choices=("masked", "csr", "auto"),
