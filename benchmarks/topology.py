@@ -49,7 +49,7 @@ def _reset_peak() -> None:
 
 
 def _mask(shape, density, seed=0):
-    from sparsify.topology.init import erdos_renyi
+    from sparsify.topology.initial import erdos_renyi
     return erdos_renyi(*shape, density, torch.Generator().manual_seed(seed))
 
 

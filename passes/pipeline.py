@@ -1,4 +1,4 @@
-"""The pass pipeline: linearize -> capture -> find_linears -> couple -> plan -> rewrite -> evolve, in one readable function.
+"""The pass pipeline: linearize -> capture -> find_linears -> couple -> plan -> rewrite -> insert_evolution, in one readable function.
 
 User errors (SparsifyError) pass through unchanged: they already say what to do. Anything else
 is an internal error and is reported with the pass that failed and the one before it.
@@ -15,7 +15,7 @@ from sparsify.errors import SparsifyError, SparsifyWarning
 from sparsify.passes.capture import EXPORT, Capture, capture
 from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling, couple
-from sparsify.passes.evolve import insert_evolution
+from sparsify.passes.insert_evolution import insert_evolution
 from sparsify.passes.find_linears import Sites, find_linears
 from sparsify.passes.linearize import linearize
 from sparsify.passes.plan import Plan, plan
@@ -76,6 +76,6 @@ def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration
     traced = result.capture.graph_module if result.capture.kind != EXPORT else None
     batches = calibration if calibration is not None else [example_inputs]
     result.swapped = _run("rewrite", "plan", rewrite, model, result.plan, policy.seed, traced, batches)
-    result.evolution = _run("evolve", "rewrite", insert_evolution, model, result.swapped, result.plan,
+    result.evolution = _run("insert_evolution", "rewrite", insert_evolution, model, result.swapped, result.plan,
                             result.coupling, policy.seed)
     return result

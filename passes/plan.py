@@ -20,7 +20,7 @@ from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
 from sparsify.policy import LayerSpec, Policy, Rule
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.init import INIT_TOPOLOGIES, link_count
+from sparsify.topology.initial import INIT_TOPOLOGIES, link_count
 
 AVAILABLE_BACKENDS = {"masked", "csr"}
 # backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)

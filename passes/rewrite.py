@@ -19,7 +19,7 @@ from sparsify.passes.capture import ExampleInputs
 from sparsify.passes.plan import CALIBRATED_INIT, Plan, resolved_backend
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.init import INIT_TOPOLOGIES
+from sparsify.topology.initial import INIT_TOPOLOGIES
 
 
 def site_generator(seed: int, name: str) -> torch.Generator:

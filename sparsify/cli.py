@@ -62,7 +62,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from sparsify.inspect import inspect_model
+    from sparsify.inspection import inspect_model
 
     report = inspect_model(args.model, args.policy)
     if args.json:

@@ -40,7 +40,7 @@ from sparsify.errors import SparsifyError
 from sparsify.policy import EMS_EXTRA, LayerSpec
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology import bits
-from sparsify.topology.init import link_count
+from sparsify.topology.initial import link_count
 from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rate
 from sparsify.topology.percolation import NeuronGraph, percolate
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS, regrow

@@ -41,7 +41,7 @@ from sparsify.errors import SparsifyError, first_line
 from sparsify.files import atomic_write, temporary
 from sparsify.passes.capture import (ExampleInputs, auto_dynamic, caching_configs, first_example, other_rows,
                                      replace_module)
-from sparsify.passes.evolve import remove_evolution
+from sparsify.passes.insert_evolution import remove_evolution
 from sparsify.passes.linearize import transposed_back
 from sparsify.passes.shrink import scaled_limit, shrink as shrink_pass
 from sparsify.csr_linear import CsrLinear

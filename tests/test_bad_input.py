@@ -15,7 +15,7 @@ import sparsify
 from sparsify.cli import main
 from sparsify.errors import SparsifyWarning
 from sparsify.export import OnnxModel
-from sparsify.inspect import inspect_model
+from sparsify.inspection import inspect_model
 
 from model_zoo import load_example
 

@@ -8,7 +8,7 @@ from torch import nn
 import sparsify
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.init import erdos_renyi
+from sparsify.topology.initial import erdos_renyi
 
 from model_zoo import load_example
 

@@ -10,7 +10,7 @@ import sparsify
 from sparsify.errors import SparsifyError
 from sparsify.evolution import MOMENTS
 from sparsify.policy import METHODS
-from sparsify.topology.init import link_count
+from sparsify.topology.initial import link_count
 from sparsify.topology.percolation import percolate
 
 from model_zoo import load_example

@@ -6,7 +6,7 @@ from sparsify.errors import PolicyError
 from sparsify.passes.plan import AVAILABLE_BACKENDS, init_parameters
 from sparsify.passes.rewrite import WEIGHT_INITS
 from sparsify.policy import METHODS, load_policy, schema
-from sparsify.topology.init import INIT_TOPOLOGIES
+from sparsify.topology.initial import INIT_TOPOLOGIES
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS
 from sparsify.topology.removal import REMOVAL_SCORES
 from sparsify.topology.schedules import DENSITY_DECAYS, SOFT_RAMPS, ZETA_SCHEDULES

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sparsify.errors import PolicyError
 from sparsify.policy import METHODS, Policy, load_policy
-from sparsify.topology.init import erdos_renyi, link_count
+from sparsify.topology.initial import erdos_renyi, link_count
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS, regrow
 from sparsify.topology.removal import REMOVAL_SCORES, remove
 

@@ -7,7 +7,7 @@ from torch import fx, nn
 import sparsify
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.init import erdos_renyi, link_count
+from sparsify.topology.initial import erdos_renyi, link_count
 
 from model_zoo import load_example
 
@@ -131,7 +131,7 @@ def test_er_exact_counts_any_shape():
 @pytest.mark.parametrize("init", [{"model": "BSW", "beta": 0.0}, {"model": "BRF", "r": 0.0},
                                   {"model": "BSF", "resort": True}])
 def test_every_initial_topology_reaches_the_swapped_layer(init):
-    from sparsify.topology.init import INIT_TOPOLOGIES
+    from sparsify.topology.initial import INIT_TOPOLOGIES
     from sparsify.passes.rewrite import site_generator
     m = load_example("mlp")
     policy = {"version": 1, "seed": 3, "rules": [{"match": {"name": "fc2"}, "density": 0.01, "init": init}]}

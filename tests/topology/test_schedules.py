@@ -1,6 +1,6 @@
 import pytest
 
-from sparsify.topology.init import link_count
+from sparsify.topology.initial import link_count
 from sparsify.topology.schedules import (DENSITY_DECAYS, ZETA_SCHEDULES, density_cubic, density_sigmoid, ramp,
                                          zeta_cosine, zeta_elastic)
 

@@ -15,7 +15,7 @@ from sparsify.model_file import load_model_file
 from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, analyze
 from sparsify.policy import load_policy
-from sparsify.topology.init import link_count
+from sparsify.topology.initial import link_count
 
 
 @dataclass

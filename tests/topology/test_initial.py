@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sparsify.topology.init import (INIT_TOPOLOGIES, bipartite_receptive_field, bipartite_scale_free,
+from sparsify.topology.initial import (INIT_TOPOLOGIES, bipartite_receptive_field, bipartite_scale_free,
                                     bipartite_small_world, correlated_sparse, erdos_renyi, link_count, spread)
 
 SEEDED = ["ER", "BSW", "BRF", "BSF"]
