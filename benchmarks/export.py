@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from sparsify.export import (OnnxModel, export, fastest, first_example, held_out_batches, inference_copy, load_run,
-                             to_onnx)
-from sparsify.passes.capture import ExampleInputs
+from sparsify.export.latency import fastest
+from sparsify.export.onnx_file import OnnxModel, to_onnx
+from sparsify.export.pipeline import export, held_out_batches, inference_copy
+from sparsify.export.run import load_run
+from sparsify.inputs import ExampleInputs, first_example
 
 
 def milliseconds(runs: dict[str, OnnxModel], inputs: ExampleInputs, repeat: int) -> dict[str, float]:

@@ -20,9 +20,10 @@ import onnxruntime
 import torch
 from torch import nn
 
-from sparsify.export import OnnxModel, fastest, to_onnx
+from sparsify.export.latency import fastest
+from sparsify.export.onnx_file import OnnxModel, to_onnx
 from sparsify.onnx_layers import GatherLinear
-from sparsify.passes.capture import ExampleInputs
+from sparsify.inputs import ExampleInputs
 
 BATCHES = (1, 32, 256)
 RUNS = {1: 600, 32: 240, 256: 60}

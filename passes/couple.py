@@ -32,6 +32,8 @@ from torch import fx
 
 from sparsify.passes.capture import Capture
 from sparsify.passes.find_linears import Sites
+from sparsify.errors import SparsifyError
+from sparsify.passes.graph_pass import GraphPass
 
 log = logging.getLogger(__name__)
 
@@ -902,3 +904,6 @@ def _read_by_every_head(dot: DotGroup | None) -> bool:
         return False
     q_heads, kv_heads, _ = dot.heads()
     return kv_heads == 1 and q_heads > 1
+
+
+COUPLE = GraphPass("couple", couple, SparsifyError)

@@ -12,6 +12,9 @@ import torch
 from torch import fx, nn
 
 from sparsify.passes.capture import Capture
+from sparsify.sparse_linear import SparseLinear
+from sparsify.errors import SparsifyError
+from sparsify.passes.graph_pass import GraphPass
 
 LINEAR_OPS = {"linear"}  # aten.linear / F.linear by op name
 
@@ -22,8 +25,6 @@ def overrides_forward(module: nn.Module) -> bool:
 
 
 def linear_types() -> tuple[type, ...]:
-    from sparsify.sparse_linear import SparseLinear
-
     return (nn.Linear, SparseLinear)
 
 
@@ -139,3 +140,6 @@ def find_linears(model: nn.Module, cap: Capture) -> Sites:
         if name not in sites and name not in excluded:
             excluded[name] = "never called in the captured forward"
     return Sites(sites, excluded, node_to_site, node_to_excluded)
+
+
+FIND_LINEARS = GraphPass("find_linears", find_linears, SparsifyError)

@@ -16,6 +16,8 @@ from sparsify.passes.plan import Plan
 from sparsify.passes.rewrite import site_generator
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.percolation import NeuronGraph
+from sparsify.errors import SparsifyError
+from sparsify.passes.graph_pass import GraphPass
 
 NAME = "sparsify_evolution"
 
@@ -65,3 +67,6 @@ def remove_evolution(model: nn.Module) -> None:
         if hook is _call_evolution:
             del model._forward_pre_hooks[key]
     delattr(model, NAME)
+
+
+INSERT_EVOLUTION = GraphPass("insert_evolution", insert_evolution, SparsifyError)

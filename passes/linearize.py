@@ -29,6 +29,8 @@ from torch.nn import functional as F
 
 from sparsify.passes.find_linears import overrides_forward
 from sparsify.passes.rewrite import replace_everywhere
+from sparsify.errors import SparsifyError
+from sparsify.passes.graph_pass import GraphPass
 
 TRANSPOSED = "transformers Conv1D (weight stored [in, out]) became nn.Linear holding the weight transposed"
 OWN_FORWARD = "{} (an nn.Linear subclass computing the product in its own forward) became nn.Linear, same Parameters"
@@ -210,7 +212,7 @@ def transposed_back(model: nn.Module, linearized: dict[str, str]) -> None:
     names = sorted(n for n, was in linearized.items() if was == TRANSPOSED)
     if not names:
         return
-    from transformers.pytorch_utils import Conv1D
+    from transformers.pytorch_utils import Conv1D  # lazy: transformers is optional (only its models need it)
 
     swaps = {}
     for name in names:
@@ -224,3 +226,6 @@ def transposed_back(model: nn.Module, linearized: dict[str, str]) -> None:
                 conv.bias.zero_()
         swaps[id(linear)] = conv
     replace_everywhere([model], swaps)
+
+
+LINEARIZE = GraphPass("linearize", linearize, SparsifyError)

@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsify.csr_linear import CsrLinear
+from sparsify.csr_linear import AUTO_CSR_DENSITY, CsrLinear
 from sparsify.errors import PlanError
 from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
 from sparsify.policy import LayerSpec, Policy, Rule
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.initial import INIT_TOPOLOGIES, link_count
+from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES, link_count
+from sparsify.passes.graph_pass import GraphPass
 
 AVAILABLE_BACKENDS = {"masked", "csr"}
-# backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)
-AUTO_CSR_DENSITY = 0.05
 
 
 def resolved_backend(spec: LayerSpec) -> str:
@@ -32,7 +31,6 @@ def resolved_backend(spec: LayerSpec) -> str:
     if spec.backend != "auto":
         return spec.backend
     return "csr" if spec.initial_density <= AUTO_CSR_DENSITY else "masked"
-CALIBRATED_INIT = {"CSTI"}  # initial topologies computed from the layer's input data
 
 
 @dataclass
@@ -196,3 +194,6 @@ def _check_calibrated(name: str, spec: LayerSpec, rule: Rule | None, policy: Pol
                     "(the inputs of a linear layer that reads the model input), but no linear layer of this "
                     "model reads its input directly (an embedding or another module comes first). Give "
                     "these layers ER, BSW, BRF or BSF.")
+
+
+PLAN = GraphPass("plan", plan, PlanError)

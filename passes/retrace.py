@@ -34,7 +34,8 @@ from torch import fx, nn
 from torch.fx._pytree import tree_flatten_spec
 
 from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs, auto_dynamic, keywords_named, replace_module
+from sparsify.inputs import ExampleInputs
+from sparsify.passes.capture import auto_dynamic, keywords_named, replace_module
 
 VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
 SPLITS = {torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default}

@@ -15,11 +15,12 @@ import torch
 from torch import fx, nn
 
 from sparsify.errors import PlanError
-from sparsify.passes.capture import ExampleInputs
-from sparsify.passes.plan import CALIBRATED_INIT, Plan, resolved_backend
+from sparsify.inputs import ExampleInputs
+from sparsify.passes.plan import Plan, resolved_backend
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.initial import INIT_TOPOLOGIES
+from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES
+from sparsify.passes.graph_pass import GraphPass
 
 
 def site_generator(seed: int, name: str) -> torch.Generator:
@@ -136,7 +137,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
         mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
         initial_weights(name, new, spec, seed)
-        new = new.to_backend(resolved_backend(spec))
+        new = CsrLinear.from_masked(new) if resolved_backend(spec) == "csr" else new
         swaps[id(old)] = new
         created[name] = new
         replaced.append(old)
@@ -169,3 +170,6 @@ WEIGHT_INITS = {
     "rescale": _weights_rescale,
     "keep": _weights_keep,
 }
+
+
+REWRITE = GraphPass("rewrite", rewrite, PlanError)

@@ -56,11 +56,13 @@ from torch import nn
 
 from torch.utils._pytree import tree_leaves
 
-from sparsify.errors import first_line
-from sparsify.passes.capture import ExampleInputs, other_rows, replace_module
+from sparsify.errors import SparsifyError, first_line
+from sparsify.inputs import ExampleInputs, other_rows
+from sparsify.passes.capture import replace_module
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.rewrite import observe_inputs
 from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
+from sparsify.passes.graph_pass import GraphPass
 
 ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
 HEAD_TOLERANCE = 1e-5  # max abs change of the model's outputs allowed when an attention loses heads (scaled_limit)
@@ -599,3 +601,6 @@ def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: 
         done.append(Heads((attention.q, attention.k, attention.v), o, *counts, kept, kept_kv, folded, rewritten, traced,
                           narrowed))
     return done
+
+
+SHRINK = GraphPass("shrink", shrink, SparsifyError)

@@ -10,7 +10,11 @@ import sys
 import warnings
 from typing import Sequence
 
+from sparsify import __version__
 from sparsify.errors import SparsifyError, SparsifyWarning
+from sparsify.export.run import export_run
+from sparsify.inspection import inspect_model
+from sparsify.train import launch, run
 
 USAGE = """sparsify model.py policy.yaml [-o OUT] [--resume] [--nproc N]   train with topology evolution, write OUT
        sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules
@@ -62,8 +66,6 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from sparsify.inspection import inspect_model
-
     report = inspect_model(args.model, args.policy)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -73,16 +75,12 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from sparsify.export import export_run
-
     export_run(args.run, args.out, shrink=args.shrink, verify=args.verify, tolerance=args.tolerance,
                opset=args.opset, compact=args.compact, sparse_matmul=args.sparse_matmul)
     return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from sparsify.train import launch, run
-
     kwargs = dict(model_path=args.model, policy_path=args.policy, out=args.out, epochs=args.epochs,
                   force=args.force, resume=args.resume, plots=not args.no_plots)
     if args.nproc != 1:
@@ -106,8 +104,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-V", "--version"):
-        from sparsify import __version__
-
         print(f"sparsify {__version__}")
         return 0
     if argv and argv[0] == "inspect":

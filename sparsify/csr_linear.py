@@ -29,9 +29,13 @@ import torch
 from torch import nn
 
 from sparsify.errors import SparsifyError
+from sparsify.sparse_linear import SparseLinear
 from sparsify.topology import bits
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)
+AUTO_CSR_DENSITY = 0.05
 
 
 def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -126,14 +130,12 @@ class CsrLinear(nn.Module):
         self.dense_grad: torch.Tensor | None = None
 
     @classmethod
-    def from_masked(cls, layer) -> "CsrLinear":
+    def from_masked(cls, layer: SparseLinear) -> "CsrLinear":
         """The same layer (weights, bias, mask) with CSR storage; gradients and optimizer state are not carried."""
         return cls(layer.mask, layer.weight.detach() * layer.mask, None if layer.bias is None else layer.bias)
 
-    def to_masked(self):
+    def to_masked(self) -> SparseLinear:
         """The same layer with the masked backend."""
-        from sparsify.sparse_linear import SparseLinear
-
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():

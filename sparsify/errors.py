@@ -43,6 +43,10 @@ class PlanError(SparsifyError):
     """The policy cannot be applied to this model (for example, it matches no layer)."""
 
 
+class ExportError(SparsifyError):
+    """An export whose result does not match the trained model (or that could not be written)."""
+
+
 class SparsifyWarning(UserWarning):
     """Something in the input that is probably a mistake but does not stop the work (for example, a
     rule that matches no layer). The CLI prints it as one line."""

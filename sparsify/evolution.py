@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsify.csr_linear import AUTO_CSR_DENSITY, CsrLinear
 from sparsify.errors import SparsifyError
 from sparsify.policy import EMS_EXTRA, LayerSpec
 from sparsify.sparse_linear import SparseLinear
@@ -388,8 +389,6 @@ class Evolution(nn.Module):
         """Whether layer ``name`` should move to csr storage now: its policy said backend auto, it
         is masked on the CPU, its density is in csr's range, and no process group would need its
         parameters to stay (DDP registers them once)."""
-        from sparsify.passes.plan import AUTO_CSR_DENSITY
-
         layer = self._layers[name]
         return (self.specs[name].backend == "auto" and isinstance(layer, SparseLinear) and name in self._parents
                 and layer.mask.device.type == "cpu" and layer.density <= AUTO_CSR_DENSITY
@@ -398,8 +397,6 @@ class Evolution(nn.Module):
     def _to_csr(self, name: str) -> None:
         """Layer ``name`` continues as a CsrLinear: same weights, mask and bias (the same Parameter),
         and in every attached optimizer its weight's place and per-weight state go to the values."""
-        from sparsify.csr_linear import CsrLinear
-
         old = self._layers[name]
         new = CsrLinear.from_masked(old).train(old.training)
         new.bias = old.bias

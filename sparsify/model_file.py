@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from sparsify.errors import ModelFileError, user_frame
+from sparsify.inputs import ExampleInputs
 
 CONTRACT = ("build_model() returning a torch.nn.Module, and example_inputs() returning a tensor, "
             "a tuple of positional inputs or a dict of keyword inputs")
@@ -49,8 +50,6 @@ class ModelFile:
         return model
 
     def example_inputs(self) -> Any:
-        from sparsify.passes.capture import ExampleInputs
-
         value = self._call("example_inputs")
         try:
             ExampleInputs.of(value)

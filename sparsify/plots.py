@@ -15,6 +15,7 @@ HEATMAP_PIXELS = 256
 
 
 def _pyplot():
+    # lazy for start-up time: matplotlib loads only when a run writes its plots
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

@@ -10,7 +10,7 @@ from sparsify.topology import bits
 
 def _check_backend(backend: str) -> None:
     if backend != "masked":
-        raise ValueError(f"SparseLinear stores backend 'masked'; for {backend!r} use to_backend({backend!r})")
+        raise ValueError(f"SparseLinear stores backend 'masked'; for {backend!r} use CsrLinear.from_masked(layer)")
 
 
 class _MaskedLinearFunction(torch.autograd.Function):
@@ -159,14 +159,6 @@ class SparseLinear(nn.Module):
         """An optimizer state tensor after a topology change: zero at every inactive position (regrown
         links were inactive, so theirs is zero already)."""
         return value.mul_(self.mask)
-
-    def to_backend(self, backend: str):
-        """This layer with ``backend`` storage ('masked' or 'csr'), weights and mask unchanged."""
-        if backend == "masked":
-            return self
-        from sparsify.csr_linear import CsrLinear
-
-        return CsrLinear.from_masked(self)
 
     @property
     def active_links(self) -> int:

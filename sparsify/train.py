@@ -27,14 +27,16 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from sparsify.api import SparseModel, sparsify
 from sparsify.checkpoint import load_state, read as read_checkpoint
 from sparsify.errors import ModelFileError, SparsifyError
 from sparsify.evolution import describe_spec
+from sparsify.export.pipeline import export_trained
 from sparsify.files import atomic_write
 from sparsify.model_file import CONTRACT, load_model_file
-from sparsify.passes.plan import CALIBRATED_INIT
+from sparsify.plots import write_plots
 from sparsify.policy import Policy, load_policy
+from sparsify.sparse_model import SparseModel, sparsify
+from sparsify.topology.initial import CALIBRATED_INIT
 from sparsify.topology.metrics import active_neuron_rate, itop_rate
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ def evaluate(model: nn.Module, data: Any, loss_fn: Callable) -> dict:
 CALIBRATION_SAMPLES = 2048
 
 
-def _calibration(model_file, policy, cfg: dict) -> list | None:
+def calibration_batches(model_file, policy, cfg: dict) -> list | None:
     """The first training batches' inputs, when a rule's initial topology is computed from data."""
     layers = [policy.defaults] + [r.fields for r in policy.rules]
     if not any(layer.get("init", {}).get("model") in CALIBRATED_INIT for layer in layers):
@@ -238,7 +240,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     ranks = _init_distributed(cfg["device"])
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
-    model, handle = sparsify(model, policy, model_file.example_inputs(), _calibration(model_file, policy, cfg))
+    model, handle = sparsify(model, policy, model_file.example_inputs(), calibration_batches(model_file, policy, cfg))
     error, folder = None, Path(out) if out else Path("runs") / Path(model_path).stem
     if ranks.main:  # only once the run can start: no empty folder is left behind
         try:
@@ -360,8 +362,6 @@ def _rows(state: RunState) -> list[dict]:
 
 
 def _plots(folder: Path, handle: SparseModel, state: RunState) -> list[str]:
-    from sparsify.plots import write_plots
-
     try:
         return write_plots(folder, handle.evolution, state.updates, state.epochs, state.start_masks)
     except ImportError as exc:
@@ -404,8 +404,6 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test: Any) -> dict:
     """The export the policy asks for at the end of the run: folder/model.onnx, checked."""
-    from sparsify.export import export_trained
-
     return export_trained(handle, model_file, policy, folder / "model.onnx", test)
 
 

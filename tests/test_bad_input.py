@@ -14,7 +14,7 @@ import torch
 import sparsify
 from sparsify.cli import main
 from sparsify.errors import SparsifyWarning
-from sparsify.export import OnnxModel
+from sparsify.export.onnx_file import OnnxModel
 from sparsify.inspection import inspect_model
 
 from model_zoo import load_example
@@ -266,12 +266,14 @@ def test_export_whose_parity_check_fails_leaves_no_file(run_folder, tmp_path, ca
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch):
+    import dataclasses
+
     import sparsify.passes.couple as couple
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr("sparsify.passes.pipeline.couple", broken)
+    monkeypatch.setattr("sparsify.passes.pipeline.COUPLE", dataclasses.replace(couple.COUPLE, run=broken))
     assert couple.couple is not broken
     with pytest.raises(RuntimeError, match="pass couple failed \\(after find_linears\\): ZeroDivisionError: a bug"):
         main(["inspect", str(MLP)])

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 import sparsify
-from sparsify.export import ExportError, OnnxModel, print_report, to_onnx
+from sparsify.errors import ExportError
+from sparsify.export.onnx_file import OnnxModel, to_onnx
+from sparsify.export.report import print_report
 from sparsify.onnx_layers import GatherLinear
 from sparsify.passes.couple import Attention
-from sparsify.passes.capture import ExampleInputs
+from sparsify.inputs import ExampleInputs
 
 from model_zoo import load_example
 
@@ -979,8 +981,8 @@ def test_checks_allow_rounding_in_proportion_to_the_outputs_and_catch_a_wrong_sh
     assert report["onnxruntime_max_abs_diff"] <= report["onnxruntime_limit"]
     assert 1e-5 < report["torch_max_abs_diff"] <= report["torch_limit"]  # over a fixed 1e-5
 
-    import sparsify.export as export_module
-    real = export_module.shrink_pass
+    import sparsify.export.pipeline as export_module
+    real = export_module.shrink_model
 
     def wrong(shrunk, *args):  # a shrink that drops a live neuron's contribution
         result = real(shrunk, *args)
@@ -988,7 +990,7 @@ def test_checks_allow_rounding_in_proportion_to_the_outputs_and_catch_a_wrong_sh
             shrunk.fc4.bias[0] += 1e-3 * largest
         return result
 
-    monkeypatch.setattr(export_module, "shrink_pass", wrong)
+    monkeypatch.setattr(export_module, "shrink_model", wrong)
     with pytest.raises(ExportError, match=r"the shrunk model differs from the trained model by .*; no file was written"):
         handle.export(tmp_path / "wrong.onnx", held[0], held_out=held, compare_dense=False)
     assert not (tmp_path / "wrong.onnx").exists()

@@ -271,6 +271,8 @@ def correlated_sparse(out_features: int, in_features: int, density: float, gener
     return select(scores, link_count(out_features, in_features, density), generator)
 
 
+CALIBRATED_INIT = {"CSTI"}  # initial topologies computed from the layer's input data
+
 INIT_TOPOLOGIES = {
     "ER": erdos_renyi,
     "BSW": bipartite_small_world,

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["init", "selection", "removal", "regrowth", "schedules", "percolation", "metrics"]
+MODULES = ["initial", "selection", "removal", "regrowth", "schedules", "percolation", "metrics"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
-"""The programmatic API: one call turns a model's linear layers sparse, as a policy says."""
+"""The transform as one call (:func:`sparsify`) and the handle it returns on the model's sparse sites,
+coupling groups, plan and topology evolution (:class:`SparseModel`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from sparsify.evolution import Evolution
+from sparsify.export.pipeline import export
 from sparsify.passes.couple import Coupling
 from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, transform
@@ -63,9 +65,7 @@ class SparseModel:
 
     def export(self, path: str | Path, example_inputs: Any, **options: Any) -> dict:
         """Shrink and export the model to ONNX (+ .pt2 and a .json report), checked against the
-        trained model; see :func:`sparsify.export.export` for the options."""
-        from sparsify.export import export
-
+        trained model; see :func:`sparsify.export.pipeline.export` for the options."""
         return export(self, example_inputs, path, **options)
 
     @property

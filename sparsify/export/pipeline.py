@@ -1,0 +1,198 @@
+"""Export for inference, step by step: the trained sparse model, shrunk, to ONNX, checked against itself.
+
+:func:`export` takes a transformed model's handle and writes, next to each other,
+
+- ``<name>.onnx``: the shrunk model through ``torch.onnx.export(..., dynamo=True)`` (every input
+  dimension left dynamic where the model allows), checked by ``onnx.checker`` and by onnxruntime,
+  whose outputs must match the trained sparse model's on held-out inputs;
+- ``<name>.pt2``: the shrunk model as a ``torch.export`` program, which reloads with
+  ``torch.export.load`` without the model's source;
+- ``<name>.json``: the report (parameters, neurons and heads before and after, parity, file
+  sizes and onnxruntime latency of the dense export against the shrunk one), also returned;
+- ``<name>_hf/``, for a Hugging Face model whose config can describe the shrunk sizes: its
+  ``save_pretrained`` folder, written only once ``from_pretrained`` reloaded it with outputs
+  matching the trained model's.
+
+Files are written under temporary names and renamed only once every check passed: a failed
+check leaves no file that looks valid.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from sparsify.csr_linear import CsrLinear
+from sparsify.errors import ExportError
+from sparsify.export.huggingface import narrow_heads, rewrite_head_counts, rewrite_mlp_sizes, save_pretrained
+from sparsify.export.latency import compare_with_dense
+from sparsify.export.onnx_file import (OPSET, OnnxModel, check_onnx, max_diff, onnxruntime_parity, tensors, to_onnx,
+                                      write_pt2)
+from sparsify.export.report import print_report
+from sparsify.files import atomic_write, temporary
+from sparsify.inputs import ExampleInputs, other_rows
+from sparsify.passes.capture import caching_configs, replace_module
+from sparsify.passes.insert_evolution import remove_evolution
+from sparsify.passes.linearize import transposed_back
+from sparsify.passes.pipeline import shrink_model
+from sparsify.passes.shrink import scaled_limit
+from sparsify.passes.store_sparse import STORE_SPARSE
+from sparsify.sparse_linear import SparseLinear
+
+TORCH_TOLERANCE = 1e-5  # the shrunk model against the trained one, in PyTorch
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference: sparse layers become plain nn.Linear (inactive weights
+    zero), the topology evolution is removed, eval mode, a Hugging Face model's key/value cache is
+    off (an ONNX graph returns tensors only), and its mixture-of-experts layers compute their experts
+    in batched matmuls (``batched_mm``, the same products): transformers' default grouped_mm runs
+    a custom op with no ONNX function, and its eager loop depends on the data (Mixtral)."""
+    dense = copy.deepcopy(model)
+    remove_evolution(dense)
+    for config in caching_configs(dense):
+        config.use_cache = False
+    experts = {id(c): c for m in dense.modules() if getattr(c := getattr(m, "config", None), "_experts_implementation",
+                                                               "batched_mm") not in (None, "batched_mm")}
+    for config in experts.values():
+        config._experts_implementation = "batched_mm"
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, (SparseLinear, CsrLinear)):
+            replace_module(dense, name, module.to_linear())
+    return dense.eval()
+
+
+def held_out_batches(data: Any, count: int = 2) -> list:
+    """The inputs of the first ``count`` batches of an evaluation iterable of (inputs, targets)."""
+    batches = []
+    for inputs, _targets in data:
+        batches.append(inputs)
+        if len(batches) >= count:
+            break
+    return batches
+
+
+def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
+           verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compact: bool = False,
+           sparse_matmul: bool = False, compare_dense: bool = True, latency_repeat: int = 30) -> dict:
+    """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
+
+    ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
+    the checks compare on, by default the example inputs. ``compact`` stores layers at most half
+    dense as values + int32 positions; ``sparse_matmul`` makes layers at most 2% dense multiply
+    only their non-zero weights (see the report's latencies). ``tolerance`` bounds onnxruntime's max
+    abs difference from the trained model, the shrunk PyTorch model's is TORCH_TOLERANCE; both scale
+    with the largest output once outputs exceed 1 (:func:`scaled_limit`). Raises ExportError when a
+    check fails.
+    """
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: the export path must end in .onnx")
+    if opset < 17:
+        raise ExportError(f"opset {opset}: sparsify exports opset 17 or newer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    inputs = ExampleInputs.of(example_inputs)
+    checks = [ExampleInputs.of(b) for b in (held_out or [example_inputs])]
+    try:
+        with torch.no_grad():
+            reference = [tensors(c.call(model)) for c in checks]
+        dense = inference_copy(model)
+        shrunk = copy.deepcopy(dense)
+        result = shrink_model(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
+        configs = {}
+        if result is not None:  # a Hugging Face config follows the shrunk sizes where it can
+            configs["hf_config"] = rewrite_mlp_sizes(shrunk, result.units)
+            heads = rewrite_head_counts(shrunk, result.heads, len(handle.coupling.attentions))
+            if heads is not None:
+                configs["hf_config_heads"] = heads
+        pretrained = None
+        if hasattr(shrunk, "save_pretrained"):  # before storage swaps; in the model class's own layers
+            pretrained = copy.deepcopy(shrunk)
+            transposed_back(pretrained, handle.analysis.linearized)
+            if configs.get("hf_config_heads", {}).get("narrowed"):
+                narrow_heads(pretrained, configs["hf_config_heads"]["narrowed"], result.heads[0].kept)
+        nonzero = sum(int(torch.count_nonzero(t)) for t in shrunk.parameters())  # before storage swaps
+        gathered, compacted = STORE_SPARSE(shrunk, compact, sparse_matmul, after="shrink")
+        other = other_rows(checks[0]) if gathered else None
+        if other is not None:  # a gathered layer branches on one row or several: check both
+            checks.append(other)
+            with torch.no_grad():
+                reference.append(tensors(other.call(model)))
+        with torch.no_grad():
+            torch_diff = max(max_diff(r, tensors(c.call(shrunk))) for r, c in zip(reference, checks))
+        limit = scaled_limit(TORCH_TOLERANCE, tree_leaves(reference))
+        if not torch_diff <= limit:
+            raise ExportError(f"the shrunk model differs from the trained model by {torch_diff:.3g} "
+                              f"(limit {limit:.3g}); no file was written. Export with shrink off "
+                              "(--no-shrink) and report this model")
+        report: dict = {"onnx": str(path), "opset": opset, "shrink": shrink, "compact": compacted,
+                        "sparse_matmul": gathered,
+                        "torch_max_abs_diff": torch_diff, "torch_limit": limit}
+        if result is not None:
+            report["parameters"] = {"before": result.parameters_before, "after": result.parameters_after,
+                                    "nonzero": nonzero}
+            report["units"] = [u.to_json() for u in result.units]
+            report["heads"] = [h.to_json() for h in result.heads]
+            report["not_shrunk"] = result.skipped
+            report.update(configs)
+        written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
+                         compare_dense, latency_repeat)
+        if pretrained is not None:
+            hints = [c["why"] for c in configs.values() if c and c.get("why") not in (None, "no MLP changed width")]
+            report["hf_pretrained"] = save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks, reference,
+                                                      limit, getattr(model.config, "use_cache", None),
+                                                      "; ".join(hints))
+        report["files"] = written
+        atomic_write(path.with_suffix(".json"), lambda f: json.dump(report, f, indent=2))
+        return report
+    finally:
+        model.train(was_training)
+
+
+def _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset, compare_dense,
+           latency_repeat) -> dict:
+    """The ONNX file and the .pt2 program of ``shrunk``, written under temporary names and renamed
+    once checked (and timed against ``dense`` when ``compare_dense``); returns their sizes."""
+    onnx_tmp, dense_tmp, pt2_tmp = temporary(path), temporary(path), temporary(path.with_suffix(".pt2"))
+    try:
+        captured = to_onnx(shrunk, inputs, onnx_tmp, opset)
+        check_onnx(onnx_tmp)
+        runtime = OnnxModel(onnx_tmp, shrunk)
+        if verify:
+            report.update(onnxruntime_parity(runtime, checks, reference, tolerance))
+        write_pt2(captured, shrunk, inputs, pt2_tmp)
+        sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
+        if compare_dense:
+            sizes["dense_onnx_bytes"] = compare_with_dense(report, shrunk, onnx_tmp, runtime, dense, dense_tmp, inputs,
+                                                           checks[0], opset, latency_repeat)
+            report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
+        os.replace(onnx_tmp, path)
+        os.replace(pt2_tmp, path.with_suffix(".pt2"))
+        return {**sizes, "pt2": str(path.with_suffix(".pt2"))}
+    finally:
+        for tmp in (onnx_tmp, dense_tmp, pt2_tmp):
+            tmp.unlink(missing_ok=True)
+            Path(str(tmp) + ".data").unlink(missing_ok=True)
+
+
+POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact", "sparse_matmul")  # the policy's export: keys export() takes
+
+
+def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:
+    """Export a trained model as its policy's ``export`` section says (``overrides`` that are not
+    None win), checked on the first batches of ``eval_data``; prints the summary."""
+    options = {**{k: policy.export[k] for k in POLICY_OPTIONS if k in policy.export},
+               **{k: v for k, v in overrides.items() if v is not None}}
+    held_out = held_out_batches(eval_data) if eval_data is not None else None
+    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options)
+    print_report(report)
+    return report
