@@ -1,4 +1,4 @@
-"""Tracing footguns: what each common pattern in forward() does to capture (the README's table).
+"""Tracing footguns: what each common pattern in forward() does to capture (the table in docs/capture.md).
 
 torch.fx.symbolic_trace runs forward() on proxies, so Python that needs a real value (a branch, an
 assert, len(), iteration) stops it; torch.export(strict=False) runs on fake tensors with concrete

@@ -3,8 +3,8 @@
 For each: `sparsify inspect`, the transform (every linear layer the model owns at density 0.5,
 CHTs), eight AdamW steps with the topology evolution (updates at steps 2 and 4), then hidden units of every MLP
 chain cut as training might, and the export: shrunk, ONNX, checked in onnxruntime against the
-trained model on held-out inputs of a batch and sequence length the export never saw. The README's
-model table is this test's list.
+trained model on held-out inputs of a batch and sequence length the export never saw. The model table
+of docs/export.md is this test's list.
 """
 import pytest
 import torch
@@ -15,7 +15,8 @@ from sparsify.passes.couple import ChainGroup
 
 from model_zoo import MODELS, load_example
 
-ZOO = ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer"]
+ZOO = ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_phi3", "hf_deepseek_v3",
+       "hf_gpt2", "torch_transformer"]
 POLICY = {"version": 1, "unmatched": "sparsify",
           "defaults": {"density": 0.5, "method": "CHTs", "update": {"every": 2, "unit": "steps"}}}
 
