@@ -40,7 +40,9 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="keep every neuron (export the sparse weights as they are)")
     p.add_argument("--no-verify", dest="verify", action="store_false", default=None,
                    help="skip the onnxruntime comparison (not recommended)")
-    p.add_argument("--tolerance", type=float, help="largest allowed max abs difference of onnxruntime's outputs (default 1e-4; for outputs beyond 1 in magnitude, this fraction of the largest)")
+    p.add_argument("--tolerance", type=float,
+                   help="largest allowed max abs difference of onnxruntime's outputs (default 1e-4; for outputs "
+                        "beyond 1 in magnitude, this fraction of the largest)")
     p.add_argument("--opset", type=int, help="ONNX opset, 17 or newer (default 18)")
     p.add_argument("--compact", action="store_true", default=None,
                    help="store layers at most half dense as values + indices inside the ONNX file")

@@ -42,7 +42,7 @@ def error_of(capsys, *argv) -> str:
     code, err = cli(capsys, *argv)
     assert code == 2, err
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("sparsify: error: ") or any(l.startswith("sparsify: error: ") for l in lines)
+    assert lines[-1].startswith("sparsify: error: ") or any(line.startswith("sparsify: error: ") for line in lines)
     assert "Traceback" not in err
     return err
 

@@ -9,7 +9,8 @@ def build_model():
     torch.manual_seed(0)
     config = Phi3Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        attn_implementation="sdpa",
     )
     return Phi3ForCausalLM(config).eval()
 

@@ -184,7 +184,8 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
             Path(str(tmp) + ".data").unlink(missing_ok=True)
 
 
-POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact", "sparse_matmul")  # the policy's export: keys export() takes
+# the keys of the policy's export section that export() takes
+POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact", "sparse_matmul")
 
 
 def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:

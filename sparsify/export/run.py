@@ -44,4 +44,7 @@ def export_run(source: str | Path, out: str | Path | None = None, **options: Any
 
 
 def _calibration(model_file, policy):
-    return calibration_batches(model_file, policy, {**TRAINING_DEFAULTS, **policy.training}) if model_file.has("train_data") else None
+    """The calibration batches the training run used (none without train_data)."""
+    if not model_file.has("train_data"):
+        return None
+    return calibration_batches(model_file, policy, {**TRAINING_DEFAULTS, **policy.training})

@@ -28,8 +28,8 @@ def analyze(name):
     return model, couple(cap, find_linears(model, cap))
 
 
-@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi", "hf_phi3", "hf_deepseek_v3", "hf_gpt2",
-                                  "torch_transformer"])
+@pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi",
+                                  "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer"])
 def test_golden_dump(name):
     _, coupling = analyze(name)
     text = coupling.dump()
