@@ -28,6 +28,8 @@ the rewritten model's outputs and undoes the change when they moved.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import fx, nn
@@ -184,23 +186,25 @@ def _per_head_operands(gm: fx.GraphModule, inputs: list, path: set, q_heads: int
     return len(fixes)
 
 
-def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
-                            heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
-                            layers: dict[str, nn.Linear], sample,
-                            roles: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                            kept_heads: list[int] | None = None) -> fx.GraphModule:
-    """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
-    ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
-    layer) in it. ``roles`` (q, k, v -> (rows, rows kept) in their layer) places the slices of a
-    fused layer; ``kept_heads`` (the q heads kept, by index) narrows tensors holding a value per
-    head. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
-    owner = model.get_submodule(owner_name) if owner_name else model
-    prefix = owner_name + "." if owner_name else ""
-    (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
-    q, k, v = qkv
-    fused_gqa = q_heads != kv_heads and q in (k, v)
-    if fused_gqa and roles is None:
-        raise RuntimeError("grouped-query attention from one fused layer needs the rows of q, k and v")
+@dataclass
+class _Paths:
+    """Where q, k, v and o sit in the captured graph: their linear calls, and the nodes on the way
+    from q, k, v to o (``ahead``), from q alone (``from_q``), from k or v (``from_kv``), and the
+    nodes that feed o (``behind``)."""
+
+    calls: dict[str, list[fx.Node]]
+    sources: list[fx.Node]
+    into: list[fx.Node]
+    after: set
+    ahead: set
+    from_q: set
+    from_kv: set
+    behind: set = field(default_factory=set)
+
+
+def _captured_owner(model: nn.Module, owner_name: str, owner: nn.Module, sample) -> tuple[fx.GraphModule, tuple, dict]:
+    """``owner`` captured with ``torch.export`` on the inputs it receives when ``model`` runs on
+    ``sample`` (every dimension dynamic where it allows); with those inputs."""
     args, kwargs = _owner_inputs(model, owner, sample)
     try:
         with torch.no_grad():
@@ -208,72 +212,111 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
             program = torch.export.export(named, args, kwargs, dynamic_shapes=auto_dynamic(named, args, kwargs), strict=False)
     except Exception as exc:
         raise RuntimeError(f"torch.export cannot capture {owner_name or 'the model'}: {first_line(exc)}") from exc
-    gm = program.module()
-    graph = gm.graph
-    rel = {n: n[len(prefix):] for n in (*qkv, o)}
+    return program.module(), args, kwargs
+
+
+def _paths(graph: fx.Graph, rel: dict[str, str], qkv: tuple[str, str, str], o: str) -> _Paths:
+    q, k, v = qkv
     calls = {site: _linear_calls(graph, rel[site]) for site in dict.fromkeys(qkv)}
     sources = [c for found in calls.values() for c in found]
     into = _linear_calls(graph, rel[o])
     if not all(calls.values()) or len(into) != 1:
         raise RuntimeError("its graph does not call q, k and v and then o once each")
     after = _reachable(into, forward=True)
-    ahead = _reachable(sources, forward=True) - after  # between q, k, v and o
-    from_q = _reachable(calls[q], forward=True) - after
-    from_kv = _reachable(calls[k] + calls[v], forward=True) - after
-    rewritten = 0
-    sliced = _slice_roles(graph, sources, roles) if q in (k, v) and roles is not None else {}
-    if {role for role, _ in sliced.values()} == {"q", "k", "v"}:  # one layer's rows, sliced apart at fixed offsets
-        for node, (_, new_args) in sliced.items():
-            node.args = new_args
-        starts = {part: [n for n, (role, _) in sliced.items() if (role == "q") == (part == "q")] for part in ("q", "kv")}
-        from_q = (_reachable(starts["q"], forward=True) | set(starts["q"])) - after  # q's and k/v's paths start there
-        from_kv = (_reachable(starts["kv"], forward=True) | set(starts["kv"])) - after
-        rewritten += len(sliced)
-    elif fused_gqa:
-        raise RuntimeError("grouped-query attention from one fused layer: its graph does not slice q, k and v apart "
-                           "at fixed offsets")
-    behind = _reachable(into[0].all_input_nodes, forward=False) | set(into[0].all_input_nodes)
+    return _Paths(calls, sources, into, after,
+                  ahead=_reachable(sources, forward=True) - after,  # between q, k, v and o
+                  from_q=_reachable(calls[q], forward=True) - after,
+                  from_kv=_reachable(calls[k] + calls[v], forward=True) - after)
+
+
+def _move_fused_slices(graph: fx.Graph, paths: _Paths, qkv: tuple[str, str, str], fused_gqa: bool,
+                       roles: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> int:
+    """Move the slices that cut one fused layer's output into q, k and v to the rows kept (q's and
+    k/v's paths then start at the slices). Returns how many slices moved."""
+    q, k, v = qkv
+    sliced = _slice_roles(graph, paths.sources, roles) if q in (k, v) and roles is not None else {}
+    if {role for role, _ in sliced.values()} != {"q", "k", "v"}:
+        if fused_gqa:
+            raise RuntimeError("grouped-query attention from one fused layer: its graph does not slice q, k and v "
+                               "apart at fixed offsets")
+        return 0
+    for node, (_, new_args) in sliced.items():  # one layer's rows, sliced apart at fixed offsets
+        node.args = new_args
+    starts = {part: [n for n, (role, _) in sliced.items() if (role == "q") == (part == "q")] for part in ("q", "kv")}
+    paths.from_q = (_reachable(starts["q"], forward=True) | set(starts["q"])) - paths.after
+    paths.from_kv = (_reachable(starts["kv"], forward=True) | set(starts["kv"])) - paths.after
+    return len(sliced)
+
+
+def _split_args(node: fx.Node, source: fx.Node, width: int, new_width: int) -> tuple | None:
+    """A split of a fused layer's output into pieces of ``width``, cut into pieces of ``new_width``."""
+    sizes = node.args[1]
+    if node.target is torch.ops.aten.split.Tensor and sizes == width:
+        return (source, new_width, *node.args[2:])
+    if isinstance(sizes, (list, tuple)) and set(sizes) == {width}:
+        return (source, [new_width] * len(sizes), *node.args[2:])
+    return None
+
+
+def _resized(node: fx.Node, shape: tuple, paths: _Paths, qkv: tuple[str, str, str], heads: tuple[int, int],
+             kept: tuple[int, int], head_dim: int) -> list:
+    """The size a view or expand on the way from q, k, v to o asks for with the heads kept."""
+    (q_heads, kv_heads), (q_kept, kv_kept) = heads, kept
+    q, k, v = qkv
     width, kv_width = q_heads * head_dim, kv_heads * head_dim
+    size = list(node.args[1])
+    q_only = node in paths.from_q and node not in paths.from_kv
+    kv_only = node in paths.from_kv and node not in paths.from_q
+    if node.target in EXPANDS:  # kv heads repeated for grouped-query attention: [.., kv, n_rep, ..]
+        aligned = (None,) * (len(size) - len(shape)) + shape  # expand aligns the trailing dimensions
+        for i in [i for i, (old, new) in enumerate(zip(aligned, size)) if kv_only and old == new == kv_heads
+                  and i < len(size) - 1]:
+            size[i] = kv_kept
+    elif len(size) >= 2 and size[-2:] == [q_heads, head_dim] and shape[-1] == width and (q_only or q in (k, v)):
+        size[-2] = q_kept  # q (or a fused layer's q, k and v) into heads
+    elif len(size) >= 2 and size[-2:] == [kv_heads, head_dim] and shape[-1] == kv_width and kv_only:
+        size[-2] = kv_kept  # k or v into heads
+    elif kv_only and q_heads != kv_heads and _merges_repeats(shape, size, kv_heads, q_heads):
+        size[size.index(q_heads)] = q_kept  # repeated kv heads merged: [.., kv, n_rep, ..] -> [.., heads, ..]
+    elif node in paths.behind and len(shape) >= 2 and shape[-2:] == (q_heads, head_dim) and size[-1] == width:
+        size[-1] = q_kept * head_dim  # the heads merged on their way into o
+    return size
+
+
+def _rewrite_head_sizes(graph: fx.Graph, paths: _Paths, qkv: tuple[str, str, str], heads: tuple[int, int],
+                        kept: tuple[int, int], head_dim: int) -> int:
+    """Make the splits, views and expands between q, k, v and o ask for the heads kept. Returns how
+    many nodes changed."""
+    width = heads[0] * head_dim
+    rewritten = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node not in ahead:
+        if node.op != "call_function" or node not in paths.ahead:
             continue
         source = node.args[0]
         shape = _shape(source)
         if not shape:
             continue
-        if node.target in SPLITS and source in sources and shape[-1] % width == 0:  # a fused layer: q_heads == kv_heads
-            sizes = node.args[1]
-            if node.target is torch.ops.aten.split.Tensor and sizes == width:
-                node.args = (source, q_kept * head_dim, *node.args[2:])
-                rewritten += 1
-            elif isinstance(sizes, (list, tuple)) and set(sizes) == {width}:
-                node.args = (source, [q_kept * head_dim] * len(sizes), *node.args[2:])
+        if node.target in SPLITS and source in paths.sources and shape[-1] % width == 0:  # a fused layer: q_heads == kv_heads
+            new_args = _split_args(node, source, width, kept[0] * head_dim)
+            if new_args is not None:
+                node.args = new_args
                 rewritten += 1
             continue
         if node.target not in VIEWS | EXPANDS or not isinstance(node.args[1], (list, tuple)):
             continue
-        size = list(node.args[1])
-        q_only, kv_only = node in from_q and node not in from_kv, node in from_kv and node not in from_q
-        if node.target in EXPANDS:  # kv heads repeated for grouped-query attention: [.., kv, n_rep, ..]
-            aligned = (None,) * (len(size) - len(shape)) + shape  # expand aligns the trailing dimensions
-            at = [i for i, (old, new) in enumerate(zip(aligned, size)) if kv_only and old == new == kv_heads
-                  and i < len(size) - 1]
-            for i in at:
-                size[i] = kv_kept
-        elif len(size) >= 2 and size[-2:] == [q_heads, head_dim] and shape[-1] == width and (q_only or q in (k, v)):
-            size[-2] = q_kept  # q (or a fused layer's q, k and v) into heads
-        elif len(size) >= 2 and size[-2:] == [kv_heads, head_dim] and shape[-1] == kv_width and kv_only:
-            size[-2] = kv_kept  # k or v into heads
-        elif kv_only and q_heads != kv_heads and _merges_repeats(shape, size, kv_heads, q_heads):
-            size[size.index(q_heads)] = q_kept  # repeated kv heads merged: [.., kv, n_rep, ..] -> [.., heads, ..]
-        elif node in behind and len(shape) >= 2 and shape[-2:] == (q_heads, head_dim) and size[-1] == width:
-            size[-1] = q_kept * head_dim  # the heads merged on their way into o
+        size = _resized(node, shape, paths, qkv, heads, kept, head_dim)
         if size == list(node.args[1]):
             continue
         node.args = (source, size, *node.args[2:])
         rewritten += 1
-    shrunk = {rel[name]: layer for name, layer in layers.items()}
-    for node in list(graph.nodes):  # every nn.Linear of the owner is a module again (store_sparse finds it)
+    return rewritten
+
+
+def _linears_as_modules(gm: fx.GraphModule, owner: nn.Module, shrunk: dict[str, nn.Linear]) -> None:
+    """Every plain nn.Linear call of the owner becomes a call of its module again (the shrunk layer
+    where there is one), so store_sparse finds it; raises when a shrunk layer is not called so."""
+    graph = gm.graph
+    for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
         weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
@@ -282,12 +325,9 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
         name = weight.target[:-len(".weight")]
         layer = shrunk.get(name)
         if layer is None:
-            try:
-                layer = owner.get_submodule(name)
-            except AttributeError:
-                continue
-            if type(layer) is not nn.Linear:
-                continue
+            layer = _plain_linear(owner, name)
+        if layer is None:
+            continue
         plain = bias is None if layer.bias is None else (isinstance(bias, fx.Node) and bias.op == "get_attr"
                                                          and bias.target == f"{name}.bias")
         if not plain:
@@ -303,9 +343,43 @@ def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, s
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-    if kept_heads is not None and len(kept_heads) < q_heads:
+
+
+def _plain_linear(owner: nn.Module, name: str) -> nn.Linear | None:
+    try:
+        layer = owner.get_submodule(name)
+    except AttributeError:
+        return None
+    return layer if type(layer) is nn.Linear else None
+
+
+def traced_with_fewer_heads(model: nn.Module, owner_name: str, qkv: tuple[str, str, str], o: str,
+                            heads: tuple[int, int], kept: tuple[int, int], head_dim: int,
+                            layers: dict[str, nn.Linear], sample,
+                            roles: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                            kept_heads: list[int] | None = None) -> fx.GraphModule:
+    """The module ``owner_name`` of ``model`` captured as a graph whose sizes ask for ``kept`` of
+    ``heads`` heads (q heads, kv heads), with ``layers`` (dotted name in ``model`` -> the shrunk
+    layer) in it. ``roles`` (q, k, v -> (rows, rows kept) in their layer) places the slices of a
+    fused layer; ``kept_heads`` (the q heads kept, by index) narrows tensors holding a value per
+    head. Raises RuntimeError (why) when the graph cannot be made. ``model`` is not changed."""
+    owner = model.get_submodule(owner_name) if owner_name else model
+    prefix = owner_name + "." if owner_name else ""
+    q, k, v = qkv
+    fused_gqa = heads[0] != heads[1] and q in (k, v)
+    if fused_gqa and roles is None:
+        raise RuntimeError("grouped-query attention from one fused layer needs the rows of q, k and v")
+    gm, args, kwargs = _captured_owner(model, owner_name, owner, sample)
+    graph = gm.graph
+    rel = {n: n[len(prefix):] for n in (*qkv, o)}
+    paths = _paths(graph, rel, qkv, o)
+    rewritten = _move_fused_slices(graph, paths, qkv, fused_gqa, roles)
+    paths.behind = _reachable(paths.into[0].all_input_nodes, forward=False) | set(paths.into[0].all_input_nodes)
+    rewritten += _rewrite_head_sizes(graph, paths, qkv, heads, kept, head_dim)
+    _linears_as_modules(gm, owner, {rel[name]: layer for name, layer in layers.items()})
+    if kept_heads is not None and len(kept_heads) < heads[0]:
         inputs = tree_flatten_spec((args, kwargs), gm._in_spec)  # the graph's placeholders, in order
-        rewritten += _per_head_operands(gm, inputs, ahead, q_heads, kept_heads)
+        rewritten += _per_head_operands(gm, inputs, paths.ahead, heads[0], kept_heads)
     if not rewritten:
         raise RuntimeError("neither a size in its graph nor a tensor with a value per head asks for the head count")
     _copies_before_views(graph)

@@ -26,7 +26,8 @@ rotary part shared by all), those rows stay, and the heads' own rows go; q, k an
 be of different sizes (q 192 rows, k_nope 128, v 128 in DeepSeek-V3). A model that reads the head count
 from the tensors (``view(B, T, -1, head_dim)``, as Hugging Face models do) runs with fewer heads
 as it is; where it does not, a parameter of the attention's module with one value per q head
-(gpt-oss's attention sinks) is cut to the kept heads, checked as below. Each attention's change is run on the sample inputs and kept only when the outputs are
+(gpt-oss's attention sinks) is cut to the kept heads, checked as below. Each attention's change
+is run on the sample inputs and kept only when the outputs are
 unchanged (within 1e-5, or 1e-5 of the largest output when outputs exceed 1); otherwise it is
 undone and the reason reported. q, k and v may be runs of one fused layer's rows (GPT-2's
 c_attn), or interleaved in it head by head (GPT-NeoX): its kept rows stay in their order, and
@@ -38,7 +39,8 @@ layer), its integer attributes named for heads that equal the old counts are set
 together, checked the same way. Where the code fixes the head count (nanoGPT's
 ``view(B, T, self.n_head, C // self.n_head)``, LLaMA's reference ``repeat_kv``), the module
 holding the attention's layers is replaced by its graph with the head sizes rewritten
-(passes.retrace), checked the same way. Dimensions within a head (q/k dims dead in every head with their RoPE partners, v dims with
+(passes.retrace), checked the same way. Dimensions within a head (q/k dims dead in every head
+with their RoPE partners, v dims with
 o's columns) would change the head size q, k, v and a shared rotary embedding agree on, and are
 not shrunk. The residual stream is never touched.
 
@@ -499,108 +501,145 @@ def _through_graph(model: nn.Module, qkv: tuple[str, str, str], o: str, heads: t
     return f"{why}; nor through its graph with the sizes rewritten ({failed})", None
 
 
+def _dead_groups(share: dict, blocks: dict, o_width: int, v: nn.Linear, out: nn.Linear) -> dict[int, torch.Tensor | None]:
+    """The head groups nothing reads (o's columns of their heads empty) or whose v rows lost every
+    input: group -> its constant contribution to o's output (v's bias through o), if any."""
+    dead: dict[int, torch.Tensor | None] = {}
+    for g, heads in share.items():
+        cols = _head_rows(heads, o_width)
+        rows = torch.as_tensor(blocks["v"][g])
+        if out.weight[:, cols].eq(0).all():
+            dead[g] = None
+        elif v.weight[rows].eq(0).all():
+            constant = v.bias is not None and bool(v.bias[rows].ne(0).any())
+            dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(heads)) if constant else None
+    return dead
+
+
+def _why_none_go(dead: dict, share: dict) -> str | None:
+    """Why no group can go, or None; keeps one group when all are dead (``dead`` changes in place):
+    an attention without heads is not a valid model."""
+    if len(dead) == len(share):
+        dead.pop(min(dead))
+        if not dead:
+            return "attention: its only head group is dead, and an attention keeps at least one"
+    if not dead:
+        return "attention: no whole head (grouped-query group) is dead; dimensions within heads are not shrunk"
+    return None
+
+
+def _swap_in_kept_heads(model: nn.Module, layers: dict, sites: dict[str, str], blocks: dict, heads_of: dict,
+                        o: str, o_width: int, bias: torch.Tensor, folded: int) -> dict[str, list[torch.Tensor]]:
+    """Replace q, k, v by their kept rows and o by its kept columns (with ``bias``, where dead groups'
+    constants were folded). Returns each q/k/v site's kept rows, role by role."""
+    rows_of: dict[str, list[torch.Tensor]] = {}
+    for role, site in sites.items():
+        rows_of.setdefault(site, []).append(torch.as_tensor(np.concatenate([blocks[role][h] for h in heads_of[role]])))
+    for site, parts in rows_of.items():
+        layer, rows = layers[site], torch.cat(parts).sort().values
+        replace_module(model, site, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
+    out = layers[o]
+    replace_module(model, o, _linear(out.weight[:, _head_rows(heads_of["q"], o_width)],
+                                     bias if out.bias is not None or folded else None))
+    return rows_of
+
+
+def _try_split_width(model: nn.Module, layout, blocks: dict, sites: dict[str, str], rows_of: dict, check,
+                     why: str) -> tuple[str | None, dict[str, int]]:
+    """Roles of one fused layer, as wide as each other before and after: try its split width."""
+    fused = [site for site in rows_of if len(rows_of[site]) > 1]
+    old_widths = {len(blocks[role]) * layout.width(role) for role, site in sites.items() if site in fused}
+    if not (len(fused) == 1 and len(old_widths) == 1 and len({len(r) for r in rows_of[fused[0]]}) == 1):
+        return why, {}
+    old, new = old_widths.pop(), len(rows_of[fused[0]][0])
+    widths = _split_widths(model, fused[0], old, new, check)
+    if widths is not None:
+        return None, widths
+    parent = fused[0].rpartition(".")[0] or "the model"
+    return why + f"; nor with an integer attribute of {parent} equal to {old} set to {new}", {}
+
+
+def _shrink_attention(model: nn.Module, coupling: Coupling, attention: Attention, samples: list, reference: dict,
+                      skipped: dict[str, str]) -> Heads | None:
+    """Drop the dead head groups of one attention when the model still runs and matches after (see
+    :func:`_shrink_heads`); else say why in ``skipped`` and return None. ``reference`` caches the
+    model's outputs before any change."""
+    layers = {n: model.get_submodule(n) for n in coupling.sites.sites}
+    found = _head_layout(coupling, attention, layers)
+    if found is None:
+        return None
+    o, why_not, layout = found
+    if why_not is not None or not samples:
+        skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
+        return None
+    share, blocks, ow = layout.share, layout.blocks, layout.o_width
+    counts = (sum(len(h) for h in share.values()), len(share))  # q heads, kv heads
+    owner = owner_of((attention.q, attention.k, attention.v, o))  # the module holding the attention
+    sites = {"q": attention.q, "k": attention.k, "v": attention.v}
+    out = layers[o]
+    dead = _dead_groups(share, blocks, ow, layers[attention.v], out)
+    why_none = _why_none_go(dead, share)
+    if why_none is not None:
+        skipped[o] = why_none
+        return None
+    bias = out.bias.clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
+    constants = [c for c in dead.values() if c is not None]
+    for c in constants:
+        bias += c
+    folded = len(constants)
+    kept_kv = [g for g in share if g not in dead]
+    kept = sorted(h for g in kept_kv for h in share[g])
+    if "outputs" not in reference:
+        reference["outputs"] = _outputs(model, samples)
+    heads_of = {"q": kept, "k": kept_kv, "v": kept_kv}
+    before = {n: layers[n] for n in (*sites.values(), o)}
+    rows_of = _swap_in_kept_heads(model, layers, sites, blocks, heads_of, o, ow, bias, folded)
+    check = lambda: _checked(model, samples, reference["outputs"], f"attention: {len(dead)} dead head group(s) kept",  # noqa: E731
+                             "read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
+    why = check()
+    narrowed: list[str] = []
+    if why is not None:
+        narrowed = _narrow_per_head(model, owner, counts[0], kept, check)
+        why = None if narrowed else why
+    rewritten: dict[str, int] = {}
+    if why is not None:
+        why, rewritten = _try_split_width(model, layout, blocks, sites, rows_of, check, why)
+    if why is not None:  # the head counts its module holds
+        attributes, tried = _head_counts(model, owner, counts, (len(kept), len(kept_kv)), check)
+        if attributes:
+            why, rewritten = None, attributes
+        elif tried:
+            why += f"; nor with {tried}"
+    traced = None
+    if why is not None and not layout.uniform:
+        why += (f"; its graph is not rewritten: its heads are {layout.width('q')} rows of q, {layout.width('k')} "
+                f"of k and {layout.width('v')} of v, and the rewrite knows one head size")
+    elif why is not None:  # try its graph, with the sizes rewritten
+        roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
+                 for role in sites}
+        why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, counts,
+                                     (len(kept), len(kept_kv)), layout.head_dim, before, samples, check, why,
+                                     roles, kept)
+    if why is not None:
+        for name, layer in before.items():
+            replace_module(model, name, layer)
+        skipped[o] = why
+        return None
+    skipped.pop(o, None)
+    return Heads((attention.q, attention.k, attention.v), o, *counts, kept, kept_kv, folded, rewritten, traced,
+                 narrowed)
+
+
 @torch.no_grad()
 def _shrink_heads(model: nn.Module, coupling: Coupling, samples: list, skipped: dict[str, str]) -> list[Heads]:
     """Drop the dead heads (whole grouped-query groups) of every attention, keeping each change only
     when the model's outputs on ``samples`` stay within HEAD_TOLERANCE. The checks also run the
     first sample with another number of rows: a graph captured for the model must take any."""
-    done = []
     other = other_rows(ExampleInputs.of(samples[0])) if samples else None
     samples = samples + [other] if other is not None else samples
-    reference = None
-    for attention in coupling.attentions:
-        layers = {n: model.get_submodule(n) for n in coupling.sites.sites}
-        found = _head_layout(coupling, attention, layers)
-        if found is None:
-            continue
-        o, why_not, layout = found
-        if why_not is not None or not samples:
-            skipped[o] = why_not or "attention: no sample inputs to check a change of heads on"
-            continue
-        share, blocks, ow = layout.share, layout.blocks, layout.o_width
-        counts = (sum(len(h) for h in share.values()), len(share))  # q heads, kv heads
-        owner = owner_of((attention.q, attention.k, attention.v, o))  # the module holding the attention
-        sites = {"q": attention.q, "k": attention.k, "v": attention.v}
-        v, out = layers[attention.v], layers[o]
-        dead: dict[int, torch.Tensor | None] = {}  # group -> its constant contribution to o's output, if any
-        for g, heads in share.items():
-            cols = _head_rows(heads, ow)
-            rows = torch.as_tensor(blocks["v"][g])
-            if out.weight[:, cols].eq(0).all():
-                dead[g] = None
-            elif v.weight[rows].eq(0).all():
-                constant = v.bias is not None and bool(v.bias[rows].ne(0).any())
-                dead[g] = out.weight[:, cols] @ v.bias[rows].repeat(len(heads)) if constant else None
-        if len(dead) == len(share):  # keep one group: an attention without heads is not a valid model
-            dead.pop(min(dead))
-            if not dead:
-                skipped[o] = "attention: its only head group is dead, and an attention keeps at least one"
-                continue
-        if not dead:
-            skipped[o] = "attention: no whole head (grouped-query group) is dead; dimensions within heads are not shrunk"
-            continue
-        bias = out.bias.clone() if out.bias is not None else out.weight.new_zeros(out.out_features)
-        constants = [c for c in dead.values() if c is not None]
-        for c in constants:
-            bias += c
-        folded = len(constants)
-        kept_kv = [g for g in share if g not in dead]
-        kept = sorted(h for g in kept_kv for h in share[g])
-        if reference is None:
-            reference = _outputs(model, samples)
-        heads_of = {"q": kept, "k": kept_kv, "v": kept_kv}
-        rows_of: dict[str, list[torch.Tensor]] = {}  # site -> its kept rows, role by role
-        for role, site in sites.items():
-            rows_of.setdefault(site, []).append(torch.as_tensor(np.concatenate([blocks[role][h] for h in heads_of[role]])))
-        before = {n: layers[n] for n in (*rows_of, o)}
-        for site, parts in rows_of.items():
-            layer, rows = layers[site], torch.cat(parts).sort().values
-            replace_module(model, site, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
-        replace_module(model, o, _linear(out.weight[:, _head_rows(kept, ow)], bias if out.bias is not None or folded else None))
-        check = lambda: _checked(model, samples, reference, f"attention: {len(dead)} dead head group(s) kept",  # noqa: E731
-                                 "read the head count from the tensors, e.g. view(B, T, -1, head_dim)")
-        why = check()
-        narrowed: list[str] = []
-        if why is not None:
-            narrowed = _narrow_per_head(model, owner, counts[0], kept, check)
-            why = None if narrowed else why
-        rewritten: dict[str, int] = {}
-        fused = [site for site in rows_of if len(rows_of[site]) > 1]
-        old_widths = {len(blocks[role]) * layout.width(role) for role, site in sites.items() if site in fused}
-        if why is not None and len(fused) == 1 and len(old_widths) == 1 and len({len(r) for r in rows_of[fused[0]]}) == 1:
-            # roles of one fused layer, as wide as each other before and after: try its split width
-            old, new = old_widths.pop(), len(rows_of[fused[0]][0])
-            widths = _split_widths(model, fused[0], old, new, check)
-            if widths is not None:
-                why, rewritten = None, widths
-            else:
-                parent = fused[0].rpartition(".")[0] or "the model"
-                why += f"; nor with an integer attribute of {parent} equal to {old} set to {new}"
-        if why is not None:  # the head counts its module holds
-            attributes, tried = _head_counts(model, owner, counts, (len(kept), len(kept_kv)), check)
-            if attributes:
-                why, rewritten = None, attributes
-            elif tried:
-                why += f"; nor with {tried}"
-        traced = None
-        if why is not None and not layout.uniform:
-            why += (f"; its graph is not rewritten: its heads are {layout.width('q')} rows of q, {layout.width('k')} "
-                    f"of k and {layout.width('v')} of v, and the rewrite knows one head size")
-        elif why is not None:  # try its graph, with the sizes rewritten
-            roles = {role: (np.concatenate(blocks[role]), np.concatenate([blocks[role][h] for h in heads_of[role]]))
-                     for role in sites}
-            why, traced = _through_graph(model, (attention.q, attention.k, attention.v), o, counts,
-                                         (len(kept), len(kept_kv)), layout.head_dim, before, samples, check, why,
-                                         roles, kept)
-        if why is not None:
-            for name, layer in before.items():
-                replace_module(model, name, layer)
-            skipped[o] = why
-            continue
-        skipped.pop(o, None)
-        done.append(Heads((attention.q, attention.k, attention.v), o, *counts, kept, kept_kv, folded, rewritten, traced,
-                          narrowed))
-    return done
+    reference: dict = {}  # the model's outputs before any change, computed once a change is tried
+    done = [_shrink_attention(model, coupling, attention, samples, reference, skipped) for attention in coupling.attentions]
+    return [heads for heads in done if heads is not None]
 
 
 SHRINK = GraphPass("shrink", shrink, SparsifyError)
