@@ -20,7 +20,7 @@ LAYERS = [
     ("passes", ["sparsify.passes.*"]),
     ("passes: pipelines", ["sparsify.passes.pipeline"]),
     ("runtime: export steps", ["sparsify.export", "sparsify.export.onnx_file", "sparsify.export.huggingface",
-                               "sparsify.export.latency", "sparsify.export.report"]),
+                               "sparsify.export.latency", "sparsify.export.options", "sparsify.export.report"]),
     ("runtime: export", ["sparsify.export.pipeline"]),
     ("runtime: the transform's handle", ["sparsify.sparse_model"]),
     ("runtime: training, inspection, plots", ["sparsify.train", "sparsify.inspection", "sparsify.plots"]),

@@ -1,4 +1,5 @@
 """Export: the trained sparse model, shrunk, to ONNX and .pt2, checked against itself."""
+import inspect
 import json
 import os
 import subprocess
@@ -390,3 +391,15 @@ def test_a_failed_onnx_conversion_names_its_cause(tmp_path, monkeypatch):
                               "ONNX model. This is step 3/3\n  caused by ValueError: No ONNX function found for "
                               "<OpOverload(op='custom.op')>")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_options_are_the_policy_section_typed_with_the_flags_winning():
+    from sparsify.export.options import ExportOptions
+    from sparsify.export.pipeline import export
+
+    options = ExportOptions.from_section({"onnx": True, "compact": True, "tolerance": 1e-3}, tolerance=None, opset=19)
+    assert (options.onnx, options.compact, options.tolerance, options.opset, options.shrink) == (True, True, 1e-3, 19, True)
+    kwargs = options.export_kwargs()
+    assert "onnx" not in kwargs and kwargs["sparse_matmul"] is False
+    defaults = {k: p.default for k, p in inspect.signature(export).parameters.items() if k in kwargs}
+    assert defaults == ExportOptions().export_kwargs()  # one source of defaults

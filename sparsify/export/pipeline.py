@@ -32,8 +32,9 @@ from sparsify.csr_linear import CsrLinear
 from sparsify.errors import ExportError
 from sparsify.export.huggingface import narrow_heads, rewrite_head_counts, rewrite_mlp_sizes, save_pretrained
 from sparsify.export.latency import compare_with_dense
-from sparsify.export.onnx_file import (OPSET, OnnxModel, check_onnx, max_diff, onnxruntime_parity, tensors, to_onnx,
+from sparsify.export.onnx_file import (OnnxModel, check_onnx, max_diff, onnxruntime_parity, tensors, to_onnx,
                                       write_pt2)
+from sparsify.export.options import ExportOptions
 from sparsify.export.report import print_report
 from sparsify.files import atomic_write, temporary
 from sparsify.inputs import ExampleInputs, other_rows
@@ -78,9 +79,11 @@ def held_out_batches(data: Any, count: int = 2) -> list:
     return batches
 
 
-def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None, shrink: bool = True,
-           verify: bool = True, tolerance: float = 1e-4, opset: int = OPSET, compact: bool = False,
-           sparse_matmul: bool = False, compare_dense: bool = True, latency_repeat: int = 30) -> dict:
+def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None,
+           shrink: bool = ExportOptions.shrink, verify: bool = ExportOptions.verify,
+           tolerance: float = ExportOptions.tolerance, opset: int = ExportOptions.opset,
+           compact: bool = ExportOptions.compact, sparse_matmul: bool = ExportOptions.sparse_matmul,
+           compare_dense: bool = True, latency_repeat: int = 30) -> dict:
     """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
 
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
@@ -184,16 +187,11 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
             Path(str(tmp) + ".data").unlink(missing_ok=True)
 
 
-# the keys of the policy's export section that export() takes
-POLICY_OPTIONS = ("shrink", "verify", "tolerance", "opset", "compact", "sparse_matmul")
-
-
 def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:
     """Export a trained model as its policy's ``export`` section says (``overrides`` that are not
     None win), checked on the first batches of ``eval_data``; prints the summary."""
-    options = {**{k: policy.export[k] for k in POLICY_OPTIONS if k in policy.export},
-               **{k: v for k, v in overrides.items() if v is not None}}
+    options = ExportOptions.from_section(policy.export, **overrides)
     held_out = held_out_batches(eval_data) if eval_data is not None else None
-    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options)
+    report = export(handle, model_file.example_inputs(), out, held_out=held_out, **options.export_kwargs())
     print_report(report)
     return report
