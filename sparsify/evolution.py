@@ -457,7 +457,7 @@ class Evolution(nn.Module):
             layers[name]["frozen"] = bool(self._state(name).frozen)
         per_epoch = int(self.steps_per_epoch)
         return {"step": step, "epoch": step / per_epoch if per_epoch else None,
-                "anp": active_neuron_rate({n: l.mask for n, l in self._layers.items()}, self.graph),
+                "anp": active_neuron_rate({n: layer.mask for n, layer in self._layers.items()}, self.graph),
                 "seconds": round(seconds, 4), "layers": layers}
 
     def extra_repr(self) -> str:

@@ -143,7 +143,7 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["final"]["eval_accuracy"] > 0.5  # 10 classes: chance is 0.1
-    layers = {l["name"]: l for l in report["layers"]}
+    layers = {layer["name"]: layer for layer in report["layers"]}
     assert set(layers) == {"fc1", "fc2", "fc3"}
     assert layers["fc2"]["active"] == round(0.01 * 1568 * 1568)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -151,7 +151,7 @@ def test_short_training_run_on_fashion_mnist(tmp_path):
     update = rows[0]["layers"]["fc2"]
     assert update["regrown"] == update["removed"] + update["percolated_links"] > 0
     assert report["topology_updates"] == 1 and 0 < report["anp"] <= 1
-    assert all(l["percolation"] for l in layers.values()) and report["training"]["weight_decay"] == 5e-4
+    assert all(layer["percolation"] for layer in layers.values()) and report["training"]["weight_decay"] == 5e-4
     assert "note: percolation is on but ANP is" not in proc.stdout  # weight decay is set (the official 5e-4)
     assert report["best"]["epoch"] == 1 and report["best"]["eval_accuracy"] == report["final"]["eval_accuracy"]
     assert f"(best {report['best']['eval_accuracy']:.4f} at epoch 1)" in proc.stdout
