@@ -24,8 +24,8 @@ from torch.utils import _pytree as pytree
 from sparsify.csr_linear import CsrLinear
 from sparsify.errors import CaptureError, first_line, user_frame
 from sparsify.inputs import ExampleInputs
-from sparsify.sparse_linear import SparseLinear
 from sparsify.passes.graph_pass import GraphPass
+from sparsify.sparse_linear import SparseLinear
 
 log = logging.getLogger(__name__)
 

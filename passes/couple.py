@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import fx
 
+from sparsify.errors import SparsifyError
 from sparsify.passes.capture import Capture
 from sparsify.passes.find_linears import Sites
-from sparsify.errors import SparsifyError
 from sparsify.passes.graph_pass import GraphPass
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from sparsify.passes.capture import Capture
-from sparsify.sparse_linear import SparseLinear
 from sparsify.errors import SparsifyError
+from sparsify.passes.capture import Capture
 from sparsify.passes.graph_pass import GraphPass
+from sparsify.sparse_linear import SparseLinear
 
 LINEAR_OPS = {"linear"}  # aten.linear / F.linear by op name
 

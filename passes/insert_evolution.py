@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from sparsify.errors import SparsifyError
 from sparsify.evolution import Evolution
 from sparsify.passes.couple import Coupling
+from sparsify.passes.graph_pass import GraphPass
 from sparsify.passes.plan import Plan
 from sparsify.passes.rewrite import site_generator
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.percolation import NeuronGraph
-from sparsify.errors import SparsifyError
-from sparsify.passes.graph_pass import GraphPass
 
 NAME = "sparsify_evolution"
 

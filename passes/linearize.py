@@ -27,10 +27,10 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from sparsify.passes.find_linears import overrides_forward
-from sparsify.passes.rewrite import replace_everywhere
 from sparsify.errors import SparsifyError
+from sparsify.passes.find_linears import overrides_forward
 from sparsify.passes.graph_pass import GraphPass
+from sparsify.passes.rewrite import replace_everywhere
 
 TRANSPOSED = "transformers Conv1D (weight stored [in, out]) became nn.Linear holding the weight transposed"
 OWN_FORWARD = "{} (an nn.Linear subclass computing the product in its own forward) became nn.Linear, same Parameters"

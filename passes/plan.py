@@ -18,10 +18,10 @@ from sparsify.csr_linear import AUTO_CSR_DENSITY, CsrLinear
 from sparsify.errors import PlanError
 from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
+from sparsify.passes.graph_pass import GraphPass
 from sparsify.policy import LayerSpec, Policy, Rule
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES, link_count
-from sparsify.passes.graph_pass import GraphPass
 
 AVAILABLE_BACKENDS = {"masked", "csr"}
 

@@ -16,11 +16,11 @@ from torch import fx, nn
 
 from sparsify.errors import PlanError
 from sparsify.inputs import ExampleInputs
+from sparsify.passes.graph_pass import GraphPass
 from sparsify.passes.plan import Plan, resolved_backend
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES
-from sparsify.passes.graph_pass import GraphPass
 
 
 def site_generator(seed: int, name: str) -> torch.Generator:

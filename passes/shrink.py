@@ -62,9 +62,9 @@ from sparsify.errors import SparsifyError, first_line
 from sparsify.inputs import ExampleInputs, other_rows
 from sparsify.passes.capture import replace_module
 from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
-from sparsify.passes.rewrite import observe_inputs
-from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
 from sparsify.passes.graph_pass import GraphPass
+from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
+from sparsify.passes.rewrite import observe_inputs
 
 ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
 HEAD_TOLERANCE = 1e-5  # max abs change of the model's outputs allowed when an attention loses heads (scaled_limit)
