@@ -16,7 +16,7 @@ from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, transform
 from sparsify.policy import LayerSpec, Policy, load_policy
 from sparsify.sparse_linear import SparseLinear
-from sparsify.topology.init import link_count
+from sparsify.topology.initial import link_count
 from sparsify.topology.percolation import NeuronGraph
 
 
