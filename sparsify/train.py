@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -478,33 +477,42 @@ def _summary(report: dict, folder: Path) -> str:
 
 def launch(nproc: int, **kwargs: Any) -> None:
     """Run :func:`run` in ``nproc`` local processes (distributed data parallel over gloo or nccl)."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
     if nproc < 1:
         raise SparsifyError(f"--nproc {nproc}: must be at least 1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        mp.start_processes(_worker, args=(nproc, port, kwargs), nprocs=nproc, start_method="spawn")
-    except mp.ProcessExitedException as exc:
-        raise SparsifyError(f"process {exc.error_index} of {nproc} exited with code {exc.exit_code}") from None
+    # The processes meet through a file store in a private folder, not a TCP store on a port picked in advance:
+    # no other process can take the port between the pick and the bind, and no rank hosts a store server
+    # that the others still need while they tear down.
+    with tempfile.TemporaryDirectory(prefix="sparsify-ddp-") as folder:
+        try:
+            mp.start_processes(_worker, args=(nproc, os.path.join(folder, "store"), kwargs), nprocs=nproc,
+                               start_method="spawn")
+        except mp.ProcessExitedException as exc:
+            raise SparsifyError(f"process {exc.error_index} of {nproc} exited with code {exc.exit_code}") from None
 
 
-def _worker(rank: int, nproc: int, port: int, kwargs: dict) -> None:
+def _worker(rank: int, nproc: int, store_path: str, kwargs: dict) -> None:
     import sys
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+    store = dist.FileStore(store_path, nproc)
+    # run() finds the group made; with CUDA present, None gives gloo for CPU tensors and nccl for CUDA ones
+    dist.init_process_group(None if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=nproc)
     try:
         run(**kwargs)
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears gloo down while another still has work in flight
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     except SparsifyError as exc:
         if rank == 0:
             print(f"sparsify: error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    # Leave together: no process exits (closing its gloo sockets) while another is still tearing down.
+    store.add("torn_down", 1)
+    deadline = time.monotonic() + 120
+    while store.add("torn_down", 0) < nproc and time.monotonic() < deadline:
+        time.sleep(0.01)

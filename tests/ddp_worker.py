@@ -1,6 +1,7 @@
 """Worker of the distributed tests: one process of a 2-process gloo run (spawned by test_distributed)."""
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -29,10 +30,21 @@ def checksum(masks: dict) -> list[int]:
     return out
 
 
-def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: str, density: float = 0.15) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def leave_together(store: dist.Store, world: int, timeout: float = 120.0) -> None:
+    """Return once every rank has torn its process group down: no rank exits while another is still in teardown."""
+    store.add("torn_down", 1)
+    deadline = time.monotonic() + timeout
+    while store.add("torn_down", 0) < world and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def train(rank: int, world: int, store_path: str, method: str, wrap_first: bool, out: str,
+          density: float = 0.15) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store in the test's own folder: no TCP port to pick (free_port() raced other processes for it)
+    # and no store server living in rank 0, which could exit while rank 1 still tears down
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = Net()
@@ -69,3 +81,4 @@ def train(rank: int, world: int, port: int, method: str, wrap_first: bool, out: 
         dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
+    leave_together(store, world)

@@ -1,8 +1,8 @@
 """Distributed data parallel (gloo on CPU, 2 processes): identical masks on every rank after every update."""
 import json
 import os
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +13,11 @@ import ddp_worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("method,wrap_first,density", [("CHTs", False, 0.15), ("RigL", False, 0.15),
                                                       ("SET", True, 0.15), ("CHTs", False, 0.05)])
 def test_masks_are_identical_on_every_rank_after_every_update(tmp_path, method, wrap_first, density):
-    mp.start_processes(ddp_worker.train, args=(2, free_port(), method, wrap_first, str(tmp_path), density), nprocs=2,
-                       start_method="spawn", join=True)
+    mp.start_processes(ddp_worker.train, args=(2, str(tmp_path / "store"), method, wrap_first, str(tmp_path), density),
+                       nprocs=2, start_method="spawn", join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["backends"] == (["CsrLinear"] if density <= 0.05 else ["SparseLinear"])
     assert ranks[0]["sites"] == ranks[1]["sites"] == ["fc1", "fc2"]  # names without DDP's module. prefix
@@ -40,8 +34,10 @@ def test_cli_trains_in_two_processes(tmp_path):
     policy.write_text("version: 1\nrules:\n  - match: {regex: 'fc[12]'}\n    density: 0.2\n    method: CHTs\n"
                       "    update: {every: 5, unit: steps}\ntraining: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.01}\n")
     out = tmp_path / "run"
-    proc = subprocess.run(["sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
-                           "--nproc", "2", "--no-plots"], capture_output=True, text=True, env={**os.environ})
+    # this interpreter's sparsify (the one under test), not whichever one PATH finds first
+    proc = subprocess.run([sys.executable, "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy),
+                           "-o", str(out), "--nproc", "2", "--no-plots"],
+                          capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 3 * 15  # 30 batches per epoch shared by 2 ranks
