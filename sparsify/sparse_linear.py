@@ -147,18 +147,21 @@ class SparseLinear(nn.Module):
         return self.weight.grad
 
     @torch.no_grad()
-    def set_topology(self, mask: torch.Tensor, regrown: torch.Tensor) -> None:
-        """Adopt ``mask``: weights and gradients of inactive positions become 0, regrown links start at 0."""
+    def set_topology(self, mask: torch.Tensor, regrown: torch.Tensor) -> torch.Tensor:
+        """Adopt ``mask``: weights and gradients of inactive positions become 0, regrown links start at 0.
+        Returns the links that keep their state (``mask`` less ``regrown``), for :meth:`remap_state`."""
         mask = mask.to(self.mask.device, torch.bool)
+        kept = mask & ~regrown.to(mask.device)
         self.mask.copy_(mask)
-        self.weight.mul_(mask & ~regrown.to(mask.device))
+        self.weight.mul_(kept)
         if self.weight.grad is not None:
-            self.weight.grad.mul_(mask)
+            self.weight.grad.mul_(kept)
+        return kept
 
-    def remap_state(self, value: torch.Tensor, source: None) -> torch.Tensor:
-        """An optimizer state tensor after a topology change: zero at every inactive position (regrown
-        links were inactive, so theirs is zero already)."""
-        return value.mul_(self.mask)
+    def remap_state(self, value: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """An optimizer state tensor after a topology change: zero at every inactive position and at
+        every regrown link, also one removed and regrown in the same update (it restarts)."""
+        return value.mul_(kept)
 
     @property
     def active_links(self) -> int:

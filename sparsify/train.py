@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
 
@@ -477,9 +480,6 @@ def _summary(report: dict, folder: Path) -> str:
 
 def launch(nproc: int, **kwargs: Any) -> None:
     """Run :func:`run` in ``nproc`` local processes (distributed data parallel over gloo or nccl)."""
-    import tempfile
-
-    import torch.multiprocessing as mp
 
     if nproc < 1:
         raise SparsifyError(f"--nproc {nproc}: must be at least 1")
@@ -495,8 +495,6 @@ def launch(nproc: int, **kwargs: Any) -> None:
 
 
 def _worker(rank: int, nproc: int, store_path: str, kwargs: dict) -> None:
-    import sys
-
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     store = dist.FileStore(store_path, nproc)

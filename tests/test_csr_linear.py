@@ -274,3 +274,23 @@ def test_checkpoints_saved_before_backend_moves_existed_still_load(tmp_path):
     assert not any(bool(s.csr) for s in handle.evolution.state)
     with pytest.raises(sparsify.SparsifyError, match=r"missing fc1\.weight"):
         load_state(model, {k: v for k, v in old.items() if k != "fc1.weight"}, tmp_path / "model.pt", "model.py")
+
+
+def test_a_link_removed_and_regrown_in_one_update_restarts_in_both_backends():
+    """Its weight, gradient and moment restart at 0 in the masked backend as in csr (the masked
+    backend once kept the moment of such a link, and the two backends' losses drifted apart)."""
+    torch.manual_seed(0)
+    mask = torch.rand(6, 5) < 0.5
+    regrown = torch.zeros_like(mask)
+    regrown[mask.nonzero()[0].tolist()[0], mask.nonzero()[0].tolist()[1]] = True  # active before and after
+    masked = SparseLinear.from_linear(nn.Linear(5, 6), mask=mask)
+    csr = CsrLinear.from_masked(masked)
+    momentum = torch.randn(6, 5) * mask
+    masked.weight.grad = torch.randn(6, 5) * mask
+    kept = masked.set_topology(mask, regrown)
+    after = masked.remap_state(momentum.clone(), kept)
+    source = csr.set_topology(mask, regrown)
+    after_csr = csr.remap_state(momentum[mask].clone(), source)
+    assert float(after[regrown].abs().sum()) == 0 and float(masked.weight.grad[regrown].abs().sum()) == 0
+    assert torch.equal(after[mask], after_csr) and torch.equal(masked.weight.detach(), csr.weight.detach())
+    assert torch.equal(after[mask & ~regrown], momentum[mask & ~regrown])  # the other links keep theirs
