@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *ABLATIONS], metavar="METHOD",
                         help=f"subset of: {', '.join([*METHODS, *ABLATIONS])}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--table-only", action="store_true", help="print the table and plot the records; train nothing")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "fmnist_mlp.jsonl")
     parser.add_argument("--backend", choices=("masked", "csr", "auto"),
                         help="storage backend of every sparse layer (default: the policies', auto); keep such "
@@ -211,7 +212,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads · {args.epochs} epochs · seeds {args.seeds}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = load(args.results)
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         for method in args.methods:
             if any(r["method"] == method and r["seed"] == seed and r["epochs"] == args.epochs for r in done):
                 continue
