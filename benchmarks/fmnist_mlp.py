@@ -139,7 +139,10 @@ def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -
         dense_out = model.fc4.weight.numel()
         record.update(anp=active_neuron_rate(handle.masks(), handle.neuron_graph()), links=active + dense_out,
                       updates=len(handle.history),
-                      backends=sorted({type(s.module).__name__ for s in handle.sites.values()}))
+                      backends=sorted({type(s.module).__name__ for s in handle.sites.values()}),
+                      # per layer: inputs and outputs that still have a link (fc1's inputs are the pixels)
+                      neurons={n: [int(s.module.mask.any(0).sum()), int(s.module.mask.any(1).sum())]
+                               for n, s in handle.sites.items()})
     return record
 
 
