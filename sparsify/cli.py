@@ -14,7 +14,7 @@ from sparsify import __version__
 from sparsify.errors import SparsifyError, SparsifyWarning
 from sparsify.export.run import export_run
 from sparsify.inspection import inspect_model
-from sparsify.train import launch, run
+from sparsify.train import launch, run_and_leave
 
 USAGE = """sparsify model.py policy.yaml [-o OUT] [--resume] [--nproc N]   train with topology evolution, write OUT
        sparsify inspect model.py [policy.yaml] [--json]   linear sites, coupling groups, matched rules
@@ -88,7 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         launch(args.nproc, **kwargs)
     else:
-        run(**kwargs)
+        run_and_leave(**kwargs)  # alone, or one rank of a torchrun launch
     return 0
 
 

@@ -478,6 +478,20 @@ def _summary(report: dict, folder: Path) -> str:
     return "\n".join(lines)
 
 
+def run_and_leave(**kwargs: Any) -> dict:
+    """:func:`run`, then, in a process group started outside (torchrun), wait for every rank and
+    tear the group down before the interpreter exits: gloo threads still alive at exit abort the
+    process ("terminate called without an active exception")."""
+    try:
+        report = run(**kwargs)
+        if dist.is_initialized():
+            dist.barrier()
+        return report
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def launch(nproc: int, **kwargs: Any) -> None:
     """Run :func:`run` in ``nproc`` local processes (distributed data parallel over gloo or nccl)."""
 

@@ -43,3 +43,19 @@ def test_cli_trains_in_two_processes(tmp_path):
     assert report["processes"] == 2 and report["steps"] == 3 * 15  # 30 batches per epoch shared by 2 ranks
     assert report["topology_updates"] == 6  # steps 5, 10, ..., 30 (T_end = 33.75)
     assert report["final"]["eval_accuracy"] > 0.4
+
+
+def test_torchrun_trains_and_every_rank_leaves_the_group(tmp_path):
+    """The same run launched by torchrun: the ranks meet through torchrun's store, and sparsify
+    tears the group down before the interpreter exits."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - match: {regex: 'fc[12]'}\n    density: 0.2\n    method: CHTs\n"
+                      "    update: {every: 5, unit: steps}\ntraining: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.01}\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
+                           "--no-plots"], capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 3 * 15 and report["topology_updates"] == 6
