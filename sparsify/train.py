@@ -121,23 +121,62 @@ def _forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+IGNORED_TARGET = -100  # cross_entropy's ignore_index: padding targets are not counted
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, loss_fn: Callable) -> dict:
-    """Mean loss and (for class logits) accuracy over ``data``."""
+def evaluate(model: nn.Module, data: Any, loss_fn: Callable, metric: Callable | None = None) -> dict:
+    """The mean loss over ``data`` and the measures its outputs allow, nothing else.
+
+    Class logits ``[batch, classes]`` against integer targets ``[batch]`` give ``accuracy``;
+    token logits ``[batch, tokens, vocab]`` against ``[batch, tokens]`` give ``token_accuracy``
+    (targets -100 not counted) and ``perplexity``, the exponential of the mean loss; a model.py's
+    own ``metric(outputs, targets)`` gives ``metric``, averaged over batches by their size.
+    """
     model.eval()
-    total, loss_sum, correct = 0, 0.0, 0
+    total, loss_sum, metric_sum, correct, counted, kind = 0, 0.0, 0.0, 0, 0, None
     for inputs, targets in data:
         outputs = _forward(model, inputs)
         n = targets.shape[0]
         loss_sum += float(loss_fn(outputs, targets)) * n
-        if outputs.dim() == 2 and targets.dim() == 1:
-            correct += int((outputs.argmax(1) == targets).sum())
+        if (torch.is_tensor(outputs) and not targets.is_floating_point() and targets.dim() in (1, 2)
+                and outputs.dim() == targets.dim() + 1 and outputs.shape[:-1] == targets.shape):
+            kind = "accuracy" if targets.dim() == 1 else "token_accuracy"
+            keep = targets != IGNORED_TARGET
+            correct += int(((outputs.argmax(-1) == targets) & keep).sum())
+            counted += int(keep.sum())
+        if metric is not None:
+            metric_sum += float(metric(outputs, targets)) * n
         total += n
     model.train()
     result = {"loss": loss_sum / max(total, 1)}
-    if correct or total:
-        result["accuracy"] = correct / max(total, 1)
+    if kind is not None and counted:
+        result[kind] = correct / counted
+    if kind == "token_accuracy":
+        result["perplexity"] = math.exp(min(result["loss"], 700.0))
+    if metric is not None and total:
+        result["metric"] = metric_sum / total
     return result
+
+
+def _metric(model_file) -> tuple[Callable | None, str | None]:
+    """model.py's optional ``metric(outputs, targets)`` and its name (its docstring's first line)."""
+    fn = getattr(model_file.module, "metric", None)
+    if fn is None:
+        return None, None
+    if not callable(fn):
+        raise ModelFileError(f"{model_file.path}: metric must be a function metric(outputs, targets) returning a "
+                             f"number, not a {type(fn).__name__}")
+    name = ((fn.__doc__ or "").strip().splitlines() or ["metric"])[0].rstrip(".") or "metric"
+
+    def checked(outputs: Any, targets: Any) -> float:
+        try:
+            return float(fn(outputs, targets))
+        except Exception as exc:
+            raise ModelFileError(f"{model_file.path}: metric(outputs, targets) raised {type(exc).__name__}: {exc}; "
+                                 "it must return a number for a batch") from exc
+
+    return checked, name
 
 
 CALIBRATION_SAMPLES = 2048
@@ -268,6 +307,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     if resume:
         _load_checkpoint(folder / CHECKPOINT, model, optimizer, handle, state, cfg, ranks)
     loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
+    metric, metric_name = _metric(model_file)
     graph = handle.neuron_graph()
     metrics_path = folder / "metrics.jsonl"
 
@@ -322,7 +362,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
             train_loss = float(mean) / ranks.world
         active, dense = handle.parameters_active()
         row = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
-               **{f"eval_{k}": v for k, v in evaluate(model, _EvalData(test, device), loss_fn).items()},
+               **{f"eval_{k}": v for k, v in evaluate(model, _EvalData(test, device), loss_fn, metric).items()},
                "density": active / dense, "anp": anp(), "at_target": handle.at_target(),
                "seconds": round(time.perf_counter() - started, 2)}
         state.epochs.append(row)
@@ -334,6 +374,8 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
                                 for k, v in row.items() if k != "kind"))
     epoch_bar.close()
     report = _report(handle, policy, cfg, state, model_path, anp(), ranks)
+    if metric_name:
+        report["metric"] = metric_name
     if ranks.main:
         atomic_write(folder / "model.pt", lambda f: torch.save(
             {"state_dict": model.state_dict(), "policy": policy.document, "model_file": str(Path(model_path).resolve()),
@@ -451,16 +493,29 @@ def best_epoch(epochs: list[dict]) -> dict | None:
     return {"epoch": best["epoch"], "eval_loss": best.get("eval_loss")}
 
 
-def _summary(report: dict, folder: Path) -> str:
-    final, params, best = report["final"], report["parameters"], report.get("best")
+def _headline(report: dict) -> str:
+    """The measures the run computed, nothing else: model.py's metric, class accuracy (with its best
+    epoch), token accuracy and perplexity, and the loss (with its best epoch when there is no accuracy)."""
+    final, best = report["final"], report.get("best") or {}
+    parts = []
+    if "eval_metric" in final:
+        parts.append(f"{report.get('metric', 'metric')} {final['eval_metric']:.4f}")
     if "eval_accuracy" in final:
-        metric = f"accuracy {final['eval_accuracy']:.4f}"
-        if best and "eval_accuracy" in best:
-            metric += f" (best {best['eval_accuracy']:.4f} at epoch {best['epoch']})"
-    else:
-        metric = f"eval loss {final.get('eval_loss', float('nan')):.4f}"
-        if best and best.get("eval_loss") is not None:
-            metric += f" (best {best['eval_loss']:.4f} at epoch {best['epoch']})"
+        parts.append(f"accuracy {final['eval_accuracy']:.4f}" + (
+            f" (best {best['eval_accuracy']:.4f} at epoch {best['epoch']})" if "eval_accuracy" in best else ""))
+    if "eval_token_accuracy" in final:
+        parts.append(f"token accuracy {final['eval_token_accuracy']:.4f}, perplexity {final['eval_perplexity']:.2f}")
+    loss = f"eval loss {final.get('eval_loss', float('nan')):.4f}"
+    if "eval_accuracy" not in final and best.get("eval_loss") is not None:
+        loss += f" (best {best['eval_loss']:.4f} at epoch {best['epoch']})"
+    if "eval_accuracy" not in final or not parts:
+        parts.append(loss)
+    return ", ".join(parts)
+
+
+def _summary(report: dict, folder: Path) -> str:
+    final, params = report["final"], report["parameters"]
+    metric = _headline(report)
     lines = [f"done: {metric} after {final.get('epoch', 0)} epochs ({report['steps']} steps, "
              f"{report['topology_updates']} topology updates); {params['model_active']:,} of {params['model']:,} "
              f"parameters active; ANP {report['anp']:.3f}"]
