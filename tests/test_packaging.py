@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_wheel_maps_passes_into_sparsify(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
                     "-q", "-w", str(tmp_path)], check=True, capture_output=True)
-    wheel, = tmp_path.glob("sparsify-*.whl")
+    wheel, = tmp_path.glob("sparsify_fx-*.whl")  # distribution sparsify-fx, import name sparsify
     names = zipfile.ZipFile(wheel).namelist()
     assert "sparsify/passes/couple.py" in names and "sparsify/passes/capture.py" in names
     assert "sparsify/export/pipeline.py" in names and "sparsify/topology/initial.py" in names
