@@ -261,9 +261,8 @@ def _jsonl(rows: list[dict]) -> Callable:
     return lambda f: f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def run(model_path: str, policy_path: str, out: str | None = None, epochs: int | None = None,
-        force: bool = False, resume: bool = False, plots: bool = True) -> dict:
-    """Sparsify, train with the topology evolution, and write the run folder; returns the report."""
+def _settings(model_path: str, policy_path: str, epochs: int | None) -> tuple[Any, Policy, dict]:
+    """model.py, the policy and the training settings, refused at once when the contract is not met."""
     model_file = load_model_file(model_path)
     policy = load_policy(policy_path)
     missing = [f"{name}()" for name in ("build_model", "example_inputs") if not model_file.has(name)]
@@ -278,6 +277,53 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
         if epochs < 1:
             raise SparsifyError(f"--epochs {epochs}: must be at least 1")
         cfg["epochs"] = epochs
+    return model_file, policy, cfg
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds while it trains."""
+
+    model_path: str
+    model_file: Any
+    policy: Policy
+    cfg: dict
+    ranks: Ranks
+    model: nn.Module
+    handle: SparseModel
+    folder: Path
+    train: Any
+    test: Any
+    steps_per_epoch: int
+    # set by _attach
+    net: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    state: RunState | None = None
+    loss_fn: Callable | None = None
+    metric: Callable | None = None
+    metric_name: str | None = None
+    graph: Any = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg["epochs"] * self.steps_per_epoch
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg["device"])
+
+    def anp(self) -> float:
+        return active_neuron_rate(self.handle.masks(), self.graph)
+
+    def write_metrics(self) -> None:
+        if self.ranks.main:
+            atomic_write(self.folder / "metrics.jsonl", _jsonl(_rows(self.state)))
+
+
+def _start(model_path: str, policy_path: str, out: str | None, epochs: int | None, force: bool,
+           resume: bool) -> _Run:
+    """The sparsified model, its output folder (made once the run can start) and its data."""
+    model_file, policy, cfg = _settings(model_path, policy_path, epochs)
     ranks = _init_distributed(cfg["device"])
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
@@ -297,97 +343,127 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     if steps_per_epoch < 1:
         raise ModelFileError(f"{model_path}: train_data() gives {len(train)} batch(es), fewer than the "
                              f"{ranks.world} processes of the run")
-    total_steps = cfg["epochs"] * steps_per_epoch
-    device = torch.device(cfg["device"])
-    model.to(device)
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ranks.world > 1 else model
-    optimizer = make_optimizer(model, cfg)
-    handle.attach(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    state = RunState(start_masks={n: m.detach().cpu().clone() for n, m in handle.masks().items()})
-    if resume:
-        _load_checkpoint(folder / CHECKPOINT, model, optimizer, handle, state, cfg, ranks)
-    loss_fn = getattr(model_file.module, "loss", None) or nn.functional.cross_entropy
-    metric, metric_name = _metric(model_file)
-    graph = handle.neuron_graph()
-    metrics_path = folder / "metrics.jsonl"
+    return _Run(model_path, model_file, policy, cfg, ranks, model, handle, folder, train, test, steps_per_epoch)
 
-    def anp() -> float:
-        return active_neuron_rate(handle.masks(), graph)
+
+def _attach(run_: _Run, resume: bool) -> None:
+    """The optimizer, the evolution attached to it, and the state a checkpoint resumes."""
+    model, handle = run_.model, run_.handle
+    model.to(run_.device)
+    run_.net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if run_.ranks.world > 1 else model
+    run_.optimizer = make_optimizer(model, run_.cfg)
+    handle.attach(run_.optimizer, total_steps=run_.total_steps, steps_per_epoch=run_.steps_per_epoch)
+    run_.state = RunState(start_masks={n: m.detach().cpu().clone() for n, m in handle.masks().items()})
+    if resume:
+        _load_checkpoint(run_.folder / CHECKPOINT, model, run_.optimizer, handle, run_.state, run_.cfg, run_.ranks)
+    run_.loss_fn = getattr(run_.model_file.module, "loss", None) or nn.functional.cross_entropy
+    run_.metric, run_.metric_name = _metric(run_.model_file)
+    run_.graph = handle.neuron_graph()
 
     def on_update(record: dict) -> None:
-        state.updates.append({"kind": "update", **record})
-        if ranks.main:
-            atomic_write(metrics_path, _jsonl(_rows(state)))
+        run_.state.updates.append({"kind": "update", **record})
+        run_.write_metrics()
 
     handle.evolution.listeners.append(on_update)
-    started = time.perf_counter() - state.seconds
-    model.train()
-    epoch_bar = tqdm(range(state.epoch + 1, cfg["epochs"] + 1), initial=state.epoch, total=cfg["epochs"],
-                     desc="epochs", unit="epoch", position=0, disable=not ranks.main)
-    for epoch in epoch_bar:
-        if hasattr(train, "set_epoch"):
-            train.set_epoch(epoch)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False, position=1,
-                   disable=not ranks.main)
-        running, seen = 0.0, 0
-        for i, (inputs, targets) in enumerate(train):
-            if i // ranks.world >= steps_per_epoch:
-                break
-            if i % ranks.world != ranks.rank:
-                continue
-            for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * lr_factor(cfg, state.step, steps_per_epoch, total_steps)
-            loss = loss_fn(_forward(net, _to(inputs, device)), _to(targets, device))
-            if not torch.isfinite(loss):
-                bar.close()
-                epoch_bar.close()
-                kept = f"; the checkpoint of epoch {state.epoch} is kept" if state.epoch else ""
-                raise SparsifyError(f"the loss became {loss.detach().item()} at epoch {epoch}, step {seen + 1}{kept}; "
-                                    "lower training.lr or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()  # the evolution counts the step and updates the topology when scheduled
-            state.step += 1
-            seen += 1
-            running += float(loss.detach())
-            bar.update(1)
-            if seen % 20 == 0 and ranks.main:
-                active, dense = handle.parameters_active()
-                bar.set_postfix(loss=f"{running / seen:.4f}", density=f"{active / dense:.4f}", anp=f"{anp():.3f}")
-        bar.close()
-        train_loss = running / max(seen, 1)
-        if ranks.world > 1:
-            mean = torch.tensor([train_loss], dtype=torch.float64)
-            dist.all_reduce(mean)
-            train_loss = float(mean) / ranks.world
-        active, dense = handle.parameters_active()
-        row = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
-               **{f"eval_{k}": v for k, v in evaluate(model, _EvalData(test, device), loss_fn, metric).items()},
-               "density": active / dense, "anp": anp(), "at_target": handle.at_target(),
-               "seconds": round(time.perf_counter() - started, 2)}
-        state.epochs.append(row)
-        state.epoch, state.seconds = epoch, time.perf_counter() - started
-        if ranks.main:
-            atomic_write(metrics_path, _jsonl(_rows(state)))
-            _save_checkpoint(folder / CHECKPOINT, model, optimizer, state, cfg, policy, ranks, model_path)
-            tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                for k, v in row.items() if k != "kind"))
-    epoch_bar.close()
-    report = _report(handle, policy, cfg, state, model_path, anp(), ranks)
-    if metric_name:
-        report["metric"] = metric_name
-    if ranks.main:
-        atomic_write(folder / "model.pt", lambda f: torch.save(
-            {"state_dict": model.state_dict(), "policy": policy.document, "model_file": str(Path(model_path).resolve()),
-             "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
-        atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
-        if policy.export.get("onnx"):
-            report["export"] = _export(folder, handle, model_file, policy, test)
-        if plots:
-            report["plots"] = _plots(folder, handle, state)
-        atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
-        print(_summary(report, folder))
+
+
+def _train_epoch(run_: _Run, epoch: int, close_bars: Callable[[], None]) -> float:
+    """One epoch of optimizer steps on this rank's share of the batches; returns the mean loss over ranks."""
+    state, ranks, optimizer, cfg = run_.state, run_.ranks, run_.optimizer, run_.cfg
+    if hasattr(run_.train, "set_epoch"):
+        run_.train.set_epoch(epoch)
+    bar = tqdm(total=run_.steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False, position=1,
+               disable=not ranks.main)
+    running, seen = 0.0, 0
+    for i, (inputs, targets) in enumerate(run_.train):
+        if i // ranks.world >= run_.steps_per_epoch:
+            break
+        if i % ranks.world != ranks.rank:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = cfg["lr"] * lr_factor(cfg, state.step, run_.steps_per_epoch, run_.total_steps)
+        loss = run_.loss_fn(_forward(run_.net, _to(inputs, run_.device)), _to(targets, run_.device))
+        if not torch.isfinite(loss):
+            bar.close()
+            close_bars()
+            kept = f"; the checkpoint of epoch {state.epoch} is kept" if state.epoch else ""
+            raise SparsifyError(f"the loss became {loss.detach().item()} at epoch {epoch}, step {seen + 1}{kept}; "
+                                "lower training.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # the evolution counts the step and updates the topology when scheduled
+        state.step += 1
+        seen += 1
+        running += float(loss.detach())
+        bar.update(1)
+        if seen % 20 == 0 and ranks.main:
+            active, dense = run_.handle.parameters_active()
+            bar.set_postfix(loss=f"{running / seen:.4f}", density=f"{active / dense:.4f}", anp=f"{run_.anp():.3f}")
+    bar.close()
+    train_loss = running / max(seen, 1)
+    if ranks.world > 1:
+        mean = torch.tensor([train_loss], dtype=torch.float64)
+        dist.all_reduce(mean)
+        train_loss = float(mean) / ranks.world
+    return train_loss
+
+
+def _end_epoch(run_: _Run, epoch: int, train_loss: float, started: float) -> None:
+    """Evaluate, record the epoch's row, and write the metrics and the checkpoint (rank 0)."""
+    state, handle = run_.state, run_.handle
+    active, dense = handle.parameters_active()
+    measures = evaluate(run_.model, _EvalData(run_.test, run_.device), run_.loss_fn, run_.metric)
+    row = {"kind": "epoch", "epoch": epoch, "step": state.step, "train_loss": train_loss,
+           **{f"eval_{k}": v for k, v in measures.items()},
+           "density": active / dense, "anp": run_.anp(), "at_target": handle.at_target(),
+           "seconds": round(time.perf_counter() - started, 2)}
+    state.epochs.append(row)
+    state.epoch, state.seconds = epoch, time.perf_counter() - started
+    if run_.ranks.main:
+        run_.write_metrics()
+        _save_checkpoint(run_.folder / CHECKPOINT, run_.model, run_.optimizer, state, run_.cfg, run_.policy,
+                         run_.ranks, run_.model_path)
+        tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in row.items() if k != "kind"))
+
+
+def _finish(run_: _Run, plots: bool) -> dict:
+    """The report; on rank 0 the model, coupling, export, plots, report.json and the summary."""
+    handle, folder, policy = run_.handle, run_.folder, run_.policy
+    report = _report(handle, policy, run_.cfg, run_.state, run_.model_path, run_.anp(), run_.ranks)
+    if run_.metric_name:
+        report["metric"] = run_.metric_name
+    if not run_.ranks.main:
+        return report
+    atomic_write(folder / "model.pt", lambda f: torch.save(
+        {"state_dict": run_.model.state_dict(), "policy": policy.document,
+         "model_file": str(Path(run_.model_path).resolve()),
+         "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
+    atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
+    if policy.export.get("onnx"):
+        report["export"] = _export(folder, handle, run_.model_file, policy, run_.test)
+    if plots:
+        report["plots"] = _plots(folder, handle, run_.state)
+    atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
+    print(_summary(report, folder))
     return report
+
+
+def run(model_path: str, policy_path: str, out: str | None = None, epochs: int | None = None,
+        force: bool = False, resume: bool = False, plots: bool = True) -> dict:
+    """Sparsify, train with the topology evolution, and write the run folder; returns the report."""
+    run_ = _start(model_path, policy_path, out, epochs, force, resume)
+    _attach(run_, resume)
+    state = run_.state
+    started = time.perf_counter() - state.seconds
+    run_.model.train()
+    epoch_bar = tqdm(range(state.epoch + 1, run_.cfg["epochs"] + 1), initial=state.epoch, total=run_.cfg["epochs"],
+                     desc="epochs", unit="epoch", position=0, disable=not run_.ranks.main)
+    for epoch in epoch_bar:
+        train_loss = _train_epoch(run_, epoch, epoch_bar.close)
+        _end_epoch(run_, epoch, train_loss, started)
+    epoch_bar.close()
+    return _finish(run_, plots)
 
 
 class _EvalData:
