@@ -34,7 +34,8 @@ import yaml
 from torch import nn
 
 import sparsify
-from sparsify.train import TRAINING_DEFAULTS, lr_factor, make_optimizer
+from sparsify.policy import TrainingConfig
+from sparsify.train import lr_factor, make_optimizer
 from fmnist_run import example  # the Fashion-MNIST example's model.py, loaded from this folder's script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,10 +74,10 @@ def policy_file(method: str) -> Path:
     return (POLICIES / name).resolve()
 
 
-def training_settings(method: str) -> dict:
+def training_settings(method: str) -> TrainingConfig:
     """The method's policy's training section over sparsify's defaults (FC: the CHTs policy's)."""
     policy = yaml.safe_load(policy_file(method).read_text())
-    return {**TRAINING_DEFAULTS, **policy.get("training", {})}
+    return TrainingConfig(**policy.get("training", {}))
 
 
 def accuracy(model: nn.Module, test) -> float:
@@ -102,7 +103,7 @@ def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -
         calibration = [x for x, _ in data.train_data(1000)]
         model, handle = sparsify.sparsify(model, policy, data.example_inputs(), calibration)
     cfg = training_settings(method)
-    train_data, test = data.train_data(cfg["batch_size"]), data.eval_data(1000)
+    train_data, test = data.train_data(cfg.batch_size), data.eval_data(1000)
     optimizer = make_optimizer(model, cfg)
     per_epoch = len(train_data)
     total = epochs * per_epoch
@@ -114,7 +115,7 @@ def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -
         start = time.perf_counter()
         for x, y in train_data:
             for group in optimizer.param_groups:
-                group["lr"] = cfg["lr"] * lr_factor(cfg, step, per_epoch, total)
+                group["lr"] = cfg.lr * lr_factor(cfg, step, per_epoch, total)
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -127,7 +128,7 @@ def run(method: str, seed: int, epochs: int, data, backend: str | None = None) -
               f"({seconds:.0f} s)", flush=True)
     best = max((a for a, ok in zip(curve, at_target) if ok), default=None)
     record = {"method": method, "seed": seed, "epochs": epochs, "accuracy": curve[-1], "best": best,
-              "curve": curve, "training": cfg,
+              "curve": curve, "training": cfg.to_dict(),
               "seconds": round(seconds, 1), "date": str(datetime.date.today()), "torch": torch.__version__,
               "threads": torch.get_num_threads()}
     if handle is None:

@@ -8,6 +8,7 @@ Every error names the file, the line and the key path, and what is allowed::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
@@ -127,6 +128,32 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """The CLI's training settings: a policy's ``training`` section over the official MLP recipe
+    (mlp_and_cnn/run.py of the CHT papers' code, docs/fidelity.md): SGD lr 0.025 with momentum 0.9
+    and weight decay 5e-4, batch 32, the rate decayed linearly to 1% of its start over 90% of
+    training and held there."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.025
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "linear"  # constant | linear | cosine
+    lr_end_factor: float = 0.01
+    lr_decay_end: float = 0.9
+    lr_step: str = "step"  # step | epoch
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class Rule:
     """One selection rule: where (match) separate from what (fields)."""
 
@@ -184,6 +211,10 @@ class Policy:
                               "(set one in the rule or in defaults)")
         return LayerSpec(density=merged["density"], init=merged["init"], method=merged["method"],
                          backend=merged["backend"], **spec)
+
+    def training_config(self) -> TrainingConfig:
+        """The training section (checked against the schema at load) over the defaults."""
+        return TrainingConfig(**self.training)
 
     def match(self, name: str, types: tuple[str, ...]) -> Rule | None:
         """The first rule that matches a layer, or None."""

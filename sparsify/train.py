@@ -36,19 +36,13 @@ from sparsify.export.pipeline import export_trained
 from sparsify.files import atomic_write
 from sparsify.model_file import CONTRACT, load_model_file
 from sparsify.plots import write_plots
-from sparsify.policy import Policy, load_policy
+from sparsify.policy import Policy, TrainingConfig, load_policy
 from sparsify.sparse_model import SparseModel, sparsify
 from sparsify.topology.initial import CALIBRATED_INIT
 from sparsify.topology.metrics import active_neuron_rate, itop_rate
 
 log = logging.getLogger(__name__)
 
-# The official MLP recipe (mlp_and_cnn/run.py of the CHT papers' code, docs/fidelity.md): SGD lr 0.025
-# with momentum 0.9 and weight decay 5e-4, batch 32, the rate decayed linearly to 1% of its start over
-# 90% of training and held there.
-TRAINING_DEFAULTS = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.025, "momentum": 0.9,
-                     "weight_decay": 5e-4, "lr_schedule": "linear", "lr_end_factor": 0.01, "lr_decay_end": 0.9,
-                     "lr_step": "step", "device": "cpu"}
 # Settings a resumed run must share with the run it continues: the schedules depend on them.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "optimizer", "lr_end_factor", "lr_decay_end", "lr_step")
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
@@ -78,37 +72,36 @@ def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> 
     return folder
 
 
-def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """The optimizer the training settings ``cfg`` name, over every trainable parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    cls = torch.optim.Adam if cfg["optimizer"] == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_factor(cfg: dict, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``cfg['lr']``.
+def lr_factor(cfg: TrainingConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``cfg.lr``.
 
     linear and cosine fall from 1 to ``lr_end_factor`` at ``lr_decay_end`` of training and hold
     there; with ``lr_step: epoch`` the rate moves once per epoch, as torch's LinearLR stepped per
     epoch does in the official recipe (epoch e of 100: 1 - 0.99 min(e, 90) / 90).
 
-    >>> cfg = {"lr_schedule": "linear", "lr_end_factor": 0.01, "lr_decay_end": 0.9, "lr_step": "epoch"}
+    >>> cfg = TrainingConfig(lr_step="epoch")
     >>> [round(lr_factor(cfg, e * 10, 10, 1000), 4) for e in (0, 45, 90, 99)]
     [1.0, 0.505, 0.01, 0.01]
     """
-    kind = cfg["lr_schedule"]
-    if kind == "constant":
+    if cfg.lr_schedule == "constant":
         return 1.0
-    end = cfg.get("lr_end_factor", 0.0)
-    if cfg.get("lr_step", "step") == "epoch":
+    end = cfg.lr_end_factor
+    if cfg.lr_step == "epoch":
         epochs = max(total_steps // max(steps_per_epoch, 1), 1)
-        horizon = max(int(epochs * cfg.get("lr_decay_end", 1.0)), 1)
+        horizon = max(int(epochs * cfg.lr_decay_end), 1)
         x = min((step // max(steps_per_epoch, 1)) / horizon, 1.0)
     else:
-        x = min(step / max(cfg.get("lr_decay_end", 1.0) * total_steps, 1.0), 1.0)
-    if kind == "linear":
+        x = min(step / max(cfg.lr_decay_end * total_steps, 1.0), 1.0)
+    if cfg.lr_schedule == "linear":
         return 1.0 - (1.0 - end) * x
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * x))
 
@@ -182,13 +175,13 @@ def _metric(model_file) -> tuple[Callable | None, str | None]:
 CALIBRATION_SAMPLES = 2048
 
 
-def calibration_batches(model_file, policy, cfg: dict) -> list | None:
+def calibration_batches(model_file, policy, batch_size: int) -> list | None:
     """The first training batches' inputs, when a rule's initial topology is computed from data."""
     layers = [policy.defaults] + [r.fields for r in policy.rules]
     if not any(layer.get("init", {}).get("model") in CALIBRATED_INIT for layer in layers):
         return None
     batches, samples = [], 0
-    for inputs, _targets in model_file.module.train_data(cfg["batch_size"]):
+    for inputs, _targets in model_file.module.train_data(batch_size):
         batches.append(inputs)
         samples += len(inputs) if isinstance(inputs, torch.Tensor) else 1
         if samples >= CALIBRATION_SAMPLES:
@@ -261,7 +254,7 @@ def _jsonl(rows: list[dict]) -> Callable:
     return lambda f: f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _settings(model_path: str, policy_path: str, epochs: int | None) -> tuple[Any, Policy, dict]:
+def _settings(model_path: str, policy_path: str, epochs: int | None) -> tuple[Any, Policy, TrainingConfig]:
     """model.py, the policy and the training settings, refused at once when the contract is not met."""
     model_file = load_model_file(model_path)
     policy = load_policy(policy_path)
@@ -272,11 +265,11 @@ def _settings(model_path: str, policy_path: str, epochs: int | None) -> tuple[An
                              f"{CONTRACT}, and train_data(batch_size) and eval_data(batch_size) returning "
                              "iterables of (inputs, targets) batches"
                              + (". To only analyze the model, use `sparsify inspect`." if not missing else ""))
-    cfg = {**TRAINING_DEFAULTS, **policy.training}
+    cfg = policy.training_config()
     if epochs is not None:
         if epochs < 1:
             raise SparsifyError(f"--epochs {epochs}: must be at least 1")
-        cfg["epochs"] = epochs
+        cfg = cfg.replace(epochs=epochs)
     return model_file, policy, cfg
 
 
@@ -287,7 +280,7 @@ class _Run:
     model_path: str
     model_file: Any
     policy: Policy
-    cfg: dict
+    cfg: TrainingConfig
     ranks: Ranks
     model: nn.Module
     handle: SparseModel
@@ -306,11 +299,11 @@ class _Run:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg["epochs"] * self.steps_per_epoch
+        return self.cfg.epochs * self.steps_per_epoch
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.cfg["device"])
+        return torch.device(self.cfg.device)
 
     def anp(self) -> float:
         return active_neuron_rate(self.handle.masks(), self.graph)
@@ -324,10 +317,10 @@ def _start(model_path: str, policy_path: str, out: str | None, epochs: int | Non
            resume: bool) -> _Run:
     """The sparsified model, its output folder (made once the run can start) and its data."""
     model_file, policy, cfg = _settings(model_path, policy_path, epochs)
-    ranks = _init_distributed(cfg["device"])
+    ranks = _init_distributed(cfg.device)
     torch.manual_seed(policy.seed)
     model = model_file.build_model()
-    model, handle = sparsify(model, policy, model_file.example_inputs(), calibration_batches(model_file, policy, cfg))
+    model, handle = sparsify(model, policy, model_file.example_inputs(), calibration_batches(model_file, policy, cfg.batch_size))
     error, folder = None, Path(out) if out else Path("runs") / Path(model_path).stem
     if ranks.main:  # only once the run can start: no empty folder is left behind
         try:
@@ -335,7 +328,7 @@ def _start(model_path: str, policy_path: str, out: str | None, epochs: int | Non
         except SparsifyError as exc:
             error = str(exc)
     ranks.agree(error)
-    train, test = _data(model_file, "train_data", cfg["batch_size"]), _data(model_file, "eval_data", cfg["batch_size"])
+    train, test = _data(model_file, "train_data", cfg.batch_size), _data(model_file, "eval_data", cfg.batch_size)
     if not hasattr(train, "__len__"):
         raise ModelFileError(f"{model_path}: train_data() must return a sized iterable (with len()): the "
                              "topology schedule is counted in optimizer steps")
@@ -381,7 +374,7 @@ def _train_epoch(run_: _Run, epoch: int, close_bars: Callable[[], None]) -> floa
         if i % ranks.world != ranks.rank:
             continue
         for group in optimizer.param_groups:
-            group["lr"] = cfg["lr"] * lr_factor(cfg, state.step, run_.steps_per_epoch, run_.total_steps)
+            group["lr"] = cfg.lr * lr_factor(cfg, state.step, run_.steps_per_epoch, run_.total_steps)
         loss = run_.loss_fn(_forward(run_.net, _to(inputs, run_.device)), _to(targets, run_.device))
         if not torch.isfinite(loss):
             bar.close()
@@ -457,7 +450,7 @@ def run(model_path: str, policy_path: str, out: str | None = None, epochs: int |
     state = run_.state
     started = time.perf_counter() - state.seconds
     run_.model.train()
-    epoch_bar = tqdm(range(state.epoch + 1, run_.cfg["epochs"] + 1), initial=state.epoch, total=run_.cfg["epochs"],
+    epoch_bar = tqdm(range(state.epoch + 1, run_.cfg.epochs + 1), initial=state.epoch, total=run_.cfg.epochs,
                      desc="epochs", unit="epoch", position=0, disable=not run_.ranks.main)
     for epoch in epoch_bar:
         train_loss = _train_epoch(run_, epoch, epoch_bar.close)
@@ -493,10 +486,10 @@ CHECKPOINT_KEYS = ("model", "optimizer", "rng", "training", "policy", "model_fil
                    "updates", "epochs", "start_masks", "seconds")
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: dict,
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: TrainingConfig,
                      policy: Policy, ranks: Ranks, model_path: str) -> None:
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                  "training": cfg, "policy": policy.document, "model_file": str(Path(model_path).resolve()),
+                  "training": cfg.to_dict(), "policy": policy.document, "model_file": str(Path(model_path).resolve()),
                   "world": ranks.world, "epoch": state.epoch,
                   "step": state.step, "updates": state.updates, "epochs": state.epochs,
                   "start_masks": state.start_masks, "seconds": state.seconds}
@@ -504,12 +497,12 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, handle: SparseModel,
-                     state: RunState, cfg: dict, ranks: Ranks) -> None:
+                     state: RunState, cfg: TrainingConfig, ranks: Ranks) -> None:
     checkpoint = read_checkpoint(path, CHECKPOINT_KEYS)
     for key in RESUME_KEYS:
-        if key in checkpoint["training"] and checkpoint["training"][key] != cfg.get(key):
+        if key in checkpoint["training"] and checkpoint["training"][key] != getattr(cfg, key):
             raise SparsifyError(f"{path}: the run was started with training.{key} = {checkpoint['training'].get(key)!r}, "
-                                f"now {cfg.get(key)!r}; resume with the same settings (the schedules depend on them)")
+                                f"now {getattr(cfg, key)!r}; resume with the same settings (the schedules depend on them)")
     if checkpoint["world"] != ranks.world:
         raise SparsifyError(f"{path}: the run was started with {checkpoint['world']} process(es), now {ranks.world}")
     load_state(model, checkpoint["model"], path, checkpoint["model_file"])
@@ -527,7 +520,7 @@ def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test:
     return export_trained(handle, model_file, policy, folder / "model.onnx", test)
 
 
-def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, model_path: str, anp: float,
+def _report(handle: SparseModel, policy: Policy, cfg: TrainingConfig, state: RunState, model_path: str, anp: float,
             ranks: Ranks) -> dict:
     active, total = handle.parameters_active()
     stored = sum(p.numel() for p in handle.model.parameters())
@@ -545,7 +538,7 @@ def _report(handle: SparseModel, policy: Policy, cfg: dict, state: RunState, mod
             "method": site.spec.method, "percolation": bool(site.spec.percolation),
             "schedule": describe_spec(site.spec), "rule": site.rule})
     return {
-        "model": str(model_path), "policy": policy.source, "capture": handle.capture, "training": cfg,
+        "model": str(model_path), "policy": policy.source, "capture": handle.capture, "training": cfg.to_dict(),
         "processes": ranks.world, "steps": state.step,
         "final": state.epochs[-1] if state.epochs else {}, "best": best_epoch(state.epochs), "anp": anp,
         "parameters": {"model": all_params, "sparse_layers_dense": total, "sparse_layers_active": active,

@@ -1,11 +1,12 @@
 import pytest
 
-from sparsify.train import TRAINING_DEFAULTS, best_epoch, lr_factor
+from sparsify.policy import TrainingConfig, load_policy
+from sparsify.train import best_epoch, lr_factor
 
 
 def test_the_default_schedule_is_the_official_linear_decay_to_one_percent_at_ninety_percent():
-    cfg = dict(TRAINING_DEFAULTS)
-    assert cfg["weight_decay"] == 5e-4 and cfg["lr"] == 0.025
+    cfg = load_policy({"version": 1, "defaults": {"density": 0.1}}).training_config()
+    assert cfg == TrainingConfig() and cfg.weight_decay == 5e-4 and cfg.lr == 0.025
     factors = [lr_factor(cfg, step, 10, 1000) for step in (0, 450, 900, 999)]
     assert factors == pytest.approx([1.0, 0.505, 0.01, 0.01])
 
@@ -13,7 +14,7 @@ def test_the_default_schedule_is_the_official_linear_decay_to_one_percent_at_nin
 def test_per_epoch_steps_match_torch_linear_lr_stepped_each_epoch():
     import torch
 
-    cfg = {**TRAINING_DEFAULTS, "lr_step": "epoch"}
+    cfg = TrainingConfig(lr_step="epoch")
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.025)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.01, total_iters=90)
     for epoch in range(100):
@@ -24,9 +25,9 @@ def test_per_epoch_steps_match_torch_linear_lr_stepped_each_epoch():
 
 
 def test_cosine_and_constant_schedules():
-    cfg = {**TRAINING_DEFAULTS, "lr_schedule": "cosine", "lr_end_factor": 0.1, "lr_decay_end": 1.0}
+    cfg = TrainingConfig(lr_schedule="cosine", lr_end_factor=0.1, lr_decay_end=1.0)
     assert [lr_factor(cfg, s, 10, 100) for s in (0, 50, 100)] == pytest.approx([1.0, 0.55, 0.1])
-    assert lr_factor({**cfg, "lr_schedule": "constant"}, 77, 10, 100) == 1.0
+    assert lr_factor(cfg.replace(lr_schedule="constant"), 77, 10, 100) == 1.0
 
 
 def test_best_epoch_counts_only_epochs_at_the_target_density():

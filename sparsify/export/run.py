@@ -11,7 +11,7 @@ from sparsify.export.pipeline import export_trained
 from sparsify.model_file import load_model_file
 from sparsify.policy import load_policy
 from sparsify.sparse_model import sparsify
-from sparsify.train import TRAINING_DEFAULTS, calibration_batches
+from sparsify.train import calibration_batches
 
 
 def load_run(source: str | Path):
@@ -38,7 +38,7 @@ def export_run(source: str | Path, out: str | Path | None = None, **options: Any
     handle, model_file, policy, file = load_run(source)
     eval_data = None
     if model_file.has("eval_data"):
-        eval_data = model_file.module.eval_data(policy.training.get("batch_size", 32))
+        eval_data = model_file.module.eval_data(policy.training_config().batch_size)
     return export_trained(handle, model_file, policy, Path(out) if out else file.parent / "model.onnx",
                           eval_data, **options)
 
@@ -47,4 +47,4 @@ def _calibration(model_file, policy):
     """The calibration batches the training run used (none without train_data)."""
     if not model_file.has("train_data"):
         return None
-    return calibration_batches(model_file, policy, {**TRAINING_DEFAULTS, **policy.training})
+    return calibration_batches(model_file, policy, policy.training_config().batch_size)
