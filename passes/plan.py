@@ -150,8 +150,8 @@ def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule
         takes = f"takes {', '.join(sorted(allowed))}" if allowed else "takes no parameters"
         raise PlanError(f"{where}: init.{sorted(given - allowed)[0]} is not a parameter of the "
                         f"{spec.init['model']} topology ({spec.init['model']} {takes})")
-    if spec.update is None and spec.density_decay["kind"] != "none":
-        raise PlanError(f"{where}: density_decay {spec.density_decay['kind']!r} needs topology updates, but "
+    if spec.update is None and spec.density_decay.kind != "none":
+        raise PlanError(f"{where}: density_decay {spec.density_decay.kind!r} needs topology updates, but "
                         f"method {spec.method!r} has none; give 'update: {{every: N, unit: steps}}' or a method "
                         "that updates (GMP prunes gradually)")
     note = None

@@ -132,8 +132,8 @@ class Evolution(nn.Module):
         update = self.specs[name].update
         if update is None:
             return None
-        every = int(update["every"])
-        if update.get("unit", "steps") == "epochs":
+        every = int(update.every)
+        if update.unit == "epochs":
             per_epoch = int(self.steps_per_epoch)
             if per_epoch <= 0:
                 raise SparsifyError(f"layer {name} updates its topology every {every} epoch(s), but the number "
@@ -165,13 +165,12 @@ class Evolution(nn.Module):
         spec = self.specs[name]
         decay = spec.density_decay
         last = self.last_update(name)
-        if decay["kind"] == "none" or (last is not None and step >= last):
+        if decay.kind == "none" or (last is not None and step >= last):
             return spec.density
         total = int(self.total_steps)
-        return DENSITY_DECAYS[decay["kind"]](step, t0=decay["start"] * total, tf=decay["end"] * total,
-                                             d_i=spec.initial_density, d_f=spec.density,
-                                             steepness=decay.get("steepness", 6.0),
-                                             halved_window=decay.get("halved_window", False),
+        return DENSITY_DECAYS[decay.kind](step, t0=decay.start * total, tf=decay.end * total,
+                                          d_i=spec.initial_density, d_f=spec.density, steepness=decay.steepness,
+                                          halved_window=decay.halved_window,
                                              t_end=self.t_end(name), last=last if last is not None else total,
                                              extra=EMS_EXTRA)
 
@@ -206,7 +205,7 @@ class Evolution(nn.Module):
             if self.last_update(name) is not None:
                 continue
             every, t_end = self.interval(name), self.t_end(name)
-            if self.specs[name].density_decay["kind"] != "none":
+            if self.specs[name].density_decay.kind != "none":
                 raise SparsifyError(
                     f"layer {name} must prune from density {self.specs[name].initial_density:g} to "
                     f"{self.specs[name].density:g}, but no update fits: every {every} steps, and updates stop at "
@@ -237,7 +236,7 @@ class Evolution(nn.Module):
         self._armed_for = coming
         for name in self.names:
             layer = self._layers[name]
-            capture = self.specs[name].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS and self.due(name, coming)
+            capture = self.specs[name].regrowth.predictor in DENSE_GRADIENT_PREDICTORS and self.due(name, coming)
             if layer.capture_dense_grad != capture:  # set only on change: a module's setattr is slow
                 layer.capture_dense_grad = capture
             if layer.dense_grad is not None:
@@ -270,9 +269,10 @@ class Evolution(nn.Module):
             self._graphs[names] = self._graph_of(names)
         return self._graphs[names]
 
-    def _scores(self, kind: str, name: str, mask: torch.Tensor, spec: dict) -> torch.Tensor:
+    def _scores(self, kind: str, name: str, mask: torch.Tensor, args: dict) -> torch.Tensor:
+        """The removal score ``kind`` of ``name``'s active links; ``args``: the score's alpha and gamma."""
         layer = self._layers[name]
-        args = {k: spec[k] for k in ("alpha", "gamma") if spec.get(k) is not None}
+        args = dict(args)
         if kind == "MEST":
             args["grad"] = layer.dense_weight_grad()
             if args["grad"] is None:
@@ -301,7 +301,7 @@ class Evolution(nn.Module):
         generator = torch.Generator()
         generator.set_state(self.rng_state.cpu())
         grads = {n: self._dense_grad(n) for n in names
-                 if self.specs[n].regrowth["predictor"] in DENSE_GRADIENT_PREDICTORS}
+                 if self.specs[n].regrowth.predictor in DENSE_GRADIENT_PREDICTORS}
         before = {n: self._layers[n].mask.clone() for n in names}
         masks, rows = {}, {}
         for name in names:
@@ -313,10 +313,10 @@ class Evolution(nn.Module):
             row = rows[name] = {"scheduled_density": density, "pruned": 0, "removed": 0,
                                 "percolated_links": 0, "percolated_neurons": 0}
             active = bits.count(mask)
-            ems = spec.density_decay["kind"] == "ems"
+            ems = spec.density_decay.kind == "ems"
             if active > target and not ems:  # gradual pruning down to the scheduled density
                 decay = spec.density_decay
-                scores = self._scores(decay["score"], name, mask, {"alpha": 0.0 if decay["score"] == "RI" else None})
+                scores = self._scores(decay.score, name, mask, {"alpha": 0.0} if decay.score == "RI" else {})
                 mask = remove(mask, scores, active - target, generator, mode="hard")
                 row["pruned"] = active - target
             t_end = self.t_end(name)
@@ -324,17 +324,16 @@ class Evolution(nn.Module):
                 zeta = None
                 count = max(bits.count(mask) - link_count(layer.out_features, layer.in_features, spec.density), 0)
             else:
-                zeta = ZETA_SCHEDULES[spec.removal["zeta_schedule"]](step, t_end, spec.removal["zeta"])
+                zeta = ZETA_SCHEDULES[spec.removal.zeta_schedule](step, t_end, spec.removal.zeta)
                 count = int(round(zeta * bits.count(mask)))
             row["zeta"] = zeta
             if count:
                 removal = spec.removal
-                delta = SOFT_RAMPS[removal.get("ramp", "delta")](step, t_end, removal["delta"]["start"],
-                                                                 removal["delta"]["end"])
-                scores = self._scores(removal["score"], name, mask, removal)
-                mask = remove(mask, scores, count, generator, mode=removal["mode"], delta=delta)
+                delta = SOFT_RAMPS[removal.ramp](step, t_end, removal.delta.start, removal.delta.end)
+                scores = self._scores(removal.score, name, mask, removal.score_args())
+                mask = remove(mask, scores, count, generator, mode=removal.mode, delta=delta)
                 row["removed"] = count
-                if removal["mode"] == "soft":
+                if removal.mode == "soft":
                     row["delta"] = delta
             row["target"] = target
             masks[name] = mask
@@ -350,8 +349,8 @@ class Evolution(nn.Module):
             spec, layer, mask = self.specs[name], self._layers[name], masks[name]
             need = rows[name].pop("target") - bits.count(mask)
             if need > 0:
-                scores = REGROWTH_PREDICTORS[spec.regrowth["predictor"]](mask, grad=grads.get(name))
-                grown = regrow(mask, scores, need, generator, mode=spec.regrowth["mode"])
+                scores = REGROWTH_PREDICTORS[spec.regrowth.predictor](mask, grad=grads.get(name))
+                grown = regrow(mask, scores, need, generator, mode=spec.regrowth.mode)
             else:
                 grown = mask
             regrown[name] = grown & ~mask
@@ -452,7 +451,7 @@ class Evolution(nn.Module):
                 "itop": itop_rate(self._state(name).ever),
             }
             early = self.specs[name].early_stop
-            if early and layers[name]["overlap"] > early["overlap"]:
+            if early and layers[name]["overlap"] > early.overlap:
                 self._state(name).frozen.fill_(True)
             layers[name]["frozen"] = bool(self._state(name).frozen)
         per_epoch = int(self.steps_per_epoch)
@@ -476,25 +475,24 @@ def describe_spec(spec: LayerSpec) -> str:
     """A short text of a layer's evolution schedule, for inspect and reports."""
     if spec.update is None:
         return f"{spec.method}: fixed topology at density {spec.density:g}"
-    update = spec.update
-    unit = update.get("unit", "steps")
-    removal, regrowth, decay = spec.removal, spec.regrowth, spec.density_decay
-    amount = ("down to the target density (EM&S)" if decay["kind"] == "ems"
-              else f"zeta {removal['zeta']:g} ({removal['zeta_schedule']})")
-    text = (f"{spec.method}: every {update['every']} {unit[:-1] if update['every'] == 1 else unit} until "
-            f"{spec.t_end:.0%} of training; remove {amount} by {removal['score']} {removal['mode']}")
-    if removal["mode"] == "soft":
-        start, end = removal["delta"]["start"], removal["delta"]["end"]
-        text += (f" (T {start / (1 - start):g}->{end / (1 - end):g} linear)" if removal.get("ramp") == "temperature"
+    update, removal, regrowth, decay = spec.update, spec.removal, spec.regrowth, spec.density_decay
+    unit = update.unit
+    amount = ("down to the target density (EM&S)" if decay.kind == "ems"
+              else f"zeta {removal.zeta:g} ({removal.zeta_schedule})")
+    text = (f"{spec.method}: every {update.every} {unit[:-1] if update.every == 1 else unit} until "
+            f"{spec.t_end:.0%} of training; remove {amount} by {removal.score} {removal.mode}")
+    if removal.mode == "soft":
+        start, end = removal.delta.start, removal.delta.end
+        text += (f" (T {start / (1 - start):g}->{end / (1 - end):g} linear)" if removal.ramp == "temperature"
                  else f" (delta {start:g}->{end:g})")
-    text += f"; regrow {regrowth['predictor']} {regrowth['mode']}"
+    text += f"; regrow {regrowth.predictor} {regrowth.mode}"
     if spec.percolation:
         text += "; percolation"
-    if decay["kind"] == "ems":
+    if decay.kind == "ems":
         text += f"; density {spec.initial_density:g}->{spec.density:g} (EM&S, cut at the last update)"
-    elif decay["kind"] != "none":
-        text += (f"; density {spec.initial_density:g}->{spec.density:g} ({decay['kind']}, "
-                 f"{decay['start']:.0%}-{decay['end']:.0%})")
+    elif decay.kind != "none":
+        text += (f"; density {spec.initial_density:g}->{spec.density:g} ({decay.kind}, "
+                 f"{decay.start:.0%}-{decay.end:.0%})")
     if spec.early_stop:
-        text += f"; freeze at overlap > {spec.early_stop['overlap']:g}"
+        text += f"; freeze at overlap > {spec.early_stop.overlap:g}"
     return text

@@ -98,33 +98,111 @@ EVOLUTION_KEYS = ("removal", "regrowth", "update", "t_end", "density_decay", "pe
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """A value ramped from ``start`` at step 0 to ``end`` at T_end (soft removal's δ)."""
+
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Removal:
+    """How links are removed at an update (schema: removal)."""
+
+    score: str  # WM | RI | MEST
+    mode: str  # hard | soft
+    delta: Ramp
+    ramp: str  # delta | temperature
+    zeta: float
+    zeta_schedule: str  # constant | cosine | elastic
+    gamma: float  # MEST's gradient weight
+    alpha: float | None = None  # RI's blend towards WM
+
+    def score_args(self) -> dict:
+        """The keyword arguments its score function takes from it."""
+        return {k: v for k, v in (("alpha", self.alpha), ("gamma", self.gamma)) if v is not None}
+
+
+@dataclass(frozen=True)
+class Regrowth:
+    """How links are regrown at an update (schema: regrowth)."""
+
+    predictor: str
+    mode: str  # hard | soft
+
+
+@dataclass(frozen=True)
+class Update:
+    """Every how many steps or epochs the topology is updated (schema: update)."""
+
+    every: int
+    unit: str = "steps"  # steps | epochs
+
+
+@dataclass(frozen=True)
+class DensityDecay:
+    """Gradual pruning from an initial density to the target (schema: density_decay)."""
+
+    kind: str  # none | cubic | sigmoid | linear | mest | ems
+    initial_sparsity: float
+    start: float
+    end: float
+    score: str  # WM | RI
+    halved_window: bool
+    steepness: float
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """CHT's topological early stop: freeze a layer once an update's overlap exceeds ``overlap``."""
+
+    overlap: float
+
+
+@dataclass(frozen=True)
 class LayerSpec:
-    """Everything one sparse layer needs, fully resolved (no field left to a preset)."""
+    """Everything one sparse layer needs, fully resolved (no field left to a preset). ``init`` stays
+    a mapping: its keys are the chosen topology's own parameters, plus ``model`` and ``weights``."""
 
     density: float
     init: dict
     method: str
-    removal: dict
-    regrowth: dict
-    update: dict | None
+    removal: Removal
+    regrowth: Regrowth
+    update: Update | None
     t_end: float
-    density_decay: dict
+    density_decay: DensityDecay
     percolation: bool
-    early_stop: dict | None
+    early_stop: EarlyStop | None
     backend: str
+
+    @classmethod
+    def from_fields(cls, density: float, init: dict, method: str, backend: str, removal: dict, regrowth: dict,
+                    update: dict | None, t_end: float, density_decay: dict, percolation: bool,
+                    early_stop: dict | None) -> "LayerSpec":
+        """A spec from the merged mappings of a preset, the defaults and a rule (checked by the schema)."""
+        removal = {**removal, "delta": Ramp(**removal["delta"])}
+        return cls(density=density, init=init, method=method, backend=backend, removal=Removal(**removal),
+                   regrowth=Regrowth(**regrowth), update=Update(**update) if update is not None else None,
+                   t_end=t_end, density_decay=DensityDecay(**density_decay), percolation=percolation,
+                   early_stop=EarlyStop(**early_stop) if early_stop is not None else None)
 
     @property
     def initial_density(self) -> float:
         """The density the layer starts at: above the target while a density decay is pending."""
         decay = self.density_decay
-        if decay["kind"] in ("cubic", "sigmoid", "linear"):
-            return max(self.density, 1.0 - decay["initial_sparsity"])
-        if decay["kind"] in ("mest", "ems"):
+        if decay.kind in ("cubic", "sigmoid", "linear"):
+            return max(self.density, 1.0 - decay.initial_sparsity)
+        if decay.kind in ("mest", "ems"):
             return min(1.0, self.density + EMS_EXTRA[0])
         return self.density
 
     def to_dict(self) -> dict:
-        return {k: copy.deepcopy(getattr(self, k)) for k in self.__dataclass_fields__}
+        """The spec as the policy's mappings would write it (an unset RI alpha left out)."""
+        out = dataclasses.asdict(self)
+        if out["removal"]["alpha"] is None:
+            del out["removal"]["alpha"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,8 +287,8 @@ class Policy:
         if merged["density"] is None:
             raise PolicyError(f"{self.source}: {where}: no density or sparsity given "
                               "(set one in the rule or in defaults)")
-        return LayerSpec(density=merged["density"], init=merged["init"], method=merged["method"],
-                         backend=merged["backend"], **spec)
+        return LayerSpec.from_fields(density=merged["density"], init=merged["init"], method=merged["method"],
+                                     backend=merged["backend"], **spec)
 
     def training_config(self) -> TrainingConfig:
         """The training section (checked against the schema at load) over the defaults."""

@@ -5,7 +5,7 @@ import pytest
 from sparsify.errors import PolicyError
 from sparsify.passes.plan import AVAILABLE_BACKENDS, init_parameters
 from sparsify.passes.rewrite import WEIGHT_INITS
-from sparsify.policy import METHODS, load_policy, schema
+from sparsify.policy import METHODS, EarlyStop, Ramp, Regrowth, Removal, Update, load_policy, schema
 from sparsify.topology.initial import INIT_TOPOLOGIES
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS
 from sparsify.topology.removal import REMOVAL_SCORES
@@ -39,7 +39,7 @@ def test_one_example_policy_per_method():
         assert policy.rules[0].skip and policy.rules[0].pattern == "fc4"
     assert methods == set(METHODS)
     l3p = load_policy(ROOT / "examples" / "policies" / "chts_l3p.yaml")
-    assert l3p.resolve(l3p.rules[1]).regrowth["predictor"] == "CH3_L3p"
+    assert l3p.resolve(l3p.rules[1]).regrowth.predictor == "CH3_L3p"
 
 
 def test_schema_enums_equal_code_registries():
@@ -134,16 +134,16 @@ def test_preset_fields_are_overridden_field_by_field():
                           "rules": [{"match": {"name": "a"}, "method": "SET"},
                                     {"match": {"name": "b"}, "removal": {"mode": "hard"}}]})
     a, b = policy.resolve(policy.rules[0]), policy.resolve(policy.rules[1])
-    assert a.method == "SET" and a.removal["zeta"] == 0.2 and a.regrowth["predictor"] == "random"
-    assert b.method == "CHTs" and b.removal == {**METHODS["CHTs"]["removal"], "zeta": 0.2, "mode": "hard"}
-    assert b.regrowth == {"predictor": "CH2_L3n", "mode": "soft"} and b.percolation is True
+    assert a.method == "SET" and a.removal.zeta == 0.2 and a.regrowth.predictor == "random"
+    assert b.method == "CHTs" and b.to_dict()["removal"] == {**METHODS["CHTs"]["removal"], "zeta": 0.2, "mode": "hard"}
+    assert b.regrowth == Regrowth(predictor="CH2_L3n", mode="soft") and b.percolation is True
     assert b.density == 0.1
 
 
 def test_chtss_starts_denser():
     policy = load_policy({"version": 1, "defaults": {"density": 0.1, "method": "CHTss"}, "unmatched": "sparsify"})
     spec = policy.resolve(None)
-    assert spec.density_decay["kind"] == "sigmoid" and spec.initial_density == 0.5
+    assert spec.density_decay.kind == "sigmoid" and spec.initial_density == 0.5
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -170,11 +170,10 @@ def test_presets_carry_the_official_recipe():
     def spec(method):
         return load_policy({"version": 1, "defaults": {"density": 0.01, "method": method}}).resolve(None)
     chts, cht, chtss = spec("CHTs"), spec("CHT"), spec("CHTss")
-    assert chts.removal | {"gamma": None} == {"score": "RI", "alpha": 0.0, "mode": "soft", "ramp": "temperature",
-                                              "delta": {"start": 0.5, "end": 0.75}, "zeta": 0.3,
-                                              "zeta_schedule": "cosine", "gamma": None}
-    assert chts.regrowth == {"predictor": "CH2_L3n", "mode": "soft"} and chts.percolation and chts.t_end == 0.75
-    assert cht.t_end == 1.0 and cht.regrowth["predictor"] == "CH3_L3p" and cht.early_stop == {"overlap": 0.9}
-    assert (chtss.removal["score"], chtss.removal["zeta"], chtss.removal["delta"]["end"]) == ("WM", 0.1, 0.9)
-    assert chtss.update == {"every": 100, "unit": "steps"} and not chtss.percolation
-    assert chtss.density_decay["kind"] == "sigmoid" and chtss.initial_density == 0.5
+    assert chts.removal == Removal(score="RI", alpha=0.0, mode="soft", ramp="temperature", delta=Ramp(0.5, 0.75),
+                                   zeta=0.3, zeta_schedule="cosine", gamma=0.01)
+    assert chts.regrowth == Regrowth("CH2_L3n", "soft") and chts.percolation and chts.t_end == 0.75
+    assert cht.t_end == 1.0 and cht.regrowth.predictor == "CH3_L3p" and cht.early_stop == EarlyStop(0.9)
+    assert (chtss.removal.score, chtss.removal.zeta, chtss.removal.delta.end) == ("WM", 0.1, 0.9)
+    assert chtss.update == Update(every=100, unit="steps") and not chtss.percolation
+    assert chtss.density_decay.kind == "sigmoid" and chtss.initial_density == 0.5
