@@ -26,6 +26,7 @@ LAYERS = [
     ("runtime: training, inspection, plots", ["sparsify.train", "sparsify.inspection", "sparsify.plots"]),
     ("runtime: loading a run", ["sparsify.export.run"]),
     ("top: CLI and public API", ["sparsify", "sparsify.cli", "sparsify.__main__"]),
+    ("top: framework integrations", ["sparsify.integrations", "sparsify.integrations.*"]),
 ]
 
 
