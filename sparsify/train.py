@@ -12,6 +12,7 @@ of the batches; rank 0 writes the folder.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -609,6 +610,7 @@ def run_and_leave(**kwargs: Any) -> dict:
     try:
         report = run(**kwargs)
         if dist.is_initialized():
+            gc.collect()  # the run's DDP wrapper (held in a cycle through the evolution's listener) goes first
             dist.barrier()
         return report
     finally:
@@ -640,6 +642,7 @@ def _worker(rank: int, nproc: int, store_path: str, kwargs: dict) -> None:
     dist.init_process_group(None if torch.cuda.is_available() else "gloo", store=store, rank=rank, world_size=nproc)
     try:
         run(**kwargs)
+        gc.collect()  # the run's DDP wrapper (held in a cycle through the evolution's listener) goes first
         dist.barrier()  # no rank tears gloo down while another still has work in flight
     except SparsifyError as exc:
         if rank == 0:

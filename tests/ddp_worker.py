@@ -1,4 +1,5 @@
 """Worker of the distributed tests: one process of a 2-process gloo run (spawned by test_distributed)."""
+import gc
 import json
 import os
 import time
@@ -46,39 +47,45 @@ def train(rank: int, world: int, store_path: str, method: str, wrap_first: bool,
     store = dist.FileStore(store_path, world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = Net()
-        policy = {"version": 1, "seed": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": density, "method": method,
-                                                      "update": {"every": 5, "unit": "steps"}}]}
-        if wrap_first:  # sparsify a model already inside DDP: rules see fc1, not module.fc1
-            net = nn.parallel.DistributedDataParallel(model)
-            _, handle = sparsify.sparsify(net, policy, torch.randn(2, 16))
-        else:
-            _, handle = sparsify.sparsify(model, policy, torch.randn(2, 16))
-            net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        handle.attach(optimizer, total_steps=80)
-        sums = []
-
-        def compare(record):
-            mine = torch.tensor(checksum(handle.masks()))
-            every = [torch.zeros_like(mine) for _ in range(world)]
-            dist.all_gather(every, mine)
-            sums.append([t.tolist() for t in every])
-
-        handle.evolution.listeners.append(compare)
-        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: gradients differ
-        for _ in range(80):
-            x = torch.randn(32, 16, generator=g)
-            loss = nn.functional.cross_entropy(net(x), x[:, :4].argmax(1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({"sites": sorted(handle.sites), "sums": sums, "updates": len(handle.history),
-                       "backends": sorted({type(s.module).__name__ for s in handle.sites.values()}),
-                       "final": checksum(handle.masks())}, f)
+        _train(rank, world, method, wrap_first, out, density)
+        # DDP's reducer holds the process group and gloo work: it is gone (and collected) before teardown
+        gc.collect()
         dist.barrier()  # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
     leave_together(store, world)
+
+
+def _train(rank: int, world: int, method: str, wrap_first: bool, out: str, density: float) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    policy = {"version": 1, "seed": 1, "rules": [{"match": {"regex": "fc[12]"}, "density": density, "method": method,
+                                                  "update": {"every": 5, "unit": "steps"}}]}
+    if wrap_first:  # sparsify a model already inside DDP: rules see fc1, not module.fc1
+        net = nn.parallel.DistributedDataParallel(model)
+        _, handle = sparsify.sparsify(net, policy, torch.randn(2, 16))
+    else:
+        _, handle = sparsify.sparsify(model, policy, torch.randn(2, 16))
+        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    handle.attach(optimizer, total_steps=80)
+    sums = []
+
+    def compare(record):
+        mine = torch.tensor(checksum(handle.masks()))
+        every = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        sums.append([t.tolist() for t in every])
+
+    handle.evolution.listeners.append(compare)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: gradients differ
+    for _ in range(80):
+        x = torch.randn(32, 16, generator=g)
+        loss = nn.functional.cross_entropy(net(x), x[:, :4].argmax(1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"sites": sorted(handle.sites), "sums": sums, "updates": len(handle.history),
+                   "backends": sorted({type(s.module).__name__ for s in handle.sites.values()}),
+                   "final": checksum(handle.masks())}, f)
