@@ -29,10 +29,16 @@ def test_masks_are_identical_on_every_rank_after_every_update(tmp_path, method, 
     assert ranks[0]["sums"][0] != ranks[0]["sums"][-1]  # the topology did change
 
 
-def test_cli_trains_in_two_processes(tmp_path):
+def _tiny_policy(tmp_path):
+    """CHTs at 20% on tests/models/tiny_task.py: 3 epochs, an update every 5 steps."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nrules:\n  - match: {regex: 'fc[12]'}\n    density: 0.2\n    method: CHTs\n"
                       "    update: {every: 5, unit: steps}\ntraining: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.01}\n")
+    return policy
+
+
+def test_cli_trains_in_two_processes(tmp_path):
+    policy = _tiny_policy(tmp_path)
     out = tmp_path / "run"
     # this interpreter's sparsify (the one under test), not whichever one PATH finds first
     proc = subprocess.run([sys.executable, "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy),
@@ -48,9 +54,7 @@ def test_cli_trains_in_two_processes(tmp_path):
 def test_torchrun_trains_and_every_rank_leaves_the_group(tmp_path):
     """The same run launched by torchrun: the ranks meet through torchrun's store, and sparsify
     tears the group down before the interpreter exits."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nrules:\n  - match: {regex: 'fc[12]'}\n    density: 0.2\n    method: CHTs\n"
-                      "    update: {every: 5, unit: steps}\ntraining: {epochs: 3, batch_size: 32, optimizer: adamw, lr: 0.01}\n")
+    policy = _tiny_policy(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
