@@ -222,6 +222,7 @@ class TrainingConfig:
     lr_end_factor: float = 0.01
     lr_decay_end: float = 0.9
     lr_step: str = "step"  # step | epoch
+    lr_warmup_steps: int = 0
     device: str = "cpu"
 
     def to_dict(self) -> dict:

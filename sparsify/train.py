@@ -45,7 +45,8 @@ from sparsify.topology.metrics import active_neuron_rate, itop_rate
 log = logging.getLogger(__name__)
 
 # Settings a resumed run must share with the run it continues: the schedules depend on them.
-RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "optimizer", "lr_end_factor", "lr_decay_end", "lr_step")
+RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "optimizer", "lr_end_factor", "lr_decay_end", "lr_step",
+               "lr_warmup_steps")
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
 CHECKPOINT = "checkpoint.pt"
 UNPERCOLATED_ANP = 0.99  # above it, a run with percolation on and no weight decay gets a note on why
@@ -86,13 +87,17 @@ def lr_factor(cfg: TrainingConfig, step: int, steps_per_epoch: int, total_steps:
     """The learning rate of optimizer step ``step`` (0-based) as a fraction of ``cfg.lr``.
 
     linear and cosine fall from 1 to ``lr_end_factor`` at ``lr_decay_end`` of training and hold
-    there; with ``lr_step: epoch`` the rate moves once per epoch, as torch's LinearLR stepped per
+    there, after ``lr_warmup_steps`` rising linearly to 1 (then the fall spans the steps left to
+    ``lr_decay_end``); with ``lr_step: epoch`` the rate moves once per epoch, as torch's LinearLR stepped per
     epoch does in the official recipe (epoch e of 100: 1 - 0.99 min(e, 90) / 90).
 
     >>> cfg = TrainingConfig(lr_step="epoch")
     >>> [round(lr_factor(cfg, e * 10, 10, 1000), 4) for e in (0, 45, 90, 99)]
     [1.0, 0.505, 0.01, 0.01]
     """
+    warm = cfg.lr_warmup_steps
+    if step < warm:
+        return (step + 1) / warm
     if cfg.lr_schedule == "constant":
         return 1.0
     end = cfg.lr_end_factor
@@ -101,7 +106,7 @@ def lr_factor(cfg: TrainingConfig, step: int, steps_per_epoch: int, total_steps:
         horizon = max(int(epochs * cfg.lr_decay_end), 1)
         x = min((step // max(steps_per_epoch, 1)) / horizon, 1.0)
     else:
-        x = min(step / max(cfg.lr_decay_end * total_steps, 1.0), 1.0)
+        x = min((step - warm) / max(cfg.lr_decay_end * total_steps - warm, 1.0), 1.0)
     if cfg.lr_schedule == "linear":
         return 1.0 - (1.0 - end) * x
     return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * x))

@@ -38,3 +38,9 @@ def test_best_epoch_counts_only_epochs_at_the_target_density():
     assert best_epoch(rows[:1]) is None
     losses = [{"epoch": 1, "eval_loss": 2.0}, {"epoch": 2, "eval_loss": 1.5}]  # no accuracy: the lowest loss
     assert best_epoch(losses) == {"epoch": 2, "eval_loss": 1.5}
+
+
+def test_warm_up_then_the_official_llama_cosine_to_a_tenth():
+    cfg = TrainingConfig(lr_schedule="cosine", lr_end_factor=0.1, lr_decay_end=1.0, lr_warmup_steps=1000)
+    factors = [lr_factor(cfg, s, 100, 10_000) for s in (0, 499, 999, 1000, 5500, 10_000)]
+    assert factors == pytest.approx([0.001, 0.5, 1.0, 1.0, 0.55, 0.1])
