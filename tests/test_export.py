@@ -403,3 +403,35 @@ def test_export_options_are_the_policy_section_typed_with_the_flags_winning():
     assert "onnx" not in kwargs and kwargs["sparse_matmul"] is False
     defaults = {k: p.default for k, p in inspect.signature(export).parameters.items() if k in kwargs}
     assert defaults == ExportOptions().export_kwargs()  # one source of defaults
+
+
+@pytest.mark.parametrize("where, step", [("torch", "check the shrunk model in PyTorch"),
+                                         ("onnxruntime", "check the ONNX file in onnxruntime")])
+def test_a_raw_failure_after_the_shrink_becomes_an_export_error_naming_the_step(tmp_path, monkeypatch, where, step):
+    """A shrunk model that fails in PyTorch (a shrink cut one factor of a product and not the other),
+    or an ONNX file onnxruntime cannot run: an ExportError naming the step, no file written."""
+    from sparsify.export import pipeline
+
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((8, 16, 16, 16, 2)),
+                                      {**EVERY, "defaults": {"density": 0.5}}, torch.randn(2, 8))
+    message = "The size of tensor a (48) must match the size of tensor b (64) at non-singleton dimension 2"
+    if where == "torch":
+        store = pipeline.STORE_SPARSE
+
+        def broken(shrunk, *args, **kwargs):
+            result = store(shrunk, *args, **kwargs)
+            shrunk.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError(message)))
+            return result
+
+        monkeypatch.setattr(pipeline, "STORE_SPARSE", broken)
+    else:
+        def refuse(self, inputs):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Shape mismatch attempting to re-use buffer")
+
+        monkeypatch.setattr(OnnxModel, "run", refuse)
+    with pytest.raises(ExportError) as err:
+        handle.export(tmp_path / "m.onnx", (torch.randn(4, 8),), compare_dense=False)
+    assert str(err.value).startswith(f"export step '{step}' failed: RuntimeError: ")
+    assert "no file was written" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    assert os.listdir(tmp_path) == []

@@ -18,6 +18,7 @@ check leaves no file that looks valid.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from sparsify.csr_linear import CsrLinear
-from sparsify.errors import ExportError
+from sparsify.errors import ExportError, SparsifyError, first_line
 from sparsify.export.huggingface import narrow_heads, rewrite_head_counts, rewrite_mlp_sizes, save_pretrained
 from sparsify.export.latency import compare_with_dense
 from sparsify.export.onnx_file import (OnnxModel, check_onnx, max_diff, onnxruntime_parity, tensors, to_onnx,
@@ -79,6 +80,21 @@ def held_out_batches(data: Any, count: int = 2) -> list:
     return batches
 
 
+@contextlib.contextmanager
+def _step(name: str, what_to_do: str):
+    """An exception from torch, onnx or onnxruntime inside step ``name`` becomes an ExportError that
+    names the step and says what to do (the cause stays chained); sparsify's own errors pass as they are."""
+    try:
+        yield
+    except SparsifyError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"export step '{name}' failed: {first_line(exc)}; no file was written. {what_to_do}") from exc
+
+
+REPORT_IT = "Export with shrink off (--no-shrink) and report this model"
+
+
 def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | None = None,
            shrink: bool = ExportOptions.shrink, verify: bool = ExportOptions.verify,
            tolerance: float = ExportOptions.tolerance, opset: int = ExportOptions.opset,
@@ -106,11 +122,13 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
     inputs = ExampleInputs.of(example_inputs)
     checks = [ExampleInputs.of(b) for b in (held_out or [example_inputs])]
     try:
-        with torch.no_grad():
+        with _step("run the trained model on the check inputs", "Check that held_out has the example inputs' form"), \
+                torch.no_grad():
             reference = [tensors(c.call(model)) for c in checks]
         dense = inference_copy(model)
         shrunk = copy.deepcopy(dense)
-        result = shrink_model(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
+        with _step("shrink", REPORT_IT):
+            result = shrink_model(shrunk, handle.coupling, [example_inputs] + list(held_out or [])) if shrink else None
         configs = {}
         if result is not None:  # a Hugging Face config follows the shrunk sizes where it can
             configs["hf_config"] = rewrite_mlp_sizes(shrunk, result.units)
@@ -130,7 +148,7 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             checks.append(other)
             with torch.no_grad():
                 reference.append(tensors(other.call(model)))
-        with torch.no_grad():
+        with _step("check the shrunk model in PyTorch", REPORT_IT), torch.no_grad():
             torch_diff = max(max_diff(r, tensors(c.call(shrunk))) for r, c in zip(reference, checks))
         limit = scaled_limit(TORCH_TOLERANCE, tree_leaves(reference))
         if not torch_diff <= limit:
@@ -169,9 +187,11 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
     try:
         captured = to_onnx(shrunk, inputs, onnx_tmp, opset)
         check_onnx(onnx_tmp)
-        runtime = OnnxModel(onnx_tmp, shrunk)
-        if verify:
-            report.update(onnxruntime_parity(runtime, checks, reference, tolerance))
+        with _step("check the ONNX file in onnxruntime", "The file fails on inputs like the held-out ones: "
+                   "export with the held-out inputs' shapes as example inputs, or report this model"):
+            runtime = OnnxModel(onnx_tmp, shrunk)
+            if verify:
+                report.update(onnxruntime_parity(runtime, checks, reference, tolerance))
         write_pt2(captured, shrunk, inputs, pt2_tmp)
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
         if compare_dense:
