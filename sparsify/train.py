@@ -625,7 +625,6 @@ def run_and_leave(**kwargs: Any) -> dict:
 
 def launch(nproc: int, **kwargs: Any) -> None:
     """Run :func:`run` in ``nproc`` local processes (distributed data parallel over gloo or nccl)."""
-
     if nproc < 1:
         raise SparsifyError(f"--nproc {nproc}: must be at least 1")
     # The processes meet through a file store in a private folder, not a TCP store on a port picked in advance:
@@ -655,8 +654,13 @@ def _worker(rank: int, nproc: int, store_path: str, kwargs: dict) -> None:
         sys.exit(2)
     finally:
         dist.destroy_process_group()
-    # Leave together: no process exits (closing its gloo sockets) while another is still tearing down.
+    leave_together(store, nproc)
+
+
+def leave_together(store: dist.Store, world: int, timeout: float = 120.0) -> None:
+    """Return once every rank has torn its process group down (or after ``timeout`` seconds): no
+    process exits, closing its gloo sockets, while another is still tearing down."""
     store.add("torn_down", 1)
-    deadline = time.monotonic() + 120
-    while store.add("torn_down", 0) < nproc and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while store.add("torn_down", 0) < world and time.monotonic() < deadline:
         time.sleep(0.01)

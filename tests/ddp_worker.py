@@ -2,13 +2,13 @@
 import gc
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import sparsify
+from sparsify.train import leave_together
 
 
 class Net(nn.Module):
@@ -29,14 +29,6 @@ def checksum(masks: dict) -> list[int]:
         flat = mask.flatten().long()
         out += [int(flat.sum()), int((flat * torch.arange(1, flat.numel() + 1)).sum())]
     return out
-
-
-def leave_together(store: dist.Store, world: int, timeout: float = 120.0) -> None:
-    """Return once every rank has torn its process group down: no rank exits while another is still in teardown."""
-    store.add("torn_down", 1)
-    deadline = time.monotonic() + timeout
-    while store.add("torn_down", 0) < world and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def train(rank: int, world: int, store_path: str, method: str, wrap_first: bool, out: str,
