@@ -56,9 +56,9 @@ METHODS = {
 }
 # One recipe point changed at a time (benchmarks/ablations/), run with --methods like the table's rows.
 ABLATIONS = {
-    "CHTs (CH2-L3n) WM-soft": "../../benchmarks/ablations/chts_wm_soft.yaml",
-    "CHTs (CH2-L3n) BRF": "../../benchmarks/ablations/chts_brf.yaml",
-    "CHTs (CH2-L3n) rescaled weights": "../../benchmarks/ablations/chts_rescale.yaml",
+    "CHTs (CH2-L3n) WM-soft": "chts_wm_soft.yaml",
+    "CHTs (CH2-L3n) BRF": "chts_brf.yaml",
+    "CHTs (CH2-L3n) rescaled weights": "chts_rescale.yaml",
 }
 # Fashion-MNIST test accuracy (%) after 100 epochs in the CHTs paper's Table 4 (ALGORITHMS.md);
 # None where the table gives no number for this MLP.
@@ -70,8 +70,9 @@ PAPER_ANP = {"SET": 100.0, "RigL": 55.0, "CHT": 30.0, "CHTs (CH2-L3n)": 73.0, "C
 
 def policy_file(method: str) -> Path:
     """The policy a row of the table trains with (FC: the CHTs policy, for its training section)."""
-    name = {**METHODS, **ABLATIONS}[method] or METHODS["CHTs (CH2-L3n)"]
-    return (POLICIES / name).resolve()
+    if method in ABLATIONS:
+        return ROOT / "benchmarks" / "ablations" / ABLATIONS[method]
+    return POLICIES / (METHODS[method] or METHODS["CHTs (CH2-L3n)"])
 
 
 def training_settings(method: str) -> TrainingConfig:

@@ -47,6 +47,15 @@ def error_of(capsys, *argv) -> str:
     return err
 
 
+def bad_file(path: Path, content: bytes | None) -> Path:
+    """``path`` holding ``content`` as raw bytes, or a folder in its place when ``content`` is None."""
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    return path
+
+
 def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text)
@@ -287,11 +296,7 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     (None, "is a folder, not a policy file"),
 ])
 def test_policy_files_that_are_not_text_empty_folders_or_not_finite(tmp_path, capsys, content, expected):
-    policy = tmp_path / "p.yaml"
-    if content is None:
-        policy.mkdir()
-    else:
-        policy.write_bytes(content)
+    policy = bad_file(tmp_path / "p.yaml", content)
     err = error_of(capsys, TINY, policy, "-o", tmp_path / "run")
     assert expected in err and str(policy) in err and not (tmp_path / "run").exists()
 
@@ -303,10 +308,6 @@ def test_policy_files_that_are_not_text_empty_folders_or_not_finite(tmp_path, ca
     (None, "is a folder; give the path of a model.py"),
 ])
 def test_model_files_that_are_not_text_empty_or_folders(tmp_path, capsys, content, expected):
-    model = tmp_path / "model.py"
-    if content is None:
-        model.mkdir()
-    else:
-        model.write_bytes(content)
+    model = bad_file(tmp_path / "model.py", content)
     err = error_of(capsys, model, write(tmp_path, "policy.yaml", POLICY))
     assert expected in err and str(model) in err
