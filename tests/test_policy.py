@@ -166,6 +166,16 @@ def test_training_recipe_options_are_checked(tmp_path):
     assert "training.lr_end_factr: unknown key 'lr_end_factr'; did you mean 'lr_end_factor'?" in message
 
 
+def test_a_rule_turns_off_a_presets_early_stop_with_null():
+    def spec(rule):
+        rules = [{"match": {"name": "fc1"}, "density": 0.01, "method": "CHT", **rule}]
+        policy = load_policy({"version": 1, "rules": rules})
+        return policy.resolve(policy.match("fc1", ("Linear",)))
+    assert spec({}).early_stop == EarlyStop(0.9)
+    assert spec({"early_stop": None}).early_stop is None
+    assert spec({"early_stop": {"overlap": 0.5}}).early_stop == EarlyStop(0.5)
+
+
 def test_presets_carry_the_official_recipe():
     def spec(method):
         return load_policy({"version": 1, "defaults": {"density": 0.01, "method": method}}).resolve(None)
