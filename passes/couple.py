@@ -221,6 +221,46 @@ def describe_pairing(pairs: np.ndarray, head_dim: int) -> str:
     return f"paired: {len(np.unique(np.stack([lo, hi], 1), axis=0))} pairs"
 
 
+@dataclass
+class FeatureParameter:
+    """A parameter (or buffer) applied elementwise to a site's features, one slice per feature (a
+    per-channel decay, Mamba's A_log and D, a depthwise convolution's weight and bias): when the
+    site loses a row, the parameter loses the slice. ``mapping[j]`` is the feature that slice j along
+    ``dim`` meets (-1: none); ``dim`` is None when the parameter is not cut one slice per feature
+    (one slice meets several features, as a norm's weight per head dimension meets every head)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dim: int | None
+    mapping: np.ndarray | None = None
+
+    def describe(self, site: str) -> str:
+        if self.dim is None:
+            return f"{site}: {self.name} {list(self.shape)}, shared by several features"
+        used = int((self.mapping >= 0).sum())
+        return f"{site}: {self.name} {list(self.shape)}, dim {self.dim} ({used} of {self.shape[self.dim]} slices)"
+
+
+def feature_parameter(name: str, shape: tuple[int, ...], pairs: np.ndarray) -> FeatureParameter | None:
+    """From the (flat element, feature) pairs a parameter met: the dimension along which it holds one
+    slice per feature; None when every feature meets the same elements (nothing to cut)."""
+    coords = np.stack(np.unravel_index(pairs[:, 0], shape), 1) if len(shape) else np.zeros((len(pairs), 0), np.int64)
+    features = pairs[:, 1]
+    dims = []
+    for d, size in enumerate(shape):
+        meets = np.unique(np.stack([features, coords[:, d]], 1), axis=0)
+        if size > 1 and len(np.unique(meets[:, 0])) == len(meets) and len(np.unique(meets[:, 1])) > 1:
+            dims.append(d)  # the slice along d is a function of the feature, and not always the same
+    if not dims:
+        return None
+    meets = np.unique(np.stack([coords[:, dims[0]], features], 1), axis=0)
+    if len(dims) > 1 or len(np.unique(meets[:, 0])) != len(meets):
+        return FeatureParameter(name, shape, None)
+    mapping = np.full(shape[dims[0]], -1, dtype=np.int64)
+    mapping[meets[:, 0]] = meets[:, 1]
+    return FeatureParameter(name, shape, dims[0], mapping)
+
+
 @dataclass(frozen=True)
 class Attention:
     """One attention (scaled_dot_product_attention, or softmax(q·kᵀ)·v written out) whose query, key
@@ -249,6 +289,7 @@ class Coupling:
     reduced: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
+    parameters: dict[str, list[FeatureParameter]] = field(default_factory=dict)  # site -> applied to its features
 
     def groups_of(self, site: str) -> list:
         return [g for g in self.groups if site in g.sites]
@@ -278,6 +319,10 @@ class Coupling:
         lines = self.boundary_lines()
         out.append(f"boundaries ({len(lines)}):")
         out += [f"  {line}" for line in lines]
+        lines = sorted(p.describe(site) for site, params in self.parameters.items() for p in params)
+        if lines:
+            out.append(f"parameters per feature ({len(lines)}):")
+            out += [f"  {line}" for line in lines]
         if self.notes:
             out.append("notes:")
             out += [f"  {n}" for n in sorted(set(self.notes))]
@@ -385,6 +430,9 @@ class _Propagator(fx.Interpreter):
         self.notes: list[str] = []
         self.attentions: list[tuple[list[str], list[str], list[str]]] = []  # q, k, v sites of each call
         self.scores: dict[fx.Node, tuple[list[str], list[str]]] = {}  # attention scores: from q·kᵀ of these sites
+        self.parameter_index: dict[fx.Node, tuple[str, tuple[int, ...], torch.Tensor] | None] = {}
+        # site -> parameter -> (its shape, (n, 2) arrays of (its flat element, the site's feature) met elementwise)
+        self.per_feature: dict[str, dict[str, tuple[tuple[int, ...], list[np.ndarray]]]] = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _boundary(self, site: str, side: str, reason: str) -> None:
@@ -416,7 +464,10 @@ class _Propagator(fx.Interpreter):
     # -- the interpreter hook ----------------------------------------------------------------
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)
-        self.data[node] = node.op == "placeholder" or any(self.data.get(a, False) for a in node.all_input_nodes)
+        # shaped like data, holding none of it: a fresh buffer, a size (and what is computed from sizes alone)
+        fresh = node.op.startswith("call") and op_name(node, self.module) in FRESH | NO_VALUE
+        self.data[node] = node.op == "placeholder" or (
+            not fresh and any(self.data.get(a, False) for a in node.all_input_nodes))
         self._follow_scores(node)
         try:
             self.tags[node] = self._propagate(node, value)
@@ -652,16 +703,68 @@ class _Propagator(fx.Interpreter):
                         self.paired.setdefault(site, []).append(pairs)
                 idx = torch.where(a >= 0, a, b)
             out[site] = _Tag(_like(value, idx), _dedupe(trail + step))
+        for a in untagged:  # a parameter scaling or shifting features one by one (a per-channel decay)
+            self._per_feature(a, value, out)
         if kind == "add":
             self._additive(node, value, tagged, untagged, out)
-        elif kind == "mul" and len(sites) > 1:
+        elif kind == "mul" and len(sites) > 1 and len(tagged) > 1:
             self._product(node, tagged, out)
         return out
+
+    def _per_feature(self, node: fx.Node, value: torch.Tensor, out: Tags) -> None:
+        """Record which elements of a parameter meet which features of each site in ``out``."""
+        found = self._parameter_index(node)
+        if found is None:
+            return
+        name, shape, element = found
+        element = element.broadcast_to(value.shape)
+        for site, tag in out.items():
+            pairs = _unique_pairs(element, tag.idx)
+            if len(pairs):
+                self.per_feature.setdefault(site, {}).setdefault(name, (shape, []))[1].append(pairs)
+
+    def _parameter_index(self, node: fx.Node) -> tuple[str, tuple[int, ...], torch.Tensor] | None:
+        """(name, shape, index of its elements laid out as ``node``'s value) when ``node`` is a
+        parameter or buffer of the model, or a value computed from one alone by elementwise and
+        data-movement ops (Mamba's ``-exp(A_log)``, a decay viewed as (1, 1, C)); else None."""
+        if node in self.parameter_index:
+            return self.parameter_index[node]
+        value = self.env.get(node)
+        found = None
+        if not isinstance(value, torch.Tensor) or self.data.get(node, False) or not value.is_floating_point():
+            pass
+        elif node.op == "get_attr" and value.numel() > 1:
+            found = (str(node.target), tuple(value.shape), torch.arange(value.numel(), dtype=torch.int32).view(value.shape))
+        elif node.op.startswith("call") and not self._all_tags(node):
+            found = self._parameter_moved(node, value)
+        self.parameter_index[node] = found
+        return found
+
+    def _parameter_moved(self, node: fx.Node, value: torch.Tensor) -> tuple[str, tuple[int, ...], torch.Tensor] | None:
+        sources = [a for a in node.all_input_nodes if self._parameter_index(a) is not None]
+        if len(sources) != 1:
+            return None
+        name = op_name(node, self.module)
+        param, shape, element = self._parameter_index(sources[0])
+        if name in STRUCTURAL and sources[0] is node.args[0]:
+            def sub(a: Any) -> Any:
+                if a is sources[0]:
+                    return element
+                return _blank(self.env[a]) if isinstance(a, fx.Node) else a
+            moved = self._call(node, fx.node.map_aggregate(node.args, sub), fx.node.map_aggregate(node.kwargs, sub))
+            return (param, shape, moved) if isinstance(moved, torch.Tensor) else None
+        if name in UNARY | ADDITIVE | MULTIPLICATIVE:
+            return param, shape, element.broadcast_to(value.shape)
+        return None
 
     def _additive(self, node: fx.Node, value: torch.Tensor, tagged: list, untagged: list, out: Tags) -> None:
         """A site's features summed with another site's or with data (a residual stream) end there."""
         sites = sorted(out)
-        if len(sites) > 1 and len(tagged) > 1:
+        operand_sites = [set(t) for _, t in tagged]
+        # two sites' outputs summed (attention and MLP of a parallel block) end there; operands sharing a
+        # site (a recurrence adding k*v to its decayed state) carry the same features on
+        if len(sites) > 1 and len(tagged) > 1 and not any(a & b for i, a in enumerate(operand_sites)
+                                                          for b in operand_sites[i + 1:]):
             for site in sites:
                 others = ", ".join(s for s in sites if s != site)
                 self._boundary(site, "out", f"summed with {others}{self._where(node)}")
@@ -882,6 +985,13 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         rope = {s: result.paired[s] for s in (q, k) if s in result.paired}
         result.groups.append(DotGroup(q, k, pairs, head_dim, via, rope, sorted(slices)))
     result.boundaries = prop.boundaries
+    for site, params in sorted(prop.per_feature.items()):
+        if (site, "out") in prop.boundaries:  # its rows never go: nothing to cut with them
+            continue
+        found = [feature_parameter(name, shape, np.unique(np.concatenate(pairs), axis=0))
+                 for name, (shape, pairs) in sorted(params.items())]
+        if any(found):
+            result.parameters[site] = [p for p in found if p is not None]
     for site, reductions in prop.reduced.items():
         result.reduced[site] = {reason: np.unique(np.concatenate(rows), axis=0) for reason, rows in reductions.items()
                                 if len({r.shape[1] for r in rows}) == 1}
