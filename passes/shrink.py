@@ -257,31 +257,28 @@ def shrink(model: nn.Module, coupling: Coupling, samples: list) -> Shrink:
         if unit.removed == 0:
             units.append(unit)
             continue
-        if fused and reference is None:
+        if samples and reference is None:
             reference = _outputs(model, samples)
         keep = torch.tensor(unit.kept, dtype=torch.long, device=d.weight.device)
+        kept_rows = {name: rows[keep].flatten().sort().values for name, rows in zip(sources, rows_of)}
+        cuts = _parameter_cuts(coupling, sources, {n: r.tolist() for n, r in kept_rows.items()})
+        if isinstance(cuts, str):
+            skipped[dst] = f"{unit.removed} dead neuron(s) kept: {cuts}"
+            continue
         previous = dict(zip((*sources, dst), (*layers, d)))
-        for name, layer, rows in zip(sources, layers, rows_of):
-            kept_rows = rows[keep].flatten().sort().values  # in the layer's order: chunk() still splits it alike
-            replace_module(model, name, _linear(layer.weight[kept_rows],
-                                                None if layer.bias is None else layer.bias[kept_rows]))
+        for name, layer in zip(sources, layers):
+            rows = kept_rows[name]  # in the layer's order: chunk() still splits it alike
+            replace_module(model, name, _linear(layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
         needs_bias = d.bias is not None or unit.folded > 0
         replace_module(model, dst, _linear(d.weight[:, keep], bias if needs_bias else None))
-        if fused:
-            what = f"{unit.removed} dead neuron(s) of {fused[0]} kept"
-            check = lambda: _checked(model, samples, reference, what,  # noqa: E731
-                                     "split its output by its size, e.g. chunk(2, -1)")
-            why = check()
-            if why is not None:
-                widths = _split_widths(model, fused[0], unit.width, len(unit.kept), check)
-                if widths is None:
-                    for name, layer in previous.items():
-                        replace_module(model, name, layer)
-                    parent = fused[0].rpartition(".")[0] or "the model"
-                    skipped[dst] = (f"{why}; nor with an integer attribute of {parent} equal to {unit.width} "
-                                    f"set to {len(unit.kept)}")
-                    continue
-                unit.rewritten = widths
+        undo = _cut_parameters(model, cuts)
+        why = _check_unit(model, unit, fused, samples, reference) if samples else None
+        if why is not None:
+            for name, layer in previous.items():
+                replace_module(model, name, layer)
+            undo()
+            skipped[dst] = why
+            continue
         units.append(unit)
     heads = _shrink_heads(model, coupling, samples, skipped)
     return Shrink(units, skipped, before, sum(p.numel() for p in model.parameters()), heads)
@@ -295,6 +292,69 @@ def _head_rows(heads, head_dim: int) -> torch.Tensor:
 def _outputs(model: nn.Module, samples: list) -> list[torch.Tensor]:
     return [t for batch in samples for t in tree_leaves(ExampleInputs.of(batch).call(model))
             if isinstance(t, torch.Tensor)]
+
+
+def _check_unit(model: nn.Module, unit: Unit, fused: list[str], samples: list, reference: list) -> str | None:
+    """None when the model with ``unit``'s neurons gone still matches ``reference`` on ``samples``
+    (where one fused layer holds several factors, after trying the width attribute its module splits
+    it by: ``unit.rewritten`` then names it), else why not."""
+    what = f"{unit.removed} dead neuron(s) of {', '.join(unit.sources)} kept"
+    hint = ("split its output by its size, e.g. chunk(2, -1)" if fused else
+            "read the width of these features from the tensors, not from a fixed size")
+    check = lambda: _checked(model, samples, reference, what, hint)  # noqa: E731
+    why = check()
+    if why is None or not fused:
+        return why
+    widths = _split_widths(model, fused[0], unit.width, len(unit.kept), check)
+    if widths is None:
+        parent = fused[0].rpartition(".")[0] or "the model"
+        return f"{why}; nor with an integer attribute of {parent} equal to {unit.width} set to {len(unit.kept)}"
+    unit.rewritten = widths
+    return None
+
+
+def _parameter_cuts(coupling: Coupling, sources: tuple[str, ...], kept_rows: dict[str, list[int]]
+                    ) -> dict[tuple[str, int], torch.Tensor] | str:
+    """The slices to keep of the parameters applied to the features of ``sources`` one slice per
+    feature (a per-channel decay, a depthwise convolution): {(name, dim): kept indices}, or why
+    they cannot follow the rows kept."""
+    cuts: dict[tuple[str, int], torch.Tensor] = {}
+    for site in sources:
+        kept = set(kept_rows[site])
+        for p in coupling.parameters.get(site, []):
+            if p.dim is None:
+                return f"{p.name} is applied to {site}'s features, one slice to several features"
+            readers = sorted(s for s, params in coupling.parameters.items() if any(q.name == p.name for q in params))
+            if not set(readers) <= set(sources):
+                return f"{p.name} is applied to the features of {site} and of {', '.join(set(readers) - set(sources))}"
+            slices = torch.tensor([j for j, f in enumerate(p.mapping.tolist()) if f < 0 or f in kept], dtype=torch.long)
+            if (p.name, p.dim) in cuts and not torch.equal(cuts[(p.name, p.dim)], slices):
+                return f"{p.name} is applied to features of {', '.join(sources)} that are not kept alike"
+            cuts[(p.name, p.dim)] = slices
+    return cuts
+
+
+def _cut_parameters(model: nn.Module, cuts: dict[tuple[str, int], torch.Tensor]):
+    """Keep the given slices of each parameter (or buffer), in place; a depthwise convolution whose
+    weight is cut gets its channel counts set to match. Returns the function that undoes it all."""
+    saved: list[tuple[nn.Module, str, object]] = []
+    for (name, dim), slices in cuts.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        cut = old.detach().index_select(dim, slices.to(old.device))
+        saved.append((parent, leaf, old))
+        setattr(parent, leaf, nn.Parameter(cut, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else cut)
+        if isinstance(parent, nn.modules.conv._ConvNd) and leaf == "weight" and dim == 0 \
+                and parent.groups == parent.in_channels == parent.out_channels == old.shape[0]:
+            for attr in ("groups", "in_channels", "out_channels"):
+                saved.append((parent, attr, getattr(parent, attr)))
+                setattr(parent, attr, len(slices))
+
+    def undo() -> None:
+        for parent, attr, value in reversed(saved):
+            setattr(parent, attr, value)
+    return undo
 
 
 @dataclass

@@ -199,3 +199,16 @@ class FusedMLPs(torch.nn.Module):
         for block in self.blocks:
             x = x + block(x)
         return self.head(x)
+
+
+class FixedWidthScale(torch.nn.Module):
+    """An MLP whose hidden features are scaled by a tensor its code makes at a fixed width: cutting
+    its hidden neurons makes the model fail, so the shrink must leave them."""
+
+    def __init__(self, dim=8, hidden=32):
+        super().__init__()
+        self.hidden = hidden
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) * torch.linspace(0.5, 1.5, self.hidden))

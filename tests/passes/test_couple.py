@@ -211,3 +211,34 @@ def test_an_unknown_op_on_complex_numbers_ends_the_features():
     c = couple(cap, find_linears(model, cap))
     assert not [g for g in c.groups if isinstance(g, DotGroup)]
     assert any("on complex numbers" in reason for reason in c.boundaries[("q", "out")])
+
+
+@pytest.mark.parametrize("loop", ["fixed", "unbind", "cumsum"])
+def test_a_per_channel_recurrence_couples_receptance_key_and_value(loop):
+    """RWKV-like time mixing: sigmoid(r) * state, state_t = decay * state_{t-1} + k_t * v_t channel by
+    channel, whether the loop over time is unrolled by symbolic_trace (a fixed length), by torch.export
+    (the input's steps) or written as a prefix sum: r, k and v are one product, feature i with
+    feature i, all feeding the output layer, and the decay is cut with them."""
+    m = load_example("recurrent")
+    model = m.build_model(loop)
+    linearize(model)
+    cap = capture(model, m.example_inputs())
+    c = couple(cap, find_linears(model, cap))
+    assert cap.kind.startswith("torch.export") == (loop == "unbind")
+    t = "blocks.0.time."
+    lines = [line for line in c.group_lines() if t in line]
+    assert lines == [
+        f"chain  {t}key -> mul -> {t}output  (64 features, in order)",
+        f"chain  {t}receptance -> sigmoid -> mul -> {t}output  (64 features, in order)",
+        f"chain  {t}value -> mul -> {t}output  (64 features, in order)",
+        f"mul    {t}key * {t}value  (64 rows, row i with row i)",
+        f"mul    sigmoid({t}receptance) * mul({t}key)  (64 rows, row i with row i)",
+        f"mul    sigmoid({t}receptance) * mul({t}value)  (64 rows, row i with row i)",
+    ]
+    for a, b in [("key", "value"), ("receptance", "key"), ("receptance", "value")]:
+        mul = next(g for g in c.groups if isinstance(g, MulGroup) and (g.a, g.b) == (t + a, t + b))
+        assert np.array_equal(mul.pairs, np.stack([np.arange(64)] * 2, 1))
+    assert not [key for key in c.boundaries if key[0].startswith(t) and key[1] == "out" and key[0] != t + "output"]
+    assert sorted(c.parameters) == [f"blocks.{i}.time.{s}" for i in range(2) for s in ("key", "value")]
+    decay = c.parameters[t + "key"][0]
+    assert (decay.name, decay.dim) == (t + "decay", 0) and np.array_equal(decay.mapping, np.arange(64))

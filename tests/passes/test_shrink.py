@@ -14,7 +14,7 @@ from sparsify.passes.couple import Attention
 
 from export_checks import EVERY, export_tokens, kill, ort_outputs, reference
 from model_zoo import load_example
-from models.heads import FusedMLPs
+from models.heads import FixedWidthScale, FusedMLPs
 
 
 def test_mlp_shrinks_folds_constants_and_matches_in_torch_and_onnxruntime(tmp_path):
@@ -419,3 +419,61 @@ def test_head_check_scales_with_the_outputs():
     assert _checked(model, [(x,)], [rounding], "1 head", "hint") is None
     why = _checked(model, [(x,)], [reference + 0.5], "1 head", "hint")
     assert why is not None and "1 head, the outputs moved by 0.5 without them (limit" in why
+
+
+@pytest.mark.parametrize("loop", ["fixed", "unbind", "cumsum"])
+def test_a_per_channel_recurrence_loses_receptance_key_value_rows_and_decays_together(tmp_path, loop):
+    """RWKV-like time mixing (sigmoid(r) * state, state_t = decay * state_{t-1} + k_t * v_t per channel),
+    trained with its topology evolving, then output columns dead: r, k and v lose the same rows, the
+    per-channel decay the same entries, and the export matches the trained model. The shrink used to
+    cut r alone ('The size of tensor a (48) must match the size of tensor b (64)')."""
+    module = load_example("recurrent")
+    model, x = module.build_model(loop), module.example_inputs()
+    policy = {**EVERY, "defaults": {"density": 0.5, "method": "CHTs", "update": {"every": 2, "unit": "steps"}}}
+    model, handle = sparsify.sparsify(model, policy, x)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    handle.attach(optimizer, total_steps=8)
+    for _ in range(8):
+        loss = model(*x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert [r["step"] for r in handle.history] == [2, 4]
+    model.eval()
+    kill(handle, columns=[(f"blocks.{i}.time.output", slice(16 * i, 16 * i + 16)) for i in range(2)])
+    g = torch.Generator().manual_seed(0)
+    report = handle.export(tmp_path / "m.onnx", x, held_out=[(torch.randint(0, 96, (3, 8), generator=g),)],
+                           compare_dense=False)
+    units = {u["into"]: u for u in report["units"] if u["kept"] < u["neurons"]}
+    assert sorted(units) == ["blocks.0.time.output", "blocks.1.time.output"]
+    assert units["blocks.0.time.output"]["layers"] == [f"blocks.0.time.{s}" for s in ("key", "receptance", "value")]
+    assert [(u["kept"], u["unused"]) for u in units.values()] == [(48, 16), (48, 16)]
+    assert report["not_shrunk"] == {}
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
+    state = torch.export.load(str(tmp_path / "m.pt2")).module().state_dict()
+    for i in range(2):
+        assert [tuple(state[f"blocks.{i}.time.{s}.weight"].shape) for s in ("receptance", "key", "value", "output")] == [
+            (48, 32), (48, 32), (48, 32), (32, 48)]
+        kept = [c for c in range(64) if not 16 * i <= c < 16 * i + 16]
+        assert torch.equal(state[f"blocks.{i}.time.decay"], model.blocks[i].time.decay.detach()[kept])
+    other = (torch.randint(0, 96, (5, 8), generator=g),)  # a batch the export never saw
+    expected = reference(model, other)
+    assert np.abs(ort_outputs(tmp_path / "m.onnx", list(other)) - expected.numpy()).max() <= 1e-4
+
+
+def test_a_shrink_that_breaks_the_model_is_undone_with_the_reason(tmp_path):
+    """The model's code scales its hidden features by a tensor of a fixed width: with dead neurons cut,
+    it no longer runs, so the cut is undone, the reason reported, and the export still matches."""
+    torch.manual_seed(0)
+    model, handle = sparsify.sparsify(FixedWidthScale(), {**EVERY, "defaults": {"density": 0.5}}, torch.randn(4, 8))
+    kill(handle, columns=[("fc2", slice(0, 8))])
+    x = torch.randn(4, 8)
+    report = handle.export(tmp_path / "m.onnx", (x,), held_out=[(torch.randn(6, 8),)], compare_dense=False)
+    assert [u for u in report["units"] if u["kept"] < u["neurons"]] == []
+    why = report["not_shrunk"]["fc2"]
+    assert why.startswith("8 dead neuron(s) of fc1 kept, the model does not run without them (RuntimeError: The size of "
+                          "tensor a (24) must match the size of tensor b (32)"), why
+    assert why.endswith("; read the width of these features from the tensors, not from a fixed size")
+    assert report["parameters"]["after"] == report["parameters"]["before"]
+    assert report["torch_max_abs_diff"] <= 1e-5 and report["onnxruntime_max_abs_diff"] <= 1e-4
