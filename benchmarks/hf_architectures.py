@@ -128,6 +128,13 @@ def architectures():
             max_source_positions=16, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             decoder_start_token_id=1)),  # the encoder takes exactly 2 x max_source_positions frames
             lambda b, t: {"input_features": torch.randn(b, 16, 32), "decoder_input_ids": torch.randint(3, 128, (b, t))}),
+        # state-space and linear-attention language models: no attention, a recurrence over time
+        "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=128, hidden_size=64, state_size=8, num_hidden_layers=2,
+                                                           expand=2, conv_kernel=4, time_step_rank=8, use_cache=False)),
+                  tokens),
+        "rwkv": (lambda: T.RwkvForCausalLM(T.RwkvConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                        attention_hidden_size=64, intermediate_size=128,
+                                                        context_length=64, use_cache=False)), tokens),
     }
 
 

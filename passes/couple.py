@@ -47,12 +47,13 @@ STRUCTURAL = {
     "cat", "concat", "concatenate", "stack", "flatten", "unflatten", "alias", "detach", "movedim",
     "flip", "roll", "lift_fresh_copy", "view_as", "reshape_as", "Flatten", "Unflatten",
     "slice_scatter", "select_scatter",  # the second operand's elements placed into a copy of the first
+    "tensor_split",
 }
 # a tensor shaped from its input that holds none of its values (a buffer filled in place later)
 FRESH = {"new_empty", "new_zeros", "new_ones", "new_full", "empty_like", "zeros_like", "ones_like", "full_like"}
 COPIES = {"copy_"}  # dst.copy_(src): src's elements written into dst, and into what dst is a view of
 VIEWS = {"slice", "select", "narrow", "view", "_unsafe_view", "transpose", "permute", "unsqueeze", "squeeze",
-         "getitem", "alias", "t", "unflatten", "movedim", "split", "split_with_sizes", "chunk", "unbind"}
+         "getitem", "alias", "t", "unflatten", "movedim", "split", "split_with_sizes", "chunk", "unbind", "tensor_split"}
 ACTIVATIONS = {
     "relu", "relu_", "gelu", "gelu_", "silu", "silu_", "sigmoid", "tanh", "softplus", "elu", "selu",
     "leaky_relu", "mish", "hardswish", "hardsigmoid", "hardtanh", "relu6", "glu", "erf",
@@ -67,6 +68,8 @@ UNARY = ACTIVATIONS | {
 }
 ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
 MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
+CONVOLUTIONS = {"conv1d", "Conv1d"}  # followed channel by channel when depthwise (groups = channels: Mamba's)
+DEPTHWISE = "depthwise_conv"  # a trail step: each feature mixed over time with itself only
 INDEXING = {"index", "index_select"}  # data movement by index tensors: structural when the indices are constants
 CONTRACTIONS = {"matmul", "bmm", "baddbmm", "scaled_dot_product_attention"}  # baddbmm: input + b1 @ b2
 SCORE_OPS = (UNARY | ADDITIVE | MULTIPLICATIVE | STRUCTURAL
@@ -526,6 +529,8 @@ class _Propagator(fx.Interpreter):
             return self._reduction(node, value, name, self._norm_dims(node, value))
         if name in REDUCTIONS:
             return self._reduction(node, value, name, self._reduce_dims(node))
+        if name in CONVOLUTIONS and self._depthwise(node) is not None:
+            return self._depthwise(node)(value)
         if name in LINEARS:
             self._end(node, f"consumed by {name}{self._where(node)} (not a linear site)")
             return None
@@ -757,6 +762,44 @@ class _Propagator(fx.Interpreter):
             return param, shape, element.broadcast_to(value.shape)
         return None
 
+    def _depthwise(self, node: fx.Node):
+        """For a depthwise convolution over time (groups = channels, one filter each: Mamba's conv1d),
+        the function giving its output's tags: each channel's feature goes on, and the filter and bias
+        are applied one slice per feature. None for any other convolution."""
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        arg = lambda i: node.args[i] if len(node.args) > i else node.kwargs.get(names[i])  # noqa: E731
+        x = self.env[node.args[0]]
+        if node.op == "call_module":
+            conv = self.module.get_submodule(node.target)
+            weight = (f"{node.target}.weight", tuple(conv.weight.shape), torch.arange(conv.weight.numel(),
+                                                                                   dtype=torch.int32).view(conv.weight.shape))
+            bias = None if conv.bias is None else (f"{node.target}.bias", tuple(conv.bias.shape),
+                                                   torch.arange(conv.bias.numel(), dtype=torch.int32))
+            groups = conv.groups
+        else:
+            weight = self._parameter_index(arg(1)) if isinstance(arg(1), fx.Node) else None
+            bias = self._parameter_index(arg(2)) if isinstance(arg(2), fx.Node) else None
+            groups = arg(6) if arg(6) is not None else 1
+        channels = x.shape[-2] if x.dim() >= 2 else 0
+        if weight is None or groups != channels or weight[2].dim() != 3 or tuple(weight[2].shape[:2]) != (channels, 1):
+            return None
+        tags = self.tags.get(node.args[0]) or {}
+        if any(_varies(t.idx, -1) for t in tags.values()):
+            return None  # features that change along time: not one channel each
+
+        def follow(value: torch.Tensor) -> Tags:
+            out: Tags = {}
+            for site, tag in tags.items():
+                per_channel = tag.idx.narrow(-1, 0, 1)  # (..., C, 1)
+                out[site] = _Tag(_like(value, per_channel), _dedupe(tag.trail + (DEPTHWISE,)))
+                feature = per_channel.reshape(-1, channels)[0]  # the feature of each channel
+                for name, shape, element in (p for p in (weight, bias) if p is not None):
+                    pairs = _unique_pairs(element.reshape(channels, -1), feature[:, None])
+                    if len(pairs):
+                        self.per_feature.setdefault(site, {}).setdefault(name, (shape, []))[1].append(pairs)
+            return out
+        return follow
+
     def _additive(self, node: fx.Node, value: torch.Tensor, tagged: list, untagged: list, out: Tags) -> None:
         """A site's features summed with another site's or with data (a residual stream) end there."""
         sites = sorted(out)
@@ -771,9 +814,9 @@ class _Propagator(fx.Interpreter):
             out.clear()
             return
         for a in untagged:
-            if not self.data.get(a, False):
-                continue
             real = self.env[a]
+            if not self.data.get(a, False) or (real.device.type != "meta" and not bool(real.any())):
+                continue  # a constant, or zeros (a recurrence's first state times its decay): no residual
             for site, tag in list(out.items()):
                 dims = _labelled_dims(tag.idx)
                 offset = value.dim() - real.dim()
@@ -789,7 +832,10 @@ class _Propagator(fx.Interpreter):
                 if sa == sb:
                     continue
                 pairs = _unique_pairs(tag_a.idx, tag_b.idx)
-                if len(pairs):
+                if len(pairs) and (len(np.unique(pairs[:, 0])) < len(pairs) or len(np.unique(pairs[:, 1])) < len(pairs)):
+                    for site, other in ((sa, sb), (sb, sa)):  # a row is not one unit with one partner row
+                        self._boundary(site, "out", f"outer product with {other}{self._where(node)}")
+                elif len(pairs):
                     self._record_product(sa, sb, pairs, (tag_a.trail, tag_b.trail))
         for site, tag in out.items():
             out[site] = _Tag(tag.idx, _dedupe(tag.trail + ("mul",)))

@@ -61,12 +61,12 @@ from torch.utils._pytree import tree_leaves
 from sparsify.errors import SparsifyError, first_line
 from sparsify.inputs import ExampleInputs, other_rows
 from sparsify.passes.capture import replace_module
-from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, MULTIPLICATIVE, UNARY, Attention, Coupling
+from sparsify.passes.couple import ACTIVATIONS, ADDITIVE, DEPTHWISE, MULTIPLICATIVE, UNARY, Attention, Coupling
 from sparsify.passes.graph_pass import GraphPass
 from sparsify.passes.retrace import owner_of, traced_with_fewer_heads
 from sparsify.passes.rewrite import observe_inputs
 
-ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE
+ELEMENTWISE = ACTIVATIONS | UNARY | ADDITIVE | MULTIPLICATIVE | {DEPTHWISE}  # each feature on its own
 HEAD_TOLERANCE = 1e-5  # max abs change of the model's outputs allowed when an attention loses heads (scaled_limit)
 
 
