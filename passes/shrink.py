@@ -15,6 +15,13 @@ the new one (``split(self.hidden)``). A unit goes when
 - one factor of a product has no input and no bias and the feature measured exactly zero on every
   sample (act(0) · up = 0 for the activations used in gated MLPs): dropped, nothing to fold.
 
+The factors may be several layers' (a per-channel recurrence's r, k and v: sigmoid(r) · state with
+state_t = decay · state_{t-1} + k_t · v_t). A parameter applied to the features one slice per feature
+(the decay; a depthwise convolution's filters and bias, whose channel counts are set to match) loses
+the slices of the units that go. Each unit's change is run on the sample inputs and kept only when the
+model runs and its outputs are unchanged (as for heads, below); otherwise it is undone and the
+reason reported.
+
 Attention keeps one head size, so its dimensions go by whole heads, and under grouped-query
 attention by whole groups (a kv head with the q heads sharing it), which keeps the q/kv ratio. A
 group goes when its output reaches nothing: o's columns of its q heads have no weight left, or its
