@@ -66,7 +66,7 @@ UNARY = ACTIVATIONS | {
     "dropout", "native_dropout", "Dropout", "Identity", "pow", "masked_fill", "fill_",
     "contiguous", "feature_dropout", "alpha_dropout",
 }
-ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where"}
+ADDITIVE = {"add", "add_", "iadd", "sub", "sub_", "rsub", "where", "maximum", "minimum"}  # elementwise, combining operands
 MULTIPLICATIVE = {"mul", "mul_", "imul", "div", "div_", "truediv", "true_divide", "floordiv"}
 CONVOLUTIONS = {"conv1d", "Conv1d"}  # followed channel by channel when depthwise (groups = channels: Mamba's)
 DEPTHWISE = "depthwise_conv"  # a trail step: each feature mixed over time with itself only

@@ -29,7 +29,7 @@ def analyze(name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "nanogpt", "llama", "meta_llama", "hf_llama", "hf_gpt_neox", "hf_bert", "hf_phi",
-                                  "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer"])
+                                  "hf_phi3", "hf_deepseek_v3", "hf_gpt2", "torch_transformer", "hf_rwkv"])
 def test_golden_dump(name):
     _, coupling = analyze(name)
     text = coupling.dump()
@@ -242,3 +242,19 @@ def test_a_per_channel_recurrence_couples_receptance_key_and_value(loop):
     assert sorted(c.parameters) == [f"blocks.{i}.time.{s}" for i in range(2) for s in ("key", "value")]
     decay = c.parameters[t + "key"][0]
     assert (decay.name, decay.dim) == (t + "decay", 0) and np.array_equal(decay.mapping, np.arange(64))
+
+
+def test_rwkv_time_mixing_is_one_product_of_receptance_key_and_value():
+    """Hugging Face RWKV: sigmoid(r) times a running weighted average of v with weights exp(k) (the
+    running maximum of k kept for stability), per channel: r, k and v rows go together, with the
+    channel's time_decay and time_first."""
+    _, c = analyze("hf_rwkv")
+    a = "rwkv.blocks.0.attention."
+    assert sorted((g.src, g.dst) for g in c.groups if isinstance(g, ChainGroup) and g.dst == a + "output") == [
+        (a + "key", a + "output"), (a + "receptance", a + "output"), (a + "value", a + "output")]
+    muls = {(g.a, g.b) for g in c.groups if isinstance(g, MulGroup) and g.a.startswith(a)}
+    assert {(a + "key", a + "value"), (a + "receptance", a + "key"), (a + "receptance", a + "value")} <= muls
+    assert all(np.array_equal(g.pairs, np.stack([np.arange(32)] * 2, 1)) for g in c.groups
+               if isinstance(g, MulGroup) and g.a.startswith(a))
+    assert [(p.name, p.dim) for p in c.parameters[a + "key"]] == [(a + "time_decay", 0), (a + "time_first", 0)]
+    assert (a + "key", "out") not in c.boundaries and (a + "value", "out") not in c.boundaries
