@@ -529,8 +529,8 @@ class _Propagator(fx.Interpreter):
             return self._reduction(node, value, name, self._norm_dims(node, value))
         if name in REDUCTIONS:
             return self._reduction(node, value, name, self._reduce_dims(node))
-        if name in CONVOLUTIONS and self._depthwise(node) is not None:
-            return self._depthwise(node)(value)
+        if name in CONVOLUTIONS and (follow := self._depthwise(node)) is not None:
+            return follow(value)
         if name in LINEARS:
             self._end(node, f"consumed by {name}{self._where(node)} (not a linear site)")
             return None
