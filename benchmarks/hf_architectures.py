@@ -4,7 +4,7 @@ For each architecture (random weights, no download): the transform (every linear
 density 0.5, CHTs, an update every 2 steps), 8 AdamW steps in training mode, a quarter of every MLP
 chain's hidden units cut as training might, and in every attention the output columns of the first
 grouped-query group's heads, then the export (shrink, ONNX, .pt2, save_pretrained) checked against
-the trained model on held-out inputs of a batch and length the export never saw.
+the trained model on held-out inputs of a batch and length the export never saw (--length sets it).
 Then the csr backend against the masked one: the same architecture at density 0.04 with SET,
 4 steps in eval mode (no dropout) on each backend, the largest relative difference of their
 losses, once with AdamW and once with SGD (AdamW's first step on a regrown link moves it by about lr
@@ -12,7 +12,7 @@ whatever the size of its gradient, so rounding-level gradients of either sign mo
 Prints one row per architecture: what was found, the parameters kept, the parities, or the error
 sparsify raised. Run from the repository root:
 
-    python benchmarks/hf_architectures.py [--only gpt2,falcon]
+    python benchmarks/hf_architectures.py [--only gpt2,falcon] [--length 11]
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def logits(output):
     return getattr(output, "logits", output)
 
 
-def run(name: str, build, inputs, folder: Path) -> str:
+def run(name: str, build, inputs, folder: Path, length: int = 11) -> str:
     torch.manual_seed(0)
     x = inputs(2, 8)
     model, handle = sparsify.sparsify(build().eval(), POLICY, x)
@@ -173,7 +173,7 @@ def run(name: str, build, inputs, folder: Path) -> str:
                 out.mask[:, min(first) * width:(max(first) + 1) * width] = False
                 out.apply_mask()
     model.eval()
-    report = handle.export(folder / f"{name}.onnx", x, held_out=[inputs(3, 11)], compare_dense=False)
+    report = handle.export(folder / f"{name}.onnx", x, held_out=[inputs(3, length)], compare_dense=False)
     p = report["parameters"]
     pretrained = report.get("hf_pretrained", {})
     attentions = len(handle.coupling.attentions)
@@ -208,6 +208,8 @@ def csr_against_masked(build, inputs, optimizer_class) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
+    parser.add_argument("--length", type=int, default=11,
+                        help="the held-out inputs' length (8: the example's, which a loop over time unrolled by the capture fixes)")
     args = parser.parse_args()
     catalog = architectures()
     names = args.only.split(",") if args.only else list(catalog)
@@ -222,7 +224,7 @@ def main() -> None:
             build, inputs = catalog[name]
             start = time.perf_counter()
             try:
-                row = run(name, build, inputs, Path(tmp))
+                row = run(name, build, inputs, Path(tmp), args.length)
             except SparsifyError as exc:
                 cause = str(exc).replace("\n", " ").replace("|", "/")
                 row = f"**failed**: {type(exc).__name__}: {cause[:400]} | | | | | "
