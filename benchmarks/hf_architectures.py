@@ -209,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--length", type=int, default=11,
-                        help="the held-out inputs' length (8: the example's, which a loop over time unrolled by the capture fixes)")
+                        help="the held-out inputs' length (8: the example's, which a loop unrolled by the capture fixes)")
     args = parser.parse_args()
     catalog = architectures()
     names = args.only.split(",") if args.only else list(catalog)
