@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from sparsify import csr_kernels
 from sparsify.errors import SparsifyError
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology import bits
@@ -67,9 +68,15 @@ class _CsrLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, layer):
         s = layer._csr
+        xt = _transposed(x)
+        kernels = csr_kernels.ops() if csr_kernels.supported(values) and (bias is None or bias.dtype == values.dtype) \
+            else None
+        ctx.save_for_backward(xt, values)
+        ctx.layer, ctx.has_bias, ctx.kernels = layer, bias is not None, kernels
+        if kernels is not None and xt.dtype == values.dtype:  # one call: the product and the bias
+            return kernels.spmm(s["crow"], s["col"], values, None, xt, bias, layer.out_features)
         weight = torch.sparse_csr_tensor(s["crow"], s["col"], values, (layer.out_features, layer.in_features),
                                          check_invariants=False)
-        xt = _transposed(x)
         # the output is allocated transposed rather than returned as a view of yt: a custom Function
         # returning a view refuses in-place changes to it (Falcon adds its bias in place)
         y = torch.empty_strided((xt.shape[1], layer.out_features), (1, xt.shape[1]), dtype=values.dtype,
@@ -78,33 +85,40 @@ class _CsrLinearFunction(torch.autograd.Function):
             torch.addmm(y.t(), weight, xt, beta=0.0, out=y.t())
         else:
             torch.addmm(bias.unsqueeze(1).expand(-1, xt.shape[1]), weight, xt, out=y.t())
-        ctx.save_for_backward(xt, values)
-        ctx.layer, ctx.has_bias = layer, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         xt, values = ctx.saved_tensors
-        layer, s = ctx.layer, ctx.layer._csr
+        layer, s, kernels = ctx.layer, ctx.layer._csr, ctx.kernels
         grad_x = grad_values = grad_bias = None
         gyt = _transposed(grad_y)
-        if ctx.needs_input_grad[0]:
-            transposed = torch.sparse_csr_tensor(s["ccol"], s["row_t"], values.index_select(0, s["order"]),
-                                                 (layer.in_features, layer.out_features), check_invariants=False)
-            # into a fresh tensor with beta=0 (not read): torch.sparse.mm would zero-fill its
-            # result and copy it once more, about a quarter of this product's time at batch 32
-            grad_xt = gyt.new_empty(layer.in_features, gyt.shape[1])
-            grad_x = torch.addmm(grad_xt, transposed, gyt, beta=0.0, out=grad_xt).t()
-        if ctx.needs_input_grad[1]:
-            pattern = torch.sparse_csr_tensor(s["crow"], s["col"], torch.zeros_like(values),
-                                              (layer.out_features, layer.in_features), check_invariants=False)
-            # beta=0: the pattern's (zero) values are not read; a third faster than the default beta=1
-            grad_values = torch.sparse.sampled_addmm(pattern, gyt, xt.t(), beta=0.0).values()
+        if kernels is not None and gyt.dtype == values.dtype == xt.dtype:
+            if ctx.needs_input_grad[0]:
+                grad_x = kernels.spmm(s["ccol"], s["row_t"], values, s["order"], gyt, None, layer.in_features)
+            with_bias = ctx.has_bias and ctx.needs_input_grad[2]
+            if ctx.needs_input_grad[1] or with_bias:
+                grad_values, grad_bias = kernels.sampled(s["crow"], s["col"], gyt, xt, with_bias)
+                grad_values = grad_values if ctx.needs_input_grad[1] else None
+                grad_bias = grad_bias if with_bias else None
+        else:
+            if ctx.needs_input_grad[0]:
+                transposed = torch.sparse_csr_tensor(s["ccol"], s["row_t"], values.index_select(0, s["order"]),
+                                                     (layer.in_features, layer.out_features), check_invariants=False)
+                # into a fresh tensor with beta=0 (not read): torch.sparse.mm would zero-fill its
+                # result and copy it once more, about a quarter of this product's time at batch 32
+                grad_xt = gyt.new_empty(layer.in_features, gyt.shape[1])
+                grad_x = torch.addmm(grad_xt, transposed, gyt, beta=0.0, out=grad_xt).t()
+            if ctx.needs_input_grad[1]:
+                pattern = torch.sparse_csr_tensor(s["crow"], s["col"], torch.zeros_like(values),
+                                                  (layer.out_features, layer.in_features), check_invariants=False)
+                # beta=0: the pattern's (zero) values are not read; a third faster than the default beta=1
+                grad_values = torch.sparse.sampled_addmm(pattern, gyt, xt.t(), beta=0.0).values()
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = gyt.sum(1)
         if layer.capture_dense_grad:  # a gradient-based topology update is due: the dense gradient, once
             dense = gyt @ xt.t()
             layer.dense_grad = dense if layer.dense_grad is None else layer.dense_grad + dense
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = gyt.sum(1)
         return grad_x, grad_values, grad_bias, None
 
 

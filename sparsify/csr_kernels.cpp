@@ -1,0 +1,157 @@
+// The csr backend's products as CPU kernels: a training step of a CsrLinear in two calls.
+//
+// Dense operands are laid out features x batch (contiguous), as CsrLinear keeps its activations,
+// so every active link touches one contiguous row of the batch: the forward and the input gradient
+// add v * row into an accumulator held in registers, the weight gradient is one dot product per link.
+// Rows are split across torch's threads (at::parallel_for); each output element is written by one
+// thread in a fixed order, so results do not depend on the number of threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t CHUNK = 64;  // batch columns held in registers at once (4 AVX-512 vectors of fp32)
+
+int64_t grain(int64_t rows, int64_t links, int64_t batch) {
+  const int64_t work_per_row = std::max<int64_t>(1, links / std::max<int64_t>(1, rows) * batch + batch);
+  return std::max<int64_t>(1, 32768 / work_per_row);
+}
+
+// out[r, :] = bias[r] + sum over links k of row r: value(k) * dense[idx[k], :]
+// value(k) = values[perm[k]] when perm is given (the transposed structure's order), else values[k].
+template <typename scalar_t, typename index_t>
+void spmm_kernel(const index_t* ptr, const index_t* idx, const scalar_t* values, const int64_t* perm,
+                 const scalar_t* dense, const scalar_t* bias, scalar_t* out, int64_t rows, int64_t batch) {
+  at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t k0 = ptr[r], k1 = ptr[r + 1];
+      const scalar_t init = bias ? bias[r] : scalar_t(0);
+      scalar_t* o = out + r * batch;
+      int64_t b0 = 0;
+      for (; b0 + CHUNK <= batch; b0 += CHUNK) {
+        scalar_t acc[CHUNK];
+        for (int64_t j = 0; j < CHUNK; ++j) acc[j] = init;
+        for (int64_t k = k0; k < k1; ++k) {
+          const scalar_t v = perm ? values[perm[k]] : values[k];
+          const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
+#pragma omp simd
+          for (int64_t j = 0; j < CHUNK; ++j) acc[j] += v * x[j];
+        }
+        for (int64_t j = 0; j < CHUNK; ++j) o[b0 + j] = acc[j];
+      }
+      const int64_t n = batch - b0;
+      if (n > 0) {
+        scalar_t acc[CHUNK];
+        for (int64_t j = 0; j < n; ++j) acc[j] = init;
+        for (int64_t k = k0; k < k1; ++k) {
+          const scalar_t v = perm ? values[perm[k]] : values[k];
+          const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) acc[j] += v * x[j];
+        }
+        for (int64_t j = 0; j < n; ++j) o[b0 + j] = acc[j];
+      }
+    }
+  });
+}
+
+// grad_values[k] = dot(grad_out[r, :], x[idx[k], :]) for each link k of row r; grad_bias[r] = sum grad_out[r, :]
+template <typename scalar_t, typename index_t>
+void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad_out, const scalar_t* x,
+                    scalar_t* grad_values, scalar_t* grad_bias, int64_t rows, int64_t batch) {
+  at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g = grad_out + r * batch;
+      if (grad_bias) {
+        scalar_t part[CHUNK] = {};
+        int64_t b = 0;
+        for (; b + CHUNK <= batch; b += CHUNK)
+          for (int64_t j = 0; j < CHUNK; ++j) part[j] += g[b + j];
+        for (int64_t j = 0; b + j < batch; ++j) part[j] += g[b + j];
+        scalar_t s = 0;
+        for (int64_t j = 0; j < CHUNK; ++j) s += part[j];
+        grad_bias[r] = s;
+      }
+      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
+        const scalar_t* xr = x + static_cast<int64_t>(idx[k]) * batch;
+        scalar_t part[CHUNK] = {};
+        int64_t b = 0;
+        for (; b + CHUNK <= batch; b += CHUNK) {
+#pragma omp simd
+          for (int64_t j = 0; j < CHUNK; ++j) part[j] += g[b + j] * xr[b + j];
+        }
+        for (int64_t j = 0; b + j < batch; ++j) part[j] += g[b + j] * xr[b + j];
+        scalar_t s = 0;
+        for (int64_t j = 0; j < CHUNK; ++j) s += part[j];
+        grad_values[k] = s;
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& dense, const char* what) {
+  TORCH_CHECK(ptr.device().is_cpu() && idx.device().is_cpu() && dense.device().is_cpu(), what, ": CPU tensors only");
+  TORCH_CHECK(ptr.scalar_type() == idx.scalar_type(), what, ": the two index tensors differ in dtype");
+  TORCH_CHECK(dense.dim() == 2 && dense.is_contiguous(), what, ": the dense operand must be 2-d and contiguous");
+}
+
+// One call for a product with a CSR (or, with perm, the transposed CSR) structure. The result is
+// [batch, rows] with strides (1, batch): the transpose of the product's [rows, batch], not a view of it
+// (autograd refuses in-place changes to a view a custom Function returns; Falcon adds its bias in place).
+at::Tensor spmm(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& values,
+                const c10::optional<at::Tensor>& perm, const at::Tensor& dense, const c10::optional<at::Tensor>& bias,
+                int64_t rows) {
+  check(ptr, idx, dense, "sparsify_csr::spmm");
+  TORCH_CHECK(values.is_contiguous() && values.scalar_type() == dense.scalar_type(), "sparsify_csr::spmm: values");
+  TORCH_CHECK(ptr.numel() == rows + 1, "sparsify_csr::spmm: ptr must hold rows + 1 offsets");
+  const int64_t batch = dense.size(1);
+  at::Tensor out = at::empty_strided({batch, rows}, {1, batch}, dense.options());
+  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor p = perm.has_value() ? perm->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "sparsify_csr::spmm", [&] {
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    const int64_t* pp = p.defined() ? p.data_ptr<int64_t>() : nullptr;
+    if (ptr.scalar_type() == at::kInt) {
+      spmm_kernel<scalar_t, int32_t>(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), pp,
+                                     dense.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), rows, batch);
+    } else {
+      spmm_kernel<scalar_t, int64_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), pp,
+                                     dense.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), rows, batch);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sampled(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& grad_out,
+                                           const at::Tensor& x, bool with_bias) {
+  check(ptr, idx, grad_out, "sparsify_csr::sampled");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == grad_out.size(1), "sparsify_csr::sampled: x");
+  const int64_t rows = grad_out.size(0), batch = grad_out.size(1);
+  at::Tensor grad_values = at::empty({idx.numel()}, grad_out.options());
+  at::Tensor grad_bias = with_bias ? at::empty({rows}, grad_out.options()) : at::empty({0}, grad_out.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sparsify_csr::sampled", [&] {
+    scalar_t* gb = with_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+    if (ptr.scalar_type() == at::kInt) {
+      sampled_kernel<scalar_t, int32_t>(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), grad_out.data_ptr<scalar_t>(),
+                                        x.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), gb, rows, batch);
+    } else {
+      sampled_kernel<scalar_t, int64_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), grad_out.data_ptr<scalar_t>(),
+                                        x.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), gb, rows, batch);
+    }
+  });
+  return {grad_values, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparsify_csr, m) {
+  m.def("spmm(Tensor ptr, Tensor idx, Tensor values, Tensor? perm, Tensor dense, Tensor? bias, int rows) -> Tensor");
+  m.def("sampled(Tensor ptr, Tensor idx, Tensor grad_out, Tensor x, bool with_bias) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sparsify_csr, CPU, m) {
+  m.impl("spmm", &spmm);
+  m.impl("sampled", &sampled);
+}
