@@ -12,49 +12,108 @@
 
 namespace {
 
-constexpr int64_t CHUNK = 64;  // batch columns held in registers at once (4 AVX-512 vectors of fp32)
-
 int64_t grain(int64_t rows, int64_t links, int64_t batch) {
   const int64_t work_per_row = std::max<int64_t>(1, links / std::max<int64_t>(1, rows) * batch + batch);
   return std::max<int64_t>(1, 32768 / work_per_row);
 }
 
+// A 64-byte vector of scalar_t (GCC/Clang vector extensions: AVX-512 registers with -march=native on
+// such CPUs, pairs or quads of narrower ones elsewhere), loaded and stored unaligned.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64), may_alias, aligned(sizeof(T))));
+  static constexpr int64_t L = 64 / sizeof(T);
+};
+
+// the sum of a vector's lanes, halving it pairwise (a fixed order)
+template <typename V>
+inline auto hsum(V s) {
+  typedef decltype(s[0] + 0) T;
+  if constexpr (sizeof(V) == 2 * sizeof(T)) {
+    return s[0] + s[1];
+  } else {
+    typedef T H __attribute__((vector_size(sizeof(V) / 2)));
+    H lo, hi;
+    __builtin_memcpy(&lo, &s, sizeof(H));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&s) + sizeof(H), sizeof(H));
+    return hsum(lo + hi);
+  }
+}
+
+// NV vectors of batch columns of one output row, accumulated in registers: acc = init + sum over
+// links k of value(k) * dense[idx[k], b0 : ...]; value(k) = values[perm[k]] with PERM (the transposed structure).
+template <int64_t NV, bool PERM, typename scalar_t, typename index_t>
+inline void spmm_chunk(int64_t k0, int64_t k1, const index_t* __restrict__ idx, const scalar_t* __restrict__ values,
+                       const int64_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
+                       scalar_t* __restrict__ out, int64_t batch, int64_t b0) {
+  typedef typename Vec<scalar_t>::type V;
+  constexpr int64_t L = Vec<scalar_t>::L;
+  V acc[NV];
+  for (int64_t j = 0; j < NV; ++j) acc[j] = V{} + init;
+  for (int64_t k = k0; k < k1; ++k) {
+    const scalar_t v = PERM ? values[perm[k]] : values[k];
+    const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
+    for (int64_t j = 0; j < NV; ++j) acc[j] += v * *reinterpret_cast<const V*>(x + j * L);
+  }
+  for (int64_t j = 0; j < NV; ++j) *reinterpret_cast<V*>(out + b0 + j * L) = acc[j];
+}
+
+// the last n < L batch columns
+template <bool PERM, typename scalar_t, typename index_t>
+inline void spmm_tail(int64_t k0, int64_t k1, const index_t* __restrict__ idx, const scalar_t* __restrict__ values,
+                      const int64_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
+                      scalar_t* __restrict__ out, int64_t batch, int64_t b0) {
+  scalar_t acc[Vec<scalar_t>::L];
+  const int64_t n = batch - b0;
+  for (int64_t j = 0; j < n; ++j) acc[j] = init;
+  for (int64_t k = k0; k < k1; ++k) {
+    const scalar_t v = PERM ? values[perm[k]] : values[k];
+    const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
+    for (int64_t j = 0; j < n; ++j) acc[j] += v * x[j];
+  }
+  for (int64_t j = 0; j < n; ++j) out[b0 + j] = acc[j];
+}
+
 // out[r, :] = bias[r] + sum over links k of row r: value(k) * dense[idx[k], :]
-// value(k) = values[perm[k]] when perm is given (the transposed structure's order), else values[k].
-template <typename scalar_t, typename index_t>
+template <bool PERM, typename scalar_t, typename index_t>
 void spmm_kernel(const index_t* ptr, const index_t* idx, const scalar_t* values, const int64_t* perm,
                  const scalar_t* dense, const scalar_t* bias, scalar_t* out, int64_t rows, int64_t batch) {
+  constexpr int64_t L = Vec<scalar_t>::L;
   at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t k0 = ptr[r], k1 = ptr[r + 1];
       const scalar_t init = bias ? bias[r] : scalar_t(0);
       scalar_t* o = out + r * batch;
       int64_t b0 = 0;
-      for (; b0 + CHUNK <= batch; b0 += CHUNK) {
-        scalar_t acc[CHUNK];
-        for (int64_t j = 0; j < CHUNK; ++j) acc[j] = init;
-        for (int64_t k = k0; k < k1; ++k) {
-          const scalar_t v = perm ? values[perm[k]] : values[k];
-          const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
-#pragma omp simd
-          for (int64_t j = 0; j < CHUNK; ++j) acc[j] += v * x[j];
-        }
-        for (int64_t j = 0; j < CHUNK; ++j) o[b0 + j] = acc[j];
-      }
-      const int64_t n = batch - b0;
-      if (n > 0) {
-        scalar_t acc[CHUNK];
-        for (int64_t j = 0; j < n; ++j) acc[j] = init;
-        for (int64_t k = k0; k < k1; ++k) {
-          const scalar_t v = perm ? values[perm[k]] : values[k];
-          const scalar_t* x = dense + static_cast<int64_t>(idx[k]) * batch + b0;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) acc[j] += v * x[j];
-        }
-        for (int64_t j = 0; j < n; ++j) o[b0 + j] = acc[j];
-      }
+      for (; b0 + 4 * L <= batch; b0 += 4 * L) spmm_chunk<4, PERM>(k0, k1, idx, values, perm, dense, init, o, batch, b0);
+      if (b0 + 2 * L <= batch) { spmm_chunk<2, PERM>(k0, k1, idx, values, perm, dense, init, o, batch, b0); b0 += 2 * L; }
+      if (b0 + L <= batch) { spmm_chunk<1, PERM>(k0, k1, idx, values, perm, dense, init, o, batch, b0); b0 += L; }
+      if (b0 < batch) spmm_tail<PERM>(k0, k1, idx, values, perm, dense, init, o, batch, b0);
     }
   });
+}
+
+// the dot product of two batch rows: vectors of partial sums, then their lanes, then the tail (a fixed order)
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t batch) {
+  typedef typename Vec<scalar_t>::type V;
+  constexpr int64_t L = Vec<scalar_t>::L;
+  scalar_t s = 0;
+  int64_t b0 = 0;
+  if (batch >= L) {
+    V part = *reinterpret_cast<const V*>(a) * *reinterpret_cast<const V*>(b);
+    for (b0 = L; b0 + L <= batch; b0 += L) part += *reinterpret_cast<const V*>(a + b0) * *reinterpret_cast<const V*>(b + b0);
+    s = hsum(part);
+  }
+  for (; b0 < batch; ++b0) s += a[b0] * b[b0];
+  return s;
+}
+
+template <typename scalar_t>
+inline scalar_t total(const scalar_t* a, int64_t batch) {
+  scalar_t s = 0;
+  for (int64_t b = 0; b < batch; ++b) s += a[b];
+  return s;
 }
 
 // grad_values[k] = dot(grad_out[r, :], x[idx[k], :]) for each link k of row r; grad_bias[r] = sum grad_out[r, :]
@@ -64,29 +123,9 @@ void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad
   at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g = grad_out + r * batch;
-      if (grad_bias) {
-        scalar_t part[CHUNK] = {};
-        int64_t b = 0;
-        for (; b + CHUNK <= batch; b += CHUNK)
-          for (int64_t j = 0; j < CHUNK; ++j) part[j] += g[b + j];
-        for (int64_t j = 0; b + j < batch; ++j) part[j] += g[b + j];
-        scalar_t s = 0;
-        for (int64_t j = 0; j < CHUNK; ++j) s += part[j];
-        grad_bias[r] = s;
-      }
-      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) {
-        const scalar_t* xr = x + static_cast<int64_t>(idx[k]) * batch;
-        scalar_t part[CHUNK] = {};
-        int64_t b = 0;
-        for (; b + CHUNK <= batch; b += CHUNK) {
-#pragma omp simd
-          for (int64_t j = 0; j < CHUNK; ++j) part[j] += g[b + j] * xr[b + j];
-        }
-        for (int64_t j = 0; b + j < batch; ++j) part[j] += g[b + j] * xr[b + j];
-        scalar_t s = 0;
-        for (int64_t j = 0; j < CHUNK; ++j) s += part[j];
-        grad_values[k] = s;
-      }
+      if (grad_bias) grad_bias[r] = total(g, batch);
+      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k)
+        grad_values[k] = dot(g, x + static_cast<int64_t>(idx[k]) * batch, batch);
     }
   });
 }
@@ -114,11 +153,13 @@ at::Tensor spmm(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& 
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     const int64_t* pp = p.defined() ? p.data_ptr<int64_t>() : nullptr;
     if (ptr.scalar_type() == at::kInt) {
-      spmm_kernel<scalar_t, int32_t>(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), pp,
-                                     dense.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), rows, batch);
+      auto run = pp ? spmm_kernel<true, scalar_t, int32_t> : spmm_kernel<false, scalar_t, int32_t>;
+      run(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), pp, dense.data_ptr<scalar_t>(), bp,
+          out.data_ptr<scalar_t>(), rows, batch);
     } else {
-      spmm_kernel<scalar_t, int64_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), pp,
-                                     dense.data_ptr<scalar_t>(), bp, out.data_ptr<scalar_t>(), rows, batch);
+      auto run = pp ? spmm_kernel<true, scalar_t, int64_t> : spmm_kernel<false, scalar_t, int64_t>;
+      run(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), pp, dense.data_ptr<scalar_t>(), bp,
+          out.data_ptr<scalar_t>(), rows, batch);
     }
   });
   return out;
