@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sparsify.csr_linear import AUTO_CSR_DENSITY, CsrLinear
+from sparsify.csr_linear import CsrLinear, csr_density_limit
 from sparsify.errors import PlanError
 from sparsify.passes.couple import Coupling
 from sparsify.passes.find_linears import Sites
@@ -26,11 +26,12 @@ from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES, link_cou
 AVAILABLE_BACKENDS = {"masked", "csr"}
 
 
-def resolved_backend(spec: LayerSpec) -> str:
-    """The backend a layer gets: the policy's, or for 'auto' the one measured faster at its density."""
+def resolved_backend(spec: LayerSpec, shape: tuple[int, int]) -> str:
+    """The backend a layer of ``shape`` (out, in) gets: the policy's, or for 'auto' the one measured
+    faster for that shape at its initial density (:func:`~sparsify.csr_linear.csr_density_limit`)."""
     if spec.backend != "auto":
         return spec.backend
-    return "csr" if spec.initial_density <= AUTO_CSR_DENSITY else "masked"
+    return "csr" if spec.initial_density <= csr_density_limit(*shape) else "masked"
 
 
 @dataclass

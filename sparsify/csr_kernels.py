@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from sparsify.errors import SparsifyWarning
+
 SOURCE = Path(__file__).with_name("csr_kernels.cpp")
 ENV = "SPARSIFY_CSR_KERNELS"  # "torch": never build or load the compiled kernels
 
@@ -58,8 +60,6 @@ def _missing_tool() -> str | None:
 
 
 def _build() -> object | None:
-    if os.environ.get(ENV, "").lower() == "torch":
-        return None
     reason = _missing_tool()
     if reason is None:
         try:
@@ -76,7 +76,7 @@ def _build() -> object | None:
             lines = str(exc).strip().splitlines()
             reason = f"the build failed ({lines[-1][:160] if lines else type(exc).__name__})"
     warnings.warn(f"sparsify: the compiled csr kernels are not available: {reason}; the csr backend uses torch's "
-                  f"sparse kernels (slower; set {ENV}=torch to skip the build silently)", RuntimeWarning, stacklevel=3)
+                  f"sparse kernels (slower; set {ENV}=torch to skip the build silently)", SparsifyWarning, stacklevel=3)
     return None
 
 

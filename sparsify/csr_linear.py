@@ -23,6 +23,9 @@ optimizer state across (:meth:`set_topology`, :meth:`remap_state`).
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 import warnings
 
 import torch
@@ -35,8 +38,12 @@ from sparsify.topology import bits
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-# backend auto: csr at or below this initial density, masked above (benchmarks/training_step.py)
-AUTO_CSR_DENSITY = 0.05
+# backend auto: a layer is csr at or below the density up to which csr measured faster than masked for
+# its shape (csr_density_limit). SPARSIFY_AUTO_CSR_DENSITY fixes that limit instead (the tests use 0.05).
+AUTO_DENSITY_ENV = "SPARSIFY_AUTO_CSR_DENSITY"
+CALIBRATION_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+CALIBRATION_BATCH = 32  # rows of the calibration's input: the papers' batch
+_limits: dict[str, float] = {}
 
 
 def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,6 +59,79 @@ def _structure(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     index = torch.int32 if mask.numel() < 2**31 else torch.int64
     return {"crow": crow.to(index), "col": cols.to(index), "ccol": ccol.to(index), "row_t": rows[order].to(index),
             "order": order, "rows": rows}
+
+
+def csr_density_limit(out_features: int, in_features: int) -> float:
+    """The largest density of :data:`CALIBRATION_DENSITIES` at which a csr layer of this shape measured
+    faster than a masked one (0.0: not even the lowest), for backend auto.
+
+    Measured once per shape, thread count and kernel build (forward and backward of one layer at
+    batch :data:`CALIBRATION_BATCH`, masked against csr at rising densities until csr is no longer
+    faster; about 0.1-1 s per shape), kept for the process and in ``calibration.json`` beside the
+    compiled kernels' cache, so later runs on the machine read it."""
+    fixed = os.environ.get(AUTO_DENSITY_ENV)
+    if fixed:
+        try:
+            return float(fixed)
+        except ValueError:
+            raise SparsifyError(f"{AUTO_DENSITY_ENV}={fixed!r} is not a number: set it to a density such as 0.05, "
+                                "or unset it to let backend auto measure") from None
+    compiled = csr_kernels.ops() is not None
+    key = f"{out_features}x{in_features}|threads {torch.get_num_threads()}|{'compiled' if compiled else 'torch'}"
+    if key not in _limits:
+        path = csr_kernels.cache_dir().parent / "calibration.json"
+        stored = _read_json(path)
+        if key not in stored:
+            stored = _read_json(path)  # the file may have changed while measuring; keep others' entries
+            stored[key] = calibrate(out_features, in_features)
+            _write_json(path, stored)
+        _limits[key] = float(stored[key])
+    return _limits[key]
+
+
+def calibrate(out_features: int, in_features: int, clock=time.perf_counter) -> float:
+    """Measure (see :func:`csr_density_limit`): the fastest of 3 runs of a training step's products."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(CALIBRATION_BATCH, in_features, generator=generator, requires_grad=True)
+    grad = torch.randn(CALIBRATION_BATCH, out_features, generator=generator)
+
+    def fastest(layer: nn.Module) -> float:
+        best = float("inf")
+        for _ in range(4):  # the first run warms up
+            start = clock()
+            layer(x).backward(grad)
+            best = min(best, clock() - start)
+        return best
+
+    def mask(density: float) -> torch.Tensor:
+        return torch.rand(out_features, in_features, generator=generator) < density
+
+    linear = nn.Linear(in_features, out_features)
+    masked = fastest(SparseLinear.from_linear(linear, mask=mask(0.5)))  # a masked step's cost is the dense one
+    limit = 0.0
+    for density in CALIBRATION_DENSITIES:
+        if fastest(CsrLinear.from_masked(SparseLinear.from_linear(linear, mask=mask(density)))) >= masked:
+            break
+        limit = density
+    return limit
+
+
+def _read_json(path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(temporary, path)
+    except OSError:  # a read-only home: the measurement still holds for this process
+        pass
 
 
 def _transposed(a: torch.Tensor) -> torch.Tensor:

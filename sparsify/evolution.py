@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsify.csr_linear import AUTO_CSR_DENSITY, CsrLinear
+from sparsify.csr_linear import CsrLinear, csr_density_limit
 from sparsify.errors import SparsifyError
 from sparsify.policy import EMS_EXTRA, LayerSpec
 from sparsify.sparse_linear import SparseLinear
@@ -390,7 +390,8 @@ class Evolution(nn.Module):
         parameters to stay (DDP registers them once)."""
         layer = self._layers[name]
         return (self.specs[name].backend == "auto" and isinstance(layer, SparseLinear) and name in self._parents
-                and layer.mask.device.type == "cpu" and layer.density <= AUTO_CSR_DENSITY
+                and layer.mask.device.type == "cpu"
+                and layer.density <= csr_density_limit(layer.out_features, layer.in_features)
                 and not (dist.is_available() and dist.is_initialized()))
 
     def _to_csr(self, name: str) -> None:

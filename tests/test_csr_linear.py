@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sparsify
+from sparsify import csr_kernels, csr_linear
 from sparsify.csr_linear import CsrLinear
 from sparsify.sparse_linear import SparseLinear
 from sparsify.topology.initial import erdos_renyi
@@ -294,3 +295,95 @@ def test_a_link_removed_and_regrown_in_one_update_restarts_in_both_backends():
     assert float(after[regrown].abs().sum()) == 0 and float(masked.weight.grad[regrown].abs().sum()) == 0
     assert torch.equal(after[mask], after_csr) and torch.equal(masked.weight.detach(), csr.weight.detach())
     assert torch.equal(after[mask & ~regrown], momentum[mask & ~regrown])  # the other links keep theirs
+
+
+def test_the_compiled_kernels_and_torchs_kernels_give_the_masked_numbers(monkeypatch):
+    """Both paths of the csr backend, side by side: the compiled kernels when they build here (CI builds
+    them), and torch's sparse kernels (SPARSIFY_CSR_KERNELS=torch), on batches that hit every
+    vector width and the scalar tail, in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        for batch in (1, 5, 16, 37, 100):
+            masked, csr = pair(70, 45, 0.2, seed=batch)
+            masked, csr = masked.to(dtype), csr.to(dtype)
+            x = torch.randn(batch, 45, dtype=dtype)
+            grads = {}
+            for path in ("compiled", "torch"):
+                if path == "torch":
+                    monkeypatch.setenv(csr_kernels.ENV, "torch")
+                elif csr_kernels.ops() is None:
+                    continue
+                layer, xi = copy.deepcopy(csr), x.clone().requires_grad_()
+                y = layer(xi)
+                y.backward(torch.ones_like(y))
+                grads[path] = (y, xi.grad, layer.values.grad, layer.bias.grad)
+                monkeypatch.delenv(csr_kernels.ENV, raising=False)
+            xm = x.clone().requires_grad_()
+            ym = masked(xm)
+            ym.backward(torch.ones_like(ym))
+            expected = (ym, xm.grad, masked.weight.grad[masked.mask], masked.bias.grad)
+            for path, got in grads.items():
+                for a, b in zip(got, expected):
+                    assert torch.allclose(a, b, atol=1e-5), (path, dtype, batch)
+
+
+def test_without_a_compiler_the_csr_backend_says_so_once_and_uses_torchs_kernels(monkeypatch):
+    monkeypatch.setattr(csr_kernels, "_state", {})
+    monkeypatch.setattr(csr_kernels.shutil, "which", lambda name: None)
+    masked, csr = pair(20, 10, 0.3)
+    x = torch.randn(4, 10)
+    with pytest.warns(sparsify.SparsifyWarning, match="no C.. compiler") as record:
+        y = csr(x)
+        csr(x)
+    ours = [r for r in record if issubclass(r.category, sparsify.SparsifyWarning)]
+    assert len(ours) == 1 and "\n" not in str(ours[0].message)
+    assert torch.allclose(y, masked(x), atol=1e-5)
+
+
+def test_a_build_that_fails_is_one_warning_line_and_training_goes_on(monkeypatch):
+    monkeypatch.setattr(csr_kernels, "_state", {})
+    monkeypatch.setattr(csr_kernels, "SOURCE", csr_kernels.SOURCE.with_name("no_such_kernels.cpp"))
+    with pytest.warns(sparsify.SparsifyWarning, match="build failed") as record:
+        assert csr_kernels.ops() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+
+
+def test_backend_auto_follows_the_density_limit_measured_for_the_layers_shape(monkeypatch, tmp_path):
+    """The calibration keeps the highest density at which csr was faster, measures each shape once and
+    stores it for later processes; the plan then picks per layer from its shape's limit."""
+    monkeypatch.delenv(csr_linear.AUTO_DENSITY_ENV)
+    monkeypatch.setenv("SPARSIFY_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(csr_linear, "_limits", {})
+    measured = []
+
+    def calibrate(out_features, in_features):
+        measured.append((out_features, in_features))
+        return 0.2 if out_features == 64 else 0.02  # fc1 (64x32): csr up to 20%; the others up to 2%
+
+    monkeypatch.setattr(csr_linear, "calibrate", calibrate)
+    model = load_example("mlp").MLP((32, 64, 32, 64, 4))
+    policy = {"version": 1, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.1}]}
+    model, _ = sparsify.sparsify(model, policy, torch.randn(2, 32))
+    assert isinstance(model.fc1, CsrLinear) and isinstance(model.fc2, SparseLinear) and isinstance(model.fc3, CsrLinear)
+    assert sorted(measured) == [(32, 64), (64, 32)]  # fc3 has fc1's shape: measured once
+    monkeypatch.setattr(csr_linear, "_limits", {})  # a new process reads the stored limits
+    assert csr_linear.csr_density_limit(64, 32) == 0.2 and len(measured) == 2
+    monkeypatch.setenv(csr_linear.AUTO_DENSITY_ENV, "often")
+    with pytest.raises(sparsify.SparsifyError, match="is not a number"):
+        csr_linear.csr_density_limit(64, 32)
+
+
+def test_the_calibration_finds_where_csr_stops_being_faster():
+    """A clock under which every masked run takes 10 ticks and a csr run 3 ticks per density step
+    (1%: 3, 2%: 6, 5%: 9, 10%: 12): csr is faster up to 5%, and nothing denser is measured after 10%."""
+    calls, now = 0, 0
+
+    def clock():
+        nonlocal calls, now
+        block = calls // 8  # 4 runs of 2 readings per contender: block 0 is masked, then csr at rising density
+        if calls % 2 == 1:
+            now += 10 if block == 0 else 3 * block
+        calls += 1
+        return now
+
+    assert csr_linear.calibrate(16, 16, clock=clock) == 0.05
+    assert calls == 8 * 5
