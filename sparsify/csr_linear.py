@@ -3,9 +3,13 @@
 The trainable parameter is ``values``: one weight per active link, in row-major order of the
 mask. The three products of a training step run as sparse kernels:
 
-- forward ``y = x Wᵀ``: a CSR matrix times the dense input (``torch.sparse.mm``);
+- forward ``y = x Wᵀ``: a CSR matrix times the dense input;
 - input gradient ``dx = dy W``: the transposed structure (kept beside the CSR one);
-- weight gradient, only at active positions: ``torch.sparse.sampled_addmm`` of ``dyᵀ x``.
+- weight gradient, only at active positions: ``dyᵀ x`` sampled at the links (and the bias gradient).
+
+They run on the compiled kernels of :mod:`sparsify.csr_kernels` (two calls a step: forward, and
+backward for all three gradients), or, when those cannot be built, on torch's (``torch.addmm`` with
+a CSR operand, ``torch.sparse.sampled_addmm``).
 
 So optimizer state exists only for active links. The products take their dense operands
 transposed (features × batch, contiguous). For an input of [batch, features], the output is
