@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace {
 
@@ -116,6 +117,47 @@ inline scalar_t total(const scalar_t* a, int64_t batch) {
   return s;
 }
 
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SPARSIFY_SHUFFLE 1  // __builtin_shufflevector
+// four dot products of one fp32 batch row with four others: their lanes summed together (a 4 x 8
+// transpose-and-add), about 1.5x faster than four single sums of lanes at batch 32
+// NV > 0: the batch holds NV whole vectors and a tail, known when compiling (a loop of runtime length
+// keeps the partial sums in memory: twice the time at batch 32); NV = 0: any batch.
+template <int64_t NV>
+inline void dot4(const float* __restrict__ a, const float* const* rows, int64_t batch, float* out) {
+  typedef Vec<float>::type V;
+  typedef float H __attribute__((vector_size(32)));
+  typedef float Q __attribute__((vector_size(16)));
+  constexpr int64_t L = Vec<float>::L;
+  V p[4] = {V{}, V{}, V{}, V{}};
+  int64_t b0 = 0;
+  const int64_t whole = NV > 0 ? NV * L : batch / L * L;
+  for (; b0 < whole; b0 += L) {
+    const V g = *reinterpret_cast<const V*>(a + b0);
+    for (int i = 0; i < 4; ++i) p[i] += g * *reinterpret_cast<const V*>(rows[i] + b0);
+  }
+  H h[4];
+  for (int i = 0; i < 4; ++i) {
+    H lo, hi;
+    __builtin_memcpy(&lo, &p[i], sizeof(H));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&p[i]) + sizeof(H), sizeof(H));
+    h[i] = lo + hi;
+  }
+  const H t01 = __builtin_shufflevector(h[0], h[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(h[0], h[1], 4, 5, 6, 7, 12, 13, 14, 15);
+  const H t23 = __builtin_shufflevector(h[2], h[3], 0, 1, 2, 3, 8, 9, 10, 11) +
+                __builtin_shufflevector(h[2], h[3], 4, 5, 6, 7, 12, 13, 14, 15);
+  const H u = __builtin_shufflevector(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) +
+              __builtin_shufflevector(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const Q w = __builtin_shufflevector(u, u, 0, 4, 2, 6) + __builtin_shufflevector(u, u, 1, 5, 3, 7);
+  for (int i = 0; i < 4; ++i) {
+    float s = w[i];
+    for (int64_t b = b0; b < batch; ++b) s += a[b] * rows[i][b];
+    out[i] = s;
+  }
+}
+#endif
+
 // grad_values[k] = dot(grad_out[r, :], x[idx[k], :]) for each link k of row r; grad_bias[r] = sum grad_out[r, :]
 template <typename scalar_t, typename index_t>
 void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad_out, const scalar_t* x,
@@ -124,8 +166,23 @@ void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* g = grad_out + r * batch;
       if (grad_bias) grad_bias[r] = total(g, batch);
-      for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k)
-        grad_values[k] = dot(g, x + static_cast<int64_t>(idx[k]) * batch, batch);
+      int64_t k = ptr[r];
+#ifdef SPARSIFY_SHUFFLE
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        for (; k + 4 <= ptr[r + 1]; k += 4) {
+          const float* four[4] = {x + static_cast<int64_t>(idx[k]) * batch, x + static_cast<int64_t>(idx[k + 1]) * batch,
+                                  x + static_cast<int64_t>(idx[k + 2]) * batch, x + static_cast<int64_t>(idx[k + 3]) * batch};
+          switch (batch / Vec<float>::L) {
+            case 1: dot4<1>(g, four, batch, grad_values + k); break;
+            case 2: dot4<2>(g, four, batch, grad_values + k); break;
+            case 3: dot4<3>(g, four, batch, grad_values + k); break;
+            case 4: dot4<4>(g, four, batch, grad_values + k); break;
+            default: dot4<0>(g, four, batch, grad_values + k);
+          }
+        }
+      }
+#endif
+      for (; k < ptr[r + 1]; ++k) grad_values[k] = dot(g, x + static_cast<int64_t>(idx[k]) * batch, batch);
     }
   });
 }
