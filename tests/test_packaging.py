@@ -14,7 +14,7 @@ def test_wheel_maps_passes_into_sparsify(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "sparsify/passes/couple.py" in names and "sparsify/passes/capture.py" in names
     assert "sparsify/export/pipeline.py" in names and "sparsify/topology/initial.py" in names
-    assert "sparsify/integrations/hf.py" in names
+    assert "sparsify/integrations/hf.py" in names and "sparsify/integrations/lightning.py" in names
     assert "sparsify/schema/policy.schema.json" in names
     assert not [n for n in names if n.startswith("passes/") or n.startswith("schema/")]
     entry = next(n for n in names if n.endswith("entry_points.txt"))
