@@ -39,7 +39,7 @@ from torch import nn
 from sparsify.csr_linear import CsrLinear, csr_density_limit
 from sparsify.errors import SparsifyError
 from sparsify.policy import EMS_EXTRA, LayerSpec
-from sparsify.sparse_linear import SparseLinear
+from sparsify.sparse_linear import SparseLinear, full_tensor, is_sharded
 from sparsify.topology import bits
 from sparsify.topology.initial import link_count
 from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rate
@@ -193,11 +193,16 @@ class Evolution(nn.Module):
             raise SparsifyError(f"attach: total_steps must be a positive number of optimizer steps, got {total_steps!r}")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
             raise SparsifyError(f"attach: steps_per_epoch must be a positive integer, got {steps_per_epoch!r}")
+        sharded_csr = [n for n in self.names if is_sharded(self._layers[n].trainable)
+                       and not isinstance(self._layers[n], SparseLinear)]
+        if sharded_csr:
+            raise SparsifyError(f"attach: layer {sharded_csr[0]} uses backend csr, whose values FSDP cannot shard "
+                                "by rows of the layer; give it backend: masked in the policy for a run with fully_shard")
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n in self.evolving if id(self._layers[n].trainable) not in held]
         if missing:
             raise SparsifyError(f"attach: the optimizer does not hold the weight of {', '.join(missing)}; "
-                                "create it from model.parameters() after sparsify()")
+                                "create it from model.parameters() after sparsify() (and after fully_shard)")
         self.total_steps.fill_(total_steps)
         self.steps_per_epoch.fill_(steps_per_epoch or 0)
         idle = []
@@ -274,11 +279,13 @@ class Evolution(nn.Module):
         layer = self._layers[name]
         args = dict(args)
         if kind == "MEST":
-            args["grad"] = layer.dense_weight_grad()
-            if args["grad"] is None:
+            grad = layer.dense_weight_grad()
+            if grad is None:
                 raise SparsifyError(f"layer {name}: the MEST removal score needs the gradient of the last "
                                     "backward pass; the update runs right after optimizer.step(), before zero_grad()")
-        return REMOVAL_SCORES[kind](layer.weight.detach(), mask, **args)
+            args["grad"] = full_tensor(grad)
+        # sharded by FSDP2, the weight is gathered: every rank scores the whole layer, identically
+        return REMOVAL_SCORES[kind](full_tensor(layer.weight.detach()), mask, **args)
 
     def _dense_grad(self, name: str) -> torch.Tensor:
         layer = self._layers[name]

@@ -1,11 +1,37 @@
 """SparseLinear: a linear layer with a fixed number of active links, swapped in for nn.Linear."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from sparsify.topology import bits
+
+DTENSOR_MODULE = "torch.distributed.tensor"  # not imported here: `import sparsify` does not need its start-up time
+
+
+def is_sharded(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is a DTensor, as FSDP2's ``fully_shard`` makes parameters, gradients and moments
+    (none exists before something, such as fully_shard, has imported torch.distributed.tensor)."""
+    module = sys.modules.get(DTENSOR_MODULE)
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a DTensor (a parameter, gradient or moment sharded by FSDP2) is gathered from
+    every rank, a collective that every rank must call in the same order; any other tensor is itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` ([out, in], the same on every rank) laid out as ``like``: for a DTensor each rank keeps
+    its own shard, cut locally without communication; otherwise ``tensor`` itself."""
+    if not is_sharded(like):
+        return tensor
+    distribute = sys.modules[DTENSOR_MODULE].distribute_tensor
+    return distribute(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def _check_backend(backend: str) -> None:
@@ -126,8 +152,9 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the weights of inactive links (after an optimizer step or a mask change)."""
-        self.weight.mul_(self.float_mask())
+        """Zero the weights of inactive links (after an optimizer step or a mask change); sharded by
+        FSDP2, each rank zeroes its own shard."""
+        self.weight.mul_(shard_like(self.float_mask(), self.weight))
         self._masked_version = self.mask._version
 
     @torch.no_grad()
@@ -153,15 +180,17 @@ class SparseLinear(nn.Module):
         mask = mask.to(self.mask.device, torch.bool)
         kept = mask & ~regrown.to(mask.device)
         self.mask.copy_(mask)
-        self.weight.mul_(kept)
+        self.weight.mul_(shard_like(kept, self.weight))  # sharded by FSDP2: each rank its own rows
         if self.weight.grad is not None:
-            self.weight.grad.mul_(kept)
+            self.weight.grad.mul_(shard_like(kept, self.weight.grad))
+        self._masked_version = self.mask._version  # the weight is masked: no forward needs to again
         return kept
 
     def remap_state(self, value: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """An optimizer state tensor after a topology change: zero at every inactive position and at
-        every regrown link, also one removed and regrown in the same update (it restarts)."""
-        return value.mul_(kept)
+        every regrown link, also one removed and regrown in the same update (it restarts). A moment
+        sharded by FSDP2 is zeroed on each rank's shard."""
+        return value.mul_(shard_like(kept, value))
 
     @property
     def active_links(self) -> int:
