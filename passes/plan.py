@@ -26,11 +26,14 @@ from sparsify.topology.initial import CALIBRATED_INIT, INIT_TOPOLOGIES, link_cou
 AVAILABLE_BACKENDS = {"masked", "csr"}
 
 
-def resolved_backend(spec: LayerSpec, shape: tuple[int, int]) -> str:
+def resolved_backend(spec: LayerSpec, shape: tuple[int, int], sharded: bool = False) -> str:
     """The backend a layer of ``shape`` (out, in) gets: the policy's, or for 'auto' the one measured
-    faster for that shape at its initial density (:func:`~sparsify.csr_linear.csr_density_limit`)."""
+    faster for that shape at its initial density (:func:`~sparsify.csr_linear.csr_density_limit`);
+    masked when FSDP shards the parameters (csr's values cannot be sharded by the layer's rows)."""
     if spec.backend != "auto":
         return spec.backend
+    if sharded:
+        return "masked"
     return "csr" if spec.initial_density <= csr_density_limit(*shape) else "masked"
 
 
@@ -55,6 +58,7 @@ class Plan:
     shadowed: dict[int, list[str]] = field(default_factory=dict)  # unused rule -> layers earlier rules took
     notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
     raw_input_layers: list[str] = field(default_factory=list)  # linear layers that read the model's input
+    sharded: bool = False  # training.distributed: fsdp, so backend auto resolves to masked
 
     @property
     def sparse(self) -> dict[str, LayerSpec]:
@@ -105,6 +109,7 @@ def init_parameters(model_name: str) -> set[str]:
 def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | None = None) -> Plan:
     """Decide, for every site, its rule and spec. Raises PlanError when nothing would be sparse."""
     decisions, used, matching, notes = {}, set(), {}, []
+    sharded = policy.training_config().distributed == "fsdp"
     raw = [n for n in sites.sites if coupling is not None
            and "model input" in coupling.boundaries.get((n, "in"), set())]
     for name, site in sites.sites.items():
@@ -119,7 +124,7 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
             decisions[name] = Decision(name, rule, None)
             continue
         spec = policy.resolve(rule)
-        note = _check(name, site.out_features, site.in_features, spec, rule, policy)
+        note = _check(name, site.out_features, site.in_features, spec, rule, policy, sharded)
         if note:
             notes.append(note)
         _check_weights(name, model.get_submodule(name), rule, policy)
@@ -127,7 +132,7 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
         decisions[name] = Decision(name, rule, spec)
     unused = [r for r in policy.rules if r.index not in used]
     shadowed = {r.index: matching[r.index] for r in unused if r.index in matching}
-    result = Plan(decisions, unused, list(sites.sites), shadowed, notes, raw)
+    result = Plan(decisions, unused, list(sites.sites), shadowed, notes, raw, sharded)
     if not result.sparse:
         names = ", ".join(list(sites.sites)[:6]) + (", ..." if len(sites.sites) > 6 else "")
         raise PlanError(
@@ -137,11 +142,15 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
 
 
 def _check(name: str, out_features: int, in_features: int, spec: LayerSpec, rule: Rule | None,
-           policy: Policy) -> str | None:
+           policy: Policy, sharded: bool = False) -> str | None:
     """Raise PlanError for a spec this layer cannot take; return a warning for one it can but probably
     should not."""
     layer = f"{rule.describe() if rule else 'defaults'}: layer {name}"
     where = f"{policy.source}: {layer}"
+    if sharded and spec.backend == "csr":
+        raise PlanError(f"{where}: backend csr cannot be sharded by FSDP (training.distributed: fsdp), whose "
+                        "shards are rows of a dense weight; use backend masked (auto picks masked under fsdp), "
+                        "or training.distributed: ddp")
     if spec.init["model"] not in INIT_TOPOLOGIES:
         raise PlanError(f"{where}: initial topology {spec.init['model']!r} is not available; "
                         f"available: {', '.join(INIT_TOPOLOGIES)}")

@@ -137,7 +137,8 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
         mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
         initial_weights(name, new, spec, seed)
-        new = CsrLinear.from_masked(new) if resolved_backend(spec, tuple(mask.shape)) == "csr" else new
+        backend = resolved_backend(spec, tuple(mask.shape), plan.sharded)
+        new = CsrLinear.from_masked(new) if backend == "csr" else new
         swaps[id(old)] = new
         created[name] = new
         replaced.append(old)

@@ -224,6 +224,7 @@ class TrainingConfig:
     lr_step: str = "step"  # step | epoch
     lr_warmup_steps: int = 0
     device: str = "cpu"
+    distributed: str = "ddp"  # ddp | fsdp: how a run in several processes shares the model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,7 +8,9 @@ topology update and per epoch), ``report.json``, ``coupling.txt`` and PNG plots.
 written to a temporary name first and renamed, so an interrupted run leaves no half-written file.
 
 Distributed data parallel: under ``torchrun`` (or ``--nproc N``) every process trains on its share
-of the batches; rank 0 writes the folder.
+of the batches; rank 0 writes the folder. With ``training.distributed: fsdp`` the parameters are
+sharded across the processes by FSDP2's ``fully_shard`` (each sparse layer its own unit), and the
+checkpoint and model.pt hold them gathered whole, as in any other run.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # Settings a resumed run must share with the run it continues: the schedules depend on them.
 RESUME_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "optimizer", "lr_end_factor", "lr_decay_end", "lr_step",
-               "lr_warmup_steps")
+               "lr_warmup_steps", "distributed")
 RUN_FILES = ("checkpoint.pt", "model.pt", "report.json", "metrics.jsonl")
 CHECKPOINT = "checkpoint.pt"
 UNPERCOLATED_ANP = 0.99  # above it, a run with percolation on and no weight decay gets a note on why
@@ -311,6 +313,11 @@ class _Run:
     def device(self) -> torch.device:
         return torch.device(self.cfg.device)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 shards the parameters across the processes (training.distributed: fsdp)."""
+        return self.ranks.world > 1 and self.cfg.distributed == "fsdp"
+
     def anp(self) -> float:
         return active_neuron_rate(self.handle.masks(), self.graph)
 
@@ -349,12 +356,15 @@ def _attach(run_: _Run, resume: bool) -> None:
     """The optimizer, the evolution attached to it, and the state a checkpoint resumes."""
     model, handle = run_.model, run_.handle
     model.to(run_.device)
-    run_.net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if run_.ranks.world > 1 else model
-    run_.optimizer = make_optimizer(model, run_.cfg)
-    handle.attach(run_.optimizer, total_steps=run_.total_steps, steps_per_epoch=run_.steps_per_epoch)
     run_.state = RunState(start_masks={n: m.detach().cpu().clone() for n, m in handle.masks().items()})
-    if resume:
-        _load_checkpoint(run_.folder / CHECKPOINT, model, run_.optimizer, handle, run_.state, run_.cfg, run_.ranks)
+    if run_.sharded:
+        _attach_sharded(run_, resume)
+    else:
+        run_.net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if run_.ranks.world > 1 else model
+        run_.optimizer = make_optimizer(model, run_.cfg)
+        handle.attach(run_.optimizer, total_steps=run_.total_steps, steps_per_epoch=run_.steps_per_epoch)
+        if resume:
+            _load_checkpoint(run_.folder / CHECKPOINT, model, run_.optimizer, handle, run_.state, run_.cfg, run_.ranks)
     run_.loss_fn = getattr(run_.model_file.module, "loss", None) or nn.functional.cross_entropy
     run_.metric, run_.metric_name = _metric(run_.model_file)
     run_.graph = handle.neuron_graph()
@@ -364,6 +374,50 @@ def _attach(run_: _Run, resume: bool) -> None:
         run_.write_metrics()
 
     handle.evolution.listeners.append(on_update)
+
+
+def _attach_sharded(run_: _Run, resume: bool) -> None:
+    """FSDP2: every sparse layer its own unit, then the rest of the model. A checkpoint's model state
+    loads whole before sharding and its optimizer state after; the evolution is attached last, since
+    loading a sharded optimizer's state runs one optimizer step, which must not count."""
+    # imported here: they take a second to import, and only a sharded run needs them
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model, handle = run_.model, run_.handle
+    checkpoint = None
+    if resume:
+        checkpoint = _load_checkpoint(run_.folder / CHECKPOINT, model, None, handle, run_.state, run_.cfg, run_.ranks)
+    for site in handle.sites.values():  # a topology update then gathers one layer at a time
+        fully_shard(site.module)
+    fully_shard(model)
+    run_.net = model
+    run_.optimizer = make_optimizer(model, run_.cfg)
+    if checkpoint is not None:
+        set_optimizer_state_dict(model, run_.optimizer, checkpoint["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    handle.attach(run_.optimizer, total_steps=run_.total_steps, steps_per_epoch=run_.steps_per_epoch)
+
+
+def _whole_state(run_: _Run, optimizer: bool = True) -> tuple[dict, dict | None]:
+    """The model's state_dict (and the optimizer's), whole: under FSDP2 gathered to rank 0, so every
+    rank must call it (the other ranks get empty dicts)."""
+    if not run_.sharded:
+        return run_.model.state_dict(), run_.optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # (see above)
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(run_.model, options=options),
+            get_optimizer_state_dict(run_.model, run_.optimizer, options=options) if optimizer else None)
+
+
+def _unsharded(run_: _Run, state: dict) -> SparseModel:
+    """A whole copy of a sharded run's model on this rank, for the export: model.py's model, sparsified
+    by the policy again, with the run's gathered ``state``."""
+    torch.manual_seed(run_.policy.seed)
+    model, handle = sparsify(run_.model_file.build_model(), run_.policy, run_.model_file.example_inputs())
+    load_state(model, state, run_.folder / "model.pt", run_.model_path)
+    return handle
 
 
 def _train_epoch(run_: _Run, epoch: int, close_bars: Callable[[], None]) -> float:
@@ -418,9 +472,10 @@ def _end_epoch(run_: _Run, epoch: int, train_loss: float, started: float) -> Non
            "seconds": round(time.perf_counter() - started, 2)}
     state.epochs.append(row)
     state.epoch, state.seconds = epoch, time.perf_counter() - started
+    model_state, optimizer_state = _whole_state(run_)  # on every rank: a gather under FSDP2
     if run_.ranks.main:
         run_.write_metrics()
-        _save_checkpoint(run_.folder / CHECKPOINT, run_.model, run_.optimizer, state, run_.cfg, run_.policy,
+        _save_checkpoint(run_.folder / CHECKPOINT, model_state, optimizer_state, state, run_.cfg, run_.policy,
                          run_.ranks, run_.model_path)
         tqdm.write(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in row.items() if k != "kind"))
@@ -432,15 +487,17 @@ def _finish(run_: _Run, plots: bool) -> dict:
     report = _report(handle, policy, run_.cfg, run_.state, run_.model_path, run_.anp(), run_.ranks)
     if run_.metric_name:
         report["metric"] = run_.metric_name
+    model_state, _ = _whole_state(run_, optimizer=False)  # on every rank: a gather under FSDP2
     if not run_.ranks.main:
         return report
     atomic_write(folder / "model.pt", lambda f: torch.save(
-        {"state_dict": run_.model.state_dict(), "policy": policy.document,
+        {"state_dict": model_state, "policy": policy.document,
          "model_file": str(Path(run_.model_path).resolve()),
          "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
     atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
-    if policy.export.get("onnx"):
-        report["export"] = _export(folder, handle, run_.model_file, policy, run_.test)
+    if policy.export.get("onnx"):  # sharded, the model runs on this rank alone as a whole copy
+        whole = _unsharded(run_, model_state) if run_.sharded else handle
+        report["export"] = _export(folder, whole, run_.model_file, policy, run_.test)
     if plots:
         report["plots"] = _plots(folder, handle, run_.state)
     atomic_write(folder / "report.json", lambda f: json.dump(report, f, indent=2))
@@ -492,9 +549,9 @@ CHECKPOINT_KEYS = ("model", "optimizer", "rng", "training", "policy", "model_fil
                    "updates", "epochs", "start_masks", "seconds")
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, cfg: TrainingConfig,
+def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, state: RunState, cfg: TrainingConfig,
                      policy: Policy, ranks: Ranks, model_path: str) -> None:
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+    checkpoint = {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state(),
                   "training": cfg.to_dict(), "policy": policy.document, "model_file": str(Path(model_path).resolve()),
                   "world": ranks.world, "epoch": state.epoch,
                   "step": state.step, "updates": state.updates, "epochs": state.epochs,
@@ -502,8 +559,10 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, handle: SparseModel,
-                     state: RunState, cfg: TrainingConfig, ranks: Ranks) -> None:
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, handle: SparseModel,
+                     state: RunState, cfg: TrainingConfig, ranks: Ranks) -> dict:
+    """Resume from ``path``: the model, the optimizer (None: the caller loads it; an optimizer over
+    sharded parameters loads once they are sharded), the random state and the run so far."""
     checkpoint = read_checkpoint(path, CHECKPOINT_KEYS)
     for key in RESUME_KEYS:
         if key in checkpoint["training"] and checkpoint["training"][key] != getattr(cfg, key):
@@ -512,13 +571,15 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if checkpoint["world"] != ranks.world:
         raise SparsifyError(f"{path}: the run was started with {checkpoint['world']} process(es), now {ranks.world}")
     load_state(model, checkpoint["model"], path, checkpoint["model_file"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     for key in ("epoch", "step", "updates", "epochs", "start_masks", "seconds"):
         setattr(state, key, checkpoint[key])
     handle.evolution.history[:] = [{k: v for k, v in r.items() if k != "kind"} for r in state.updates]
     if ranks.main:
         tqdm.write(f"resuming {path.parent} after epoch {state.epoch} (step {state.step})")
+    return checkpoint
 
 
 def _export(folder: Path, handle: SparseModel, model_file, policy: Policy, test: Any) -> dict:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 import ddp_worker
@@ -63,3 +64,36 @@ def test_torchrun_trains_and_every_rank_leaves_the_group(tmp_path):
     assert "terminate called" not in proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2 and report["steps"] == 3 * 15 and report["topology_updates"] == 6
+
+
+def test_cli_trains_sharded_by_fsdp_and_an_interrupted_run_resumes_to_the_same_model(tmp_path):
+    """training.distributed: fsdp in 2 processes: the checkpoint holds the parameters gathered whole, a
+    run killed after epoch 2 resumes from it to the uninterrupted run's masks and weights, and the
+    export runs on a whole copy of the model."""
+    policy = _tiny_policy(tmp_path)
+    policy.write_text(policy.read_text().replace("lr: 0.01}", "lr: 0.01, distributed: fsdp}")
+                      + "export: {onnx: true}\n")
+    command = [sys.executable, "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "--nproc", "2",
+               "--no-plots"]
+    whole = subprocess.run(command + ["-o", str(tmp_path / "whole")], capture_output=True, text=True, env={**os.environ})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["processes"] == 2 and report["steps"] == 3 * 15 and report["topology_updates"] == 6
+    assert report["final"]["eval_accuracy"] > 0.4
+    assert report["export"]["onnxruntime_max_abs_diff"] <= 1e-4  # the whole copy exported and checked
+
+    cut = subprocess.run(command + ["-o", str(tmp_path / "cut")], capture_output=True, text=True,
+                         env={**os.environ, "SPARSIFY_TEST_DIE_AT_EPOCH": "3"})
+    assert cut.returncode != 0 and not (tmp_path / "cut" / "report.json").exists()
+    resumed = subprocess.run(command + ["-o", str(tmp_path / "cut"), "--resume"], capture_output=True, text=True,
+                             env={**os.environ})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr + resumed.stdout
+    again = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert again["steps"] == report["steps"] and again["topology_updates"] == report["topology_updates"]
+    assert again["final"]["eval_loss"] == pytest.approx(report["final"]["eval_loss"], abs=1e-6)
+    models = [torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("whole", "cut")]
+    assert models[0].keys() == models[1].keys() and any(k.endswith("mask") for k in models[0])
+    for key, value in models[0].items():
+        assert torch.allclose(value, models[1][key], atol=1e-6) if value.is_floating_point() \
+            else torch.equal(value, models[1][key]), key

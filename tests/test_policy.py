@@ -159,6 +159,16 @@ def test_recipe_options_name_the_field_and_the_nearest_choice(tmp_path, text, ex
     assert f"{path}:4: " in error_of(path) and expected in error_of(path)
 
 
+def test_the_distributed_mode_is_ddp_or_fsdp(tmp_path):
+    assert load_policy({"version": 1, "defaults": {"density": 0.1}}).training_config().distributed == "ddp"
+    sharded = {"version": 1, "defaults": {"density": 0.1}, "training": {"distributed": "fsdp"}}
+    assert load_policy(sharded).training_config().distributed == "fsdp"
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\ntraining:\n  distributed: fsdb\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert "training.distributed: 'fsdb' is not one of ddp, fsdp; did you mean 'fsdp'?" in str(info.value)
+
+
 def test_training_recipe_options_are_checked(tmp_path):
     path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\ntraining:\n  lr_step: epochs\n  lr_end_factr: 0.1\n")
     message = error_of(path)

@@ -2,11 +2,14 @@ import pytest
 import torch
 from torch import nn
 
+import sparsify
+from sparsify.csr_linear import CsrLinear
 from sparsify.errors import PlanError
 from sparsify.passes.capture import capture
 from sparsify.passes.find_linears import find_linears
 from sparsify.passes.plan import plan
 from sparsify.policy import load_policy
+from sparsify.sparse_linear import SparseLinear
 
 from model_zoo import load_example
 
@@ -97,3 +100,22 @@ def test_a_model_is_sparsified_once():
     model, _ = sparsify.sparsify(m.build_model(), policy, m.example_inputs())
     with pytest.raises(PlanError, match="layer fc1 is already sparse: sparsify\\(\\) was applied to this model before"):
         sparsify.sparsify(model, policy, m.example_inputs())
+
+
+def test_under_fsdp_backend_csr_is_refused_and_auto_stays_masked():
+    """The whole transform: the rewrite follows the plan's backend."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def policy(backend, distributed):
+        return {"version": 1, "rules": [{"match": {"name": "0"}, "density": 0.05, "backend": backend}],
+                "training": {"distributed": distributed}}
+
+    with pytest.raises(PlanError, match=r"layer 0: backend csr cannot be sharded by FSDP \(training.distributed: "
+                                        r"fsdp\).*use backend masked"):
+        sparsify.sparsify(net(), policy("csr", "fsdp"), torch.randn(2, 64))
+    model, _ = sparsify.sparsify(net(), policy("auto", "fsdp"), torch.randn(2, 64))
+    assert type(model[0]) is SparseLinear  # auto picks csr at 5% density, but not to be sharded
+    model, _ = sparsify.sparsify(net(), policy("auto", "ddp"), torch.randn(2, 64))
+    assert type(model[0]) is CsrLinear
