@@ -33,6 +33,7 @@ import time
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sparsify import csr_kernels
@@ -72,7 +73,18 @@ def csr_density_limit(out_features: int, in_features: int) -> float:
     Measured once per shape, thread count and kernel build (forward and backward of one layer at
     batch :data:`CALIBRATION_BATCH`, masked against csr at rising densities until csr is no longer
     faster; about 0.1-1 s per shape), kept for the process and in ``calibration.json`` beside the
-    compiled kernels' cache, so later runs on the machine read it."""
+    compiled kernels' cache, so later runs on the machine read it. In a distributed run every rank
+    takes rank 0's limit, so all ranks build the same layers."""
+    limit = _local_density_limit(out_features, in_features)
+    if dist.is_available() and dist.is_initialized():
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        shared = torch.tensor([limit], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        limit = float(shared)
+    return limit
+
+
+def _local_density_limit(out_features: int, in_features: int) -> float:
     fixed = os.environ.get(AUTO_DENSITY_ENV)
     if fixed:
         try:

@@ -397,9 +397,8 @@ class Evolution(nn.Module):
         parameters to stay (DDP registers them once)."""
         layer = self._layers[name]
         return (self.specs[name].backend == "auto" and isinstance(layer, SparseLinear) and name in self._parents
-                and layer.mask.device.type == "cpu"
-                and layer.density <= csr_density_limit(layer.out_features, layer.in_features)
-                and not (dist.is_available() and dist.is_initialized()))
+                and layer.mask.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
+                and layer.density <= csr_density_limit(layer.out_features, layer.in_features))
 
     def _to_csr(self, name: str) -> None:
         """Layer ``name`` continues as a CsrLinear: same weights, mask and bias (the same Parameter),

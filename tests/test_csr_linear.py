@@ -1,5 +1,7 @@
 """The csr backend: same numbers as the masked one, storage only for active links, evolution carried."""
 import copy
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -389,3 +391,20 @@ def test_the_calibration_finds_where_csr_stops_being_faster():
 
     assert csr_linear.calibrate(16, 16, clock=clock) == 0.05
     assert calls == 8 * 5
+
+
+def _limit_on_rank(rank: int, store_path: str, results) -> None:
+    import torch.distributed as dist
+    os.environ[csr_linear.AUTO_DENSITY_ENV] = "0.05" if rank == 0 else "0.0"  # as if rank 1 measured otherwise
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        results[rank] = csr_linear.csr_density_limit(64, 48)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_distributed_run_takes_rank_zeros_density_limit(tmp_path):
+    manager = multiprocessing.get_context("spawn").Manager()
+    results = manager.dict()
+    torch.multiprocessing.spawn(_limit_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert dict(results) == {0: 0.05, 1: 0.05}
