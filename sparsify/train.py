@@ -32,11 +32,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
 
-from sparsify.checkpoint import load_state, read as read_checkpoint
+from sparsify.checkpoint import load_state, read as read_checkpoint, save as save_checkpoint
 from sparsify.errors import ModelFileError, SparsifyError
 from sparsify.evolution import describe_spec
 from sparsify.export.pipeline import export_trained
-from sparsify.files import atomic_write
+from sparsify.files import atomic_write, remove_leftovers
 from sparsify.model_file import CONTRACT, load_model_file
 from sparsify.plots import write_plots
 from sparsify.policy import Policy, TrainingConfig, load_policy
@@ -58,14 +58,19 @@ def _out_folder(out: str | None, model_path: str, force: bool, resume: bool) -> 
     folder = Path(out) if out else Path("runs") / Path(model_path).stem
     if folder.exists() and not folder.is_dir():
         raise SparsifyError(f"{folder}: exists and is not a folder; choose another -o")
+    existing = [f for f in RUN_FILES if (folder / f).exists()]
     if resume:
         if not (folder / CHECKPOINT).exists():
-            raise SparsifyError(f"{folder}: holds no {CHECKPOINT} to resume from; start the run without --resume")
+            again = ("it stopped before its first epoch ended: start it again with --force" if existing
+                     else "start the run without --resume")
+            raise SparsifyError(f"{folder}: holds no {CHECKPOINT} to resume from; {again}")
+        remove_leftovers(folder)
         return folder
-    existing = [f for f in RUN_FILES if (folder / f).exists()]
     if existing and not force:
         raise SparsifyError(f"{folder}: already holds a run ({', '.join(existing)}); continue it with --resume, "
                             "choose another -o, or pass --force to overwrite it")
+    if folder.is_dir():
+        remove_leftovers(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
@@ -365,6 +370,8 @@ def _attach(run_: _Run, resume: bool) -> None:
         handle.attach(run_.optimizer, total_steps=run_.total_steps, steps_per_epoch=run_.steps_per_epoch)
         if resume:
             _load_checkpoint(run_.folder / CHECKPOINT, model, run_.optimizer, handle, run_.state, run_.cfg, run_.ranks)
+    if resume:
+        run_.write_metrics()  # the rows the interrupted process wrote after its last checkpoint are done again
     run_.loss_fn = getattr(run_.model_file.module, "loss", None) or nn.functional.cross_entropy
     run_.metric, run_.metric_name = _metric(run_.model_file)
     run_.graph = handle.neuron_graph()
@@ -490,10 +497,9 @@ def _finish(run_: _Run, plots: bool) -> dict:
     model_state, _ = _whole_state(run_, optimizer=False)  # on every rank: a gather under FSDP2
     if not run_.ranks.main:
         return report
-    atomic_write(folder / "model.pt", lambda f: torch.save(
-        {"state_dict": model_state, "policy": policy.document,
-         "model_file": str(Path(run_.model_path).resolve()),
-         "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}}, f), binary=True)
+    save_checkpoint(folder / "model.pt", {"state_dict": model_state, "policy": policy.document,
+                                          "model_file": str(Path(run_.model_path).resolve()),
+                                          "specs": {n: s.spec.to_dict() for n, s in handle.sites.items()}})
     atomic_write(folder / "coupling.txt", lambda f: f.write(handle.coupling.dump()))
     if policy.export.get("onnx"):  # sharded, the model runs on this rank alone as a whole copy
         whole = _unsharded(run_, model_state) if run_.sharded else handle
@@ -556,7 +562,7 @@ def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, state
                   "world": ranks.world, "epoch": state.epoch,
                   "step": state.step, "updates": state.updates, "epochs": state.epochs,
                   "start_masks": state.start_masks, "seconds": state.seconds}
-    atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+    save_checkpoint(path, checkpoint)
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, handle: SparseModel,

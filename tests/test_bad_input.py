@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sparsify
+from sparsify import checkpoint
 from sparsify.cli import main
 from sparsify.errors import SparsifyWarning
 from sparsify.export.onnx_file import OnnxModel
@@ -258,7 +259,7 @@ def test_checkpoint_of_a_changed_model(run_folder, tmp_path, capsys):
         changed = write(tmp_path, "changed.py", TINY.read_text().replace("nn.Linear(64, 64)", "nn.Linear(64, 48)")
                         .replace("nn.Linear(64, 4)", "nn.Linear(48, 4)"))
         saved["model_file"] = str(changed)
-        torch.save(saved, copy / name)
+        checkpoint.save(copy / name, {k: v for k, v in saved.items() if k != checkpoint.CHECKSUM})
     err = error_of(capsys, changed, run_folder.parent / "policy.yaml", "-o", copy, "--resume")
     assert "fc2.weight is [64, 64] in the file but [48, 64] in the model" in err
     assert "Was model.py or the policy changed after the run?" in err

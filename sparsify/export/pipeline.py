@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from sparsify.export.onnx_file import (OnnxModel, check_onnx, max_diff, onnxrunt
                                       write_pt2)
 from sparsify.export.options import ExportOptions
 from sparsify.export.report import print_report
-from sparsify.files import atomic_write, temporary
+from sparsify.files import os_error, replace, temporary
 from sparsify.inputs import ExampleInputs, other_rows
 from sparsify.passes.capture import caching_configs, replace_module
 from sparsify.passes.insert_evolution import remove_evolution
@@ -165,25 +165,54 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
             report["heads"] = [h.to_json() for h in result.heads]
             report["not_shrunk"] = result.skipped
             report.update(configs)
-        written = _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset,
-                         compare_dense, latency_repeat)
-        if pretrained is not None:
-            hints = [c["why"] for c in configs.values() if c and c.get("why") not in (None, "no MLP changed width")]
-            report["hf_pretrained"] = save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks, reference,
-                                                      limit, getattr(model.config, "use_cache", None),
-                                                      "; ".join(hints))
-        report["files"] = written
-        atomic_write(path.with_suffix(".json"), lambda f: json.dump(report, f, indent=2))
+        finals = (path, path.with_suffix(".pt2"), path.with_suffix(".json"))
+        temps = [temporary(final) for final in finals]
+        try:
+            with _writing(path):
+                written = _write(shrunk, dense, inputs, checks, reference, path, temps[0], temps[1], report, verify,
+                                 tolerance, opset, compare_dense, latency_repeat)
+                if pretrained is not None:
+                    hints = [c["why"] for c in configs.values() if c and c.get("why") not in (None, "no MLP changed width")]
+                    report["hf_pretrained"] = save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks,
+                                                              reference, limit, getattr(model.config, "use_cache", None),
+                                                              "; ".join(hints))
+                report["files"] = written
+                with open(temps[2], "w") as f:
+                    json.dump(report, f, indent=2)
+                for tmp, final in zip(temps, finals):  # only once everything is written and checked
+                    replace(tmp, final)
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+                Path(str(tmp) + ".data").unlink(missing_ok=True)
         return report
     finally:
         model.train(was_training)
 
 
-def _write(shrunk, dense, inputs, checks, reference, path, report, verify, tolerance, opset, compare_dense,
-           latency_repeat) -> dict:
-    """The ONNX file and the .pt2 program of ``shrunk``, written under temporary names and renamed
-    once checked (and timed against ``dense`` when ``compare_dense``); returns their sizes."""
-    onnx_tmp, dense_tmp, pt2_tmp = temporary(path), temporary(path), temporary(path.with_suffix(".pt2"))
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A write of the export's files that the operating system refuses (a full disk, a read-only
+    folder) becomes an ExportError naming the folder; nothing is left behind (the caller's cleanup)."""
+    try:
+        yield
+    except Exception as exc:
+        cause = os_error(exc)
+        if cause is None or cause.errno not in DISK_ERRORS:
+            raise
+        raise ExportError(f"{path.parent}: cannot write the export there ({cause.strerror}); no file was written. "
+                          "Free space on that disk, or export elsewhere (-o)") from exc
+
+
+def _write(shrunk, dense, inputs, checks, reference, path, onnx_tmp, pt2_tmp, report, verify, tolerance, opset,
+           compare_dense, latency_repeat) -> dict:
+    """The ONNX file and the .pt2 program of ``shrunk``, written to ``onnx_tmp`` and ``pt2_tmp`` and
+    checked (and timed against ``dense`` when ``compare_dense``); returns their sizes. The caller
+    renames them once everything is written."""
+    dense_tmp = temporary(path)
     try:
         captured = to_onnx(shrunk, inputs, onnx_tmp, opset)
         check_onnx(onnx_tmp)
@@ -192,19 +221,17 @@ def _write(shrunk, dense, inputs, checks, reference, path, report, verify, toler
             runtime = OnnxModel(onnx_tmp, shrunk)
             if verify:
                 report.update(onnxruntime_parity(runtime, checks, reference, tolerance))
-        write_pt2(captured, shrunk, inputs, pt2_tmp)
+        with _step("write the .pt2 program", "Export with the example inputs torch.export captured, or report this model"):
+            write_pt2(captured, shrunk, inputs, pt2_tmp)
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
         if compare_dense:
             sizes["dense_onnx_bytes"] = compare_with_dense(report, shrunk, onnx_tmp, runtime, dense, dense_tmp, inputs,
                                                            checks[0], opset, latency_repeat)
             report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
-        os.replace(onnx_tmp, path)
-        os.replace(pt2_tmp, path.with_suffix(".pt2"))
         return {**sizes, "pt2": str(path.with_suffix(".pt2"))}
     finally:
-        for tmp in (onnx_tmp, dense_tmp, pt2_tmp):
-            tmp.unlink(missing_ok=True)
-            Path(str(tmp) + ".data").unlink(missing_ok=True)
+        dense_tmp.unlink(missing_ok=True)
+        Path(str(dense_tmp) + ".data").unlink(missing_ok=True)
 
 
 def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:
