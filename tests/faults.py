@@ -81,6 +81,10 @@ class _KillingFile:
         self._left -= len(data)
         return self._f.write(data)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def close(self):  # a file shorter than the byte chosen dies complete, before its rename
         self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -168,7 +172,8 @@ def plan(seed: int, seconds: float, metrics_writes: int, sizes: dict[str, int], 
             continue
         file = rng.choice(WRITTEN)
         nth = rng.randint(1, {"checkpoint.pt": epochs, "metrics.jsonl": metrics_writes}.get(file, 1))
-        faults.append(Fault(kind, file, nth, rng.randint(0, sizes[file]) if kind == "write" else 0))
+        size = sizes[file] * nth // metrics_writes if file == "metrics.jsonl" else sizes[file]  # it grows a row a write
+        faults.append(Fault(kind, file, nth, rng.randint(0, size) if kind == "write" else 0))
     return faults
 
 
@@ -223,7 +228,7 @@ def reference(root: Path) -> Reference:
     code = run_cli([str(TINY), str(policy), "--no-plots", "-o", str(whole)], log=root / "whole.log")
     if code != 0:
         raise RuntimeError(f"the uninterrupted run failed with exit code {code}: {(root / 'whole.log').read_text()}")
-    writes = len(comparable(whole)) + 1  # one write per update and per epoch; the resumed run's first too
+    writes = len(comparable(whole))  # one write per update and per epoch
     return Reference(whole, time.monotonic() - started, writes, {f: (whole / f).stat().st_size for f in WRITTEN})
 
 
@@ -242,7 +247,7 @@ def trial(root: Path, seed: int, ref: Reference) -> dict:
     return {"seed": seed, "steps": steps, "problems": differences(ref.folder, folder)}
 
 
-def _main() -> int:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="the first trial's seed")
@@ -251,7 +256,7 @@ def _main() -> int:
     root = Path(args.dir or tempfile.mkdtemp(prefix="sparsify-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     ref = reference(root)
-    print(f"uninterrupted run: {ref.seconds:.1f}s, {ref.writes - 1} metrics rows; runs in {root}", flush=True)
+    print(f"uninterrupted run: {ref.seconds:.1f}s, {ref.writes} metrics rows; runs in {root}", flush=True)
     failed = kills = 0
     for seed in range(args.seed, args.seed + args.trials):
         result = trial(root, seed, ref)
@@ -265,4 +270,4 @@ def _main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -54,6 +54,10 @@ class _Full:
         self._room -= len(data)
         return self._f.write(data)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def __enter__(self):
         return self
 
