@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import sparsify.files
-from sparsify.cli import main
+from sparsify.cli import main as sparsify_main
 from sparsify.files import LEFTOVER
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def run_cli(argv: list[str], fault: Fault | None = None, log: Path | None = None
                 os.dup2(out, 1)
                 os.dup2(out, 2)
             _install(fault)
-            code = main(argv)
+            code = sparsify_main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
