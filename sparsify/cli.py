@@ -49,6 +49,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-matmul", action="store_true", default=None,
                    help="layers at most 2%% dense multiply only their non-zero weights (the report gives "
                         "the latencies against the dense export)")
+    p.add_argument("--static-shapes", action="store_true", default=None,
+                   help="fix every input dimension at the example inputs' size (by default each dimension the "
+                        "model allows is dynamic, checked at a second size, and fixed where it fails there)")
     return p
 
 
@@ -78,7 +81,8 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     export_run(args.run, args.out, shrink=args.shrink, verify=args.verify, tolerance=args.tolerance,
-               opset=args.opset, compact=args.compact, sparse_matmul=args.sparse_matmul)
+               opset=args.opset, compact=args.compact, sparse_matmul=args.sparse_matmul,
+               static_shapes=args.static_shapes)
     return 0
 
 

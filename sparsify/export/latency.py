@@ -20,10 +20,12 @@ def fastest(runtimes: dict, inputs: ExampleInputs, repeat: int, rounds: int = 3)
 
 
 def compare_with_dense(report: dict, shrunk: nn.Module, shrunk_file: Path, runtime: OnnxModel, dense: nn.Module,
-                       dense_file: Path, inputs: ExampleInputs, on: ExampleInputs, opset: int, repeat: int) -> int:
+                       dense_file: Path, inputs: ExampleInputs, on: ExampleInputs, opset: int, repeat: int,
+                       one_example: bool = True) -> int:
     """Export ``dense`` to ``dense_file`` and time it against the shrunk export (``runtime``, read
     from ``shrunk_file``) on ``on``, on its first example, and on its first example with one thread
-    each; the times and ratios go into ``report``. Returns the dense file's size in bytes."""
+    each (unless ``one_example`` is False: a file with a fixed batch size); the times and ratios go
+    into ``report``. Returns the dense file's size in bytes."""
     to_onnx(dense, inputs, dense_file, opset)
     dense_runtime = OnnxModel(dense_file, dense)
 
@@ -33,7 +35,7 @@ def compare_with_dense(report: dict, shrunk: nn.Module, shrunk_file: Path, runti
         report[key + "_ratio"] = seconds["shrunk"] / seconds["dense"]
 
     timed("latency", {"dense": dense_runtime, "shrunk": runtime}, on, repeat)
-    one = first_example(on)
+    one = first_example(on) if one_example else None
     if one is not None:  # the latency of a single example, where small batches differ most
         timed("latency_one_example", {"dense": dense_runtime, "shrunk": runtime}, one, repeat * 5)
         # and with one onnxruntime thread each, as a server running a worker per core would:

@@ -57,7 +57,7 @@ def quiet():
         logging.disable(logging.NOTSET)
 
 
-def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET):
+def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OPSET, dynamic: Any = "auto"):
     """``torch.onnx.export(..., dynamo=True)`` of ``model`` to ``path`` (dynamic dims where allowed),
     through ``torch.export`` first so that its graph's ``contiguous()`` become copies (see
     :mod:`sparsify.passes.contiguous_copies`).
@@ -66,9 +66,12 @@ def to_onnx(model: nn.Module, inputs: ExampleInputs, path: Path, opset: int = OP
     rebuild the dense weights into the file (onnxruntime folds them at load time instead).
     Identical initializers are stored once (constant folding can turn a buffer used by both
     branches of a GatherLinear's cond into two copies), and the nodes' debugging metadata (the
-    exporter's fx nodes and Python stack traces, with local paths) is left out. Returns the
-    ``torch.export`` program it exported (None when only the ONNX exporter could capture the model)."""
-    dynamic = auto_dynamic(model, inputs.args, inputs.kwargs)
+    exporter's fx nodes and Python stack traces, with local paths) is left out. ``dynamic`` is
+    torch.export's dynamic_shapes ("auto": every dimension where the model allows; None: static).
+    Returns the ``torch.export`` program it exported (None when only the ONNX exporter could
+    capture the model)."""
+    if isinstance(dynamic, str) and dynamic == "auto":
+        dynamic = auto_dynamic(model, inputs.args, inputs.kwargs)
     compact = any(isinstance(m, CompactLinear) for m in model.modules())
     try:
         with quiet():

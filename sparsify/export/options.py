@@ -12,8 +12,9 @@ from sparsify.export.onnx_file import OPSET
 class ExportOptions:
     """What an export does (schema/policy.schema.json, ``export``). The defaults are export()'s.
 
-    >>> ExportOptions.from_section({"sparse_matmul": True}, tolerance=None, opset=19)
-    ExportOptions(onnx=False, shrink=True, verify=True, tolerance=0.0001, opset=19, compact=False, sparse_matmul=True)
+    >>> options = ExportOptions.from_section({"sparse_matmul": True}, tolerance=None, opset=19)
+    >>> options.sparse_matmul, options.tolerance, options.opset, options.static_shapes
+    (True, 0.0001, 19, False)
     """
 
     onnx: bool = False  # export at the end of the CLI's training run
@@ -23,6 +24,7 @@ class ExportOptions:
     opset: int = OPSET
     compact: bool = False
     sparse_matmul: bool = False
+    static_shapes: bool = False  # every input dimension fixed at the example inputs' size
 
     @classmethod
     def from_section(cls, section: dict, **overrides: Any) -> "ExportOptions":

@@ -37,6 +37,7 @@ from sparsify.export.onnx_file import (OnnxModel, check_onnx, max_diff, onnxrunt
                                       write_pt2)
 from sparsify.export.options import ExportOptions
 from sparsify.export.report import print_report
+from sparsify.export.shapes import Shapes, declared, dynamic_shapes, positions, resized, second_sizes, tensors_of
 from sparsify.files import os_error, replace, temporary
 from sparsify.inputs import ExampleInputs, other_rows
 from sparsify.passes.capture import caching_configs, replace_module
@@ -99,13 +100,17 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
            shrink: bool = ExportOptions.shrink, verify: bool = ExportOptions.verify,
            tolerance: float = ExportOptions.tolerance, opset: int = ExportOptions.opset,
            compact: bool = ExportOptions.compact, sparse_matmul: bool = ExportOptions.sparse_matmul,
-           compare_dense: bool = True, latency_repeat: int = 30) -> dict:
+           static_shapes: bool = ExportOptions.static_shapes, compare_dense: bool = True,
+           latency_repeat: int = 30) -> dict:
     """Shrink the model of ``handle`` and write ``path`` (.onnx), its .pt2 and its .json report.
 
     ``example_inputs`` drive the export; ``held_out`` (a list of inputs of the same form) are what
     the checks compare on, by default the example inputs. ``compact`` stores layers at most half
     dense as values + int32 positions; ``sparse_matmul`` makes layers at most 2% dense multiply
-    only their non-zero weights (see the report's latencies). ``tolerance`` bounds onnxruntime's max
+    only their non-zero weights (see the report's latencies). ``static_shapes`` fixes every input
+    dimension at the example inputs' size; otherwise each dimension the file declares dynamic is
+    checked at a second size and fixed where it fails (the report's ``shapes`` names the fixed
+    ones, their sizes and why). ``tolerance`` bounds onnxruntime's max
     abs difference from the trained model, the shrunk PyTorch model's is TORCH_TOLERANCE; both scale
     with the largest output once outputs exceed 1 (:func:`scaled_limit`). Raises ExportError when a
     check fails.
@@ -169,8 +174,8 @@ def export(handle, example_inputs: Any, path: str | Path, *, held_out: list | No
         temps = [temporary(final) for final in finals]
         try:
             with _writing(path):
-                written = _write(shrunk, dense, inputs, checks, reference, path, temps[0], temps[1], report, verify,
-                                 tolerance, opset, compare_dense, latency_repeat)
+                written = _write(model, shrunk, dense, inputs, checks, reference, path, temps[0], temps[1], report,
+                                 verify, tolerance, opset, static_shapes, compare_dense, latency_repeat)
                 if pretrained is not None:
                     hints = [c["why"] for c in configs.values() if c and c.get("why") not in (None, "no MLP changed width")]
                     report["hf_pretrained"] = save_pretrained(pretrained, path.with_name(path.stem + "_hf"), checks,
@@ -207,31 +212,139 @@ def _writing(path: Path):
                           "Free space on that disk, or export elsewhere (-o)") from exc
 
 
-def _write(shrunk, dense, inputs, checks, reference, path, onnx_tmp, pt2_tmp, report, verify, tolerance, opset,
-           compare_dense, latency_repeat) -> dict:
+def _write(model, shrunk, dense, inputs, checks, reference, path, onnx_tmp, pt2_tmp, report, verify, tolerance, opset,
+           static_shapes, compare_dense, latency_repeat) -> dict:
     """The ONNX file and the .pt2 program of ``shrunk``, written to ``onnx_tmp`` and ``pt2_tmp`` and
     checked (and timed against ``dense`` when ``compare_dense``); returns their sizes. The caller
-    renames them once everything is written."""
+    renames them once everything is written.
+
+    Every dimension the file declares dynamic is run at a second size; one that fails there (or
+    that the trained model itself runs at no other size) is exported again as fixed, at the example
+    inputs' size. The checks run at the fixed sizes (held-out inputs cut or grown to them), and the
+    report's ``shapes`` says which dimensions are fixed, at what size, and why."""
     dense_tmp = temporary(path)
+    fixed: set | None = None if static_shapes else set()
+    why: dict = {}
     try:
-        captured = to_onnx(shrunk, inputs, onnx_tmp, opset)
-        check_onnx(onnx_tmp)
-        with _step("check the ONNX file in onnxruntime", "The file fails on inputs like the held-out ones: "
-                   "export with the held-out inputs' shapes as example inputs, or report this model"):
-            runtime = OnnxModel(onnx_tmp, shrunk)
-            if verify:
-                report.update(onnxruntime_parity(runtime, checks, reference, tolerance))
+        while True:
+            captured = to_onnx(shrunk, inputs, onnx_tmp, opset, dynamic_shapes(shrunk, inputs, fixed))
+            check_onnx(onnx_tmp)
+            with _step("check the ONNX file in onnxruntime", "The file fails on inputs like the held-out ones: "
+                       "export with static shapes (--static-shapes), or report this model"):
+                runtime = OnnxModel(onnx_tmp, shrunk)
+                sizes, numbered = declared(onnx_tmp)
+                at = positions(runtime.names, runtime.feed(inputs), inputs)
+                specialised = {(at[n], d) for n, d in numbered if n in at} - (fixed or set())
+                if specialised and fixed is not None:  # declared dynamic, served at one size: export it fixed
+                    fixed |= specialised
+                    continue
+                shapes, fitted, fitted_reference = _fit(model, runtime, sizes, at, inputs, checks, reference, why,
+                                                        static_shapes)
+                if verify:
+                    report.update(onnxruntime_parity(runtime, fitted, fitted_reference, tolerance))
+                failed = _second_sizes(model, runtime, shapes, fitted[0], tolerance) if verify else {}
+            if not failed or fixed is None:
+                break
+            why.update(failed)
+            fixed |= set(failed)
+        report["shapes"] = shapes.to_json()
         with _step("write the .pt2 program", "Export with the example inputs torch.export captured, or report this model"):
             write_pt2(captured, shrunk, inputs, pt2_tmp)
         sizes = {"onnx_bytes": onnx_tmp.stat().st_size, "pt2_bytes": pt2_tmp.stat().st_size}
         if compare_dense:
             sizes["dense_onnx_bytes"] = compare_with_dense(report, shrunk, onnx_tmp, runtime, dense, dense_tmp, inputs,
-                                                           checks[0], opset, latency_repeat)
+                                                           fitted[0], opset, latency_repeat,
+                                                           one_example=not any(f["dim"] == 0 for f in shapes.fixed))
             report["size_ratio"] = sizes["onnx_bytes"] / sizes["dense_onnx_bytes"]
         return {**sizes, "pt2": str(path.with_suffix(".pt2"))}
     finally:
         dense_tmp.unlink(missing_ok=True)
         Path(str(dense_tmp) + ".data").unlink(missing_ok=True)
+
+
+def _runs(model, inputs: ExampleInputs) -> list | None:
+    """The trained model's outputs on ``inputs``, or None when it cannot run on them."""
+    try:
+        with torch.no_grad():
+            return tensors(inputs.call(model))
+    except Exception:
+        return None
+
+
+def _fit(model, runtime: OnnxModel, sizes: dict, at: dict, inputs: ExampleInputs, checks: list, reference: list,
+         why: dict, static_shapes: bool) -> tuple[Shapes, list, list]:
+    """The file's input shapes, and the checks (with the trained model's outputs) cut or grown to
+    its fixed sizes (``sizes`` as the file declares them, ``at``: which input tensor each ONNX input
+    is). A fixed dimension the trained model also runs at another size is listed in
+    ``fixed`` with why: ``why`` (dimensions fixed after a failed second size), static shapes asked
+    for, or torch.export's specialisation; one it runs at no other size is the model's own."""
+    shapes = Shapes(inputs={n: sizes[n] for n in runtime.names if n in sizes})
+    pinned = [(at[n], d, size) for n in shapes.inputs if n in at for d, size in enumerate(shapes.inputs[n])
+              if isinstance(size, int)]
+    by_size: dict[int, list] = {}
+    for tensor, dim, size in pinned:
+        by_size.setdefault(size, []).append((tensor, dim))
+    names = {v: k for k, v in at.items()}
+    for size, where in sorted(by_size.items()):
+        other = second_sizes(size)[0]
+        if _runs(model, resized(inputs, where, other)) is None:
+            continue  # the model's own size (a feature dimension its weights fix)
+        for tensor, dim in where:
+            reason = why.get((tensor, dim)) or ("static shapes asked for" if static_shapes else
+                                                f"torch.export specialised it (the trained model also runs at {other})")
+            shapes.fixed.append({"input": names[tensor], "dim": dim, "size": size, "why": reason})
+    fitted, fitted_reference = [], []
+    for check, ref in zip(checks, reference):
+        tensors_ = tensors_of(check)
+        changes = [(t, d, s) for t, d, s in pinned if tensors_[t].shape[d] != s]
+        for tensor, dim, size in changes:
+            check = resized(check, [(tensor, dim)], size)
+        if changes:
+            ref = _runs(model, check)
+            if ref is None:
+                raise ExportError(f"the trained model fails on the check inputs fitted to the export's fixed sizes "
+                                  f"({', '.join(f'{names[t]} dim {d} = {s}' for t, d, s in changes)}); no file was "
+                                  "written. Export with example inputs of the held-out inputs' sizes")
+        fitted.append(check)
+        fitted_reference.append(ref)
+    return shapes, fitted, fitted_reference
+
+
+def _second_sizes(model, runtime: OnnxModel, shapes: Shapes, check: ExampleInputs, tolerance: float) -> dict:
+    """Run every dynamic dimension of ``shapes`` at a second size (on ``check``, a held-out input);
+    returns the dimensions that failed, with why. The sizes that passed go into ``shapes.checked``."""
+    at = positions(runtime.names, runtime.feed(check), check)
+    dynamic: dict[str, list] = {}
+    for name, sizes in shapes.inputs.items():
+        for dim, size in enumerate(sizes):
+            if isinstance(size, str) and name in at:
+                dynamic.setdefault(size, []).append((at[name], dim))
+    failed = {}
+    for symbol, where in dynamic.items():
+        n = tensors_of(check)[where[0][0]].shape[where[0][1]]
+        reason = f"the trained model runs at no size tried besides {n} ({', '.join(map(str, second_sizes(n)))})"
+        for size in second_sizes(n):
+            variant = resized(check, where, size)
+            expected = _runs(model, variant)
+            if expected is None:
+                continue
+            reason = _ort_failure(runtime, variant, expected, tolerance, size)
+            if reason is None:
+                shapes.checked[symbol] = [n, size]
+            break
+        if symbol not in shapes.checked:
+            failed.update({w: reason for w in where})
+    return failed
+
+
+def _ort_failure(runtime: OnnxModel, inputs: ExampleInputs, expected: list, tolerance: float, size: int) -> str | None:
+    """Why onnxruntime's outputs on ``inputs`` (a dimension at ``size``) do not match ``expected``, or None."""
+    try:
+        diff = max_diff(expected, runtime.run(inputs))
+    except Exception as exc:
+        return f"onnxruntime fails at {size}: {first_line(exc)}"
+    limit = scaled_limit(tolerance, tree_leaves(expected))
+    return None if diff <= limit else f"onnxruntime differs at {size} by {diff:.3g} (limit {limit:.3g})"
 
 
 def export_trained(handle, model_file, policy, out: Path, eval_data: Any = None, **overrides: Any) -> dict:

@@ -31,6 +31,7 @@ def print_report(report: dict) -> None:
     lines.append(f"  parity: PyTorch {report['torch_max_abs_diff']:.2g} (limit {report['torch_limit']:.2g})"
                  + (f", onnxruntime {check:.2g} (limit {report['onnxruntime_limit']:.2g})" if check is not None else
                     ", onnxruntime not checked"))
+    lines.extend(shape_lines(report.get("shapes")))
     pretrained = report.get("hf_pretrained")
     if pretrained:
         lines.append(f"  from_pretrained folder: {pretrained['folder']} (reloaded, max abs diff {pretrained['max_abs_diff']:.2g})"
@@ -47,3 +48,23 @@ def print_report(report: dict) -> None:
                                 ("latency_one_example_one_thread", "one example on one thread"))
                                if key + "_ms" in report))
     print("\n".join(lines))
+
+
+def shape_lines(shapes: dict | None) -> list[str]:
+    """The inputs' sizes the file serves: dynamic dimensions with the sizes they were checked at,
+    and the fixed ones with their size and why.
+
+    >>> shape_lines({"inputs": {"input_ids": ["s0", 8]}, "dynamic_checked_at": {"s0": [3, 4]},
+    ...              "fixed": [{"input": "input_ids", "dim": 1, "size": 8, "why": "torch.export specialised it"}]})
+    ['  inputs: input_ids [s0, 8]; s0 dynamic, checked at 3 and 4', '  fixed: input_ids dim 1 at 8 (torch.export specialised it)']
+    """
+    if not shapes:
+        return []
+    dims = "; ".join(f"{name} [{', '.join(str(s) for s in sizes)}]" for name, sizes in shapes["inputs"].items())
+    symbols = dict.fromkeys(s for sizes in shapes["inputs"].values() for s in sizes if isinstance(s, str))
+    checked = shapes.get("dynamic_checked_at", {})
+    notes = [f"{s} dynamic, checked at {' and '.join(map(str, checked[s]))}" if s in checked else f"{s} dynamic, not checked"
+             for s in symbols]
+    lines = [f"  inputs: {dims}" + "".join(f"; {n}" for n in notes)]
+    lines += [f"  fixed: {f['input']} dim {f['dim']} at {f['size']} ({f['why']})" for f in shapes.get("fixed", [])]
+    return lines
