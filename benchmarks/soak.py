@@ -1,7 +1,8 @@
-"""The long soak of the topology evolution: 10,000 topology updates per method on both backends,
-every invariant checked after each (tests/soak.py holds the checks; the suite runs 120 updates).
+"""The long soak of the topology evolution: 10,000 topology updates in all (625 per method on each
+backend), every invariant checked after each (tests/soak.py holds the checks; the suite runs 120
+updates per method and backend).
 
-    python benchmarks/soak.py [--updates 10000] [--seed 0]
+    python benchmarks/soak.py [--updates 625] [--seed 0]
 """
 import sys
 from pathlib import Path
