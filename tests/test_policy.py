@@ -197,3 +197,13 @@ def test_presets_carry_the_official_recipe():
     assert (chtss.removal.score, chtss.removal.zeta, chtss.removal.delta.end) == ("WM", 0.1, 0.9)
     assert chtss.update == Update(every=100, unit="steps") and not chtss.percolation
     assert chtss.density_decay.kind == "sigmoid" and chtss.initial_density == 0.5
+
+
+def test_export_static_shapes_is_a_policy_field_with_did_you_mean(tmp_path):
+    from sparsify.export.options import ExportOptions
+
+    path = write(tmp_path, "version: 1\ndefaults:\n  density: 0.1\nexport:\n  static_shape: true\n")
+    assert "export.static_shape: unknown key 'static_shape'; did you mean 'static_shapes'?" in error_of(path)
+    policy = load_policy({"version": 1, "defaults": {"density": 0.1}, "export": {"static_shapes": True}})
+    assert ExportOptions.from_section(policy.export).export_kwargs()["static_shapes"] is True
+    assert ExportOptions.from_section(policy.export, static_shapes=None).static_shapes is True  # no flag: the policy's
