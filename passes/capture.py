@@ -4,6 +4,12 @@
 reproduce the model's output (data-dependent control flow, asserts on shapes, as in nanoGPT
 and Hugging Face models), ``torch.export.export(..., strict=False)`` is the fallback. Both
 give a GraphModule whose nodes carry ``nn_module_stack``, so every call maps back to a module.
+
+A model built on the meta device (weights without storage: a model too big to allocate, planned
+before it is materialised) is captured by ``torch.export`` alone, on its example inputs moved to
+the meta device: eager code that reads tensor values (``.item()`` in Hugging Face's mask helpers)
+and symbolic_trace's output check both need values a meta tensor does not have, while
+``torch.export`` runs the model on fake tensors, where such reads are skipped or guarded.
 """
 from __future__ import annotations
 
@@ -220,6 +226,17 @@ def without_kv_cache(model: nn.Module):
             config.use_cache = True
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Whether ``model`` holds a parameter or buffer on the meta device (built without storage)."""
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def to_meta(inputs: ExampleInputs) -> ExampleInputs:
+    """``inputs`` with every tensor moved to the meta device (shapes and dtypes kept)."""
+    move = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return ExampleInputs(*pytree.tree_map(move, (inputs.args, inputs.kwargs)))
+
+
 def capture(model: nn.Module, example_inputs: Any) -> Capture:
     """Capture ``model`` as a graph; see the module docstring for the order of attempts."""
     inputs = ExampleInputs.of(example_inputs)
@@ -228,7 +245,28 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     was_training = model.training
     model.eval()
     with without_kv_cache(model):
+        if on_meta(model):
+            return _capture_meta(model, to_meta(inputs), was_training)
         return _capture(model, inputs, was_training)
+
+
+META_REASON = "the model is on the meta device, where its output has no values to check a trace against"
+
+
+def _capture_meta(model: nn.Module, inputs: ExampleInputs, was_training: bool) -> Capture:
+    try:
+        result = _export(model, inputs)
+    except Exception as exc:
+        reason = _reason(exc)
+        raise CaptureError(
+            f"could not capture the model on the meta device: torch.export.export(strict=False): {reason}. "
+            f"What to do: {_advice(reason)} Or capture the model with real weights (a smaller configuration of "
+            "it has the same coupling per layer)."
+        ) from exc
+    finally:
+        model.train(was_training)
+    result.fallback_reason = META_REASON
+    return result
 
 
 def _capture(model: nn.Module, inputs: ExampleInputs, was_training: bool) -> Capture:
