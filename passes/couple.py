@@ -22,6 +22,7 @@ the same views. The other ops are read by kind:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -387,7 +388,7 @@ def _reduced_together(idx: torch.Tensor, dims: list[int]) -> np.ndarray:
     """The sets of features a reduction over ``dims`` combines, one padded row each (-1: none)."""
     rest = [d for d in range(idx.dim()) if d not in dims]
     rows = idx.permute(rest + list(dims)).reshape(-1, int(np.prod([idx.shape[d] for d in dims], dtype=np.int64)))
-    return np.unique(rows.cpu().numpy(), axis=0)
+    return unique_rows(rows.cpu().numpy())
 
 
 def _labelled_dims(idx: torch.Tensor) -> list[int]:
@@ -398,7 +399,7 @@ def _slices(a: torch.Tensor, b: torch.Tensor) -> set[tuple[tuple[int, ...], tupl
     """The distinct (a's features, b's features) contracted together in one slice of a product
     (one head of one example), over the positions where both carry a feature."""
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    both = np.unique(torch.cat([a, b], 1).numpy(), axis=0)
+    both = unique_rows(torch.cat([a, b], 1).numpy())
     n = a.shape[-1]
     found = set()
     for row in both:
@@ -413,15 +414,48 @@ def _unique_pairs(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     a, b = torch.broadcast_tensors(a, b)
     pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
     pairs = pairs[(pairs >= 0).all(1)]
-    return np.unique(pairs.numpy().astype(np.int64), axis=0) if len(pairs) else np.zeros((0, 2), np.int64)
+    return unique_rows(pairs.numpy().astype(np.int64)) if len(pairs) else np.zeros((0, 2), np.int64)
+
+
+_ROW_HASH = np.random.default_rng(0).integers(1, 2**62, size=4096, dtype=np.int64) | 1
+
+
+def unique_rows(rows: np.ndarray) -> np.ndarray:
+    """``np.unique(rows, axis=0)`` for an integer array, by sorting one hash per row instead of the rows.
+
+    An index tensor repeats the same features at every position of every example, so a few distinct
+    rows hide among many: numpy's row sort costs time in their number and width, a hash sort only in
+    their number. The result is checked row by row against the input and falls back to numpy's
+    own sort on a hash collision, so it is exactly numpy's.
+
+    >>> unique_rows(np.array([[2, 1], [0, 5], [2, 1]]))
+    array([[0, 5],
+           [2, 1]])
+    """
+    if rows.ndim != 2 or rows.shape[1] > len(_ROW_HASH) or len(rows) < 2:
+        return np.unique(rows, axis=0)
+    rows = rows.astype(np.int64, copy=False)
+    with np.errstate(over="ignore"):
+        keys = rows @ _ROW_HASH[:rows.shape[1]]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    distinct = rows[first]
+    if not np.array_equal(distinct[inverse.reshape(-1)], rows):
+        return np.unique(rows, axis=0)
+    return distinct[np.lexsort(distinct.T[::-1])]  # rows in numpy's order: by the first column, then the next
 
 
 class _Propagator(fx.Interpreter):
-    """Runs the graph on real inputs and propagates site index tensors beside the values."""
+    """Runs the graph on real inputs and propagates site index tensors beside the values.
+
+    A value and its index tensors are dropped once the last node that reads them has run, so the
+    memory held is one layer's working set at the example inputs' size, not every activation of
+    the model (a copy into a view of a buffer reads the buffer and its views: they live until then).
+    """
 
     def __init__(self, gm: fx.GraphModule, sites: Sites):
         super().__init__(gm, garbage_collect_values=False)
         self.sites = sites
+        self.release = self._last_uses()  # node -> the nodes whose values and tags it reads last
         self.tags: dict[fx.Node, Any] = {}
         self.data: dict[fx.Node, bool] = {}  # whether the value depends on the model's inputs
         self.chains: dict[tuple[str, str], tuple[np.ndarray, tuple]] = {}
@@ -464,6 +498,28 @@ class _Propagator(fx.Interpreter):
             for site in tags:
                 self._boundary(site, "out", reason)
 
+    def _last_uses(self) -> dict[fx.Node, list[fx.Node]]:
+        """For each node, the earlier nodes it is the last reader of. A copy into a chain of views
+        (:meth:`_copy_into`) reads the views, the buffer at their root and the views' other inputs."""
+        order = {n: i for i, n in enumerate(self.module.graph.nodes)}
+        last: dict[fx.Node, fx.Node] = {}
+        for node in self.module.graph.nodes:
+            read = list(node.all_input_nodes)
+            if node.op.startswith("call") and op_name(node, self.module) in COPIES and node.args \
+                    and isinstance(node.args[0], fx.Node):
+                dst = node.args[0]
+                while self._is_view(dst):
+                    read += dst.all_input_nodes
+                    dst = dst.args[0]
+                read.append(dst)
+            for a in read:
+                if a not in last or order[node] > order[last[a]]:
+                    last[a] = node
+        release: dict[fx.Node, list[fx.Node]] = {}
+        for value, reader in last.items():
+            release.setdefault(reader, []).append(value)
+        return release
+
     # -- the interpreter hook ----------------------------------------------------------------
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)
@@ -473,12 +529,16 @@ class _Propagator(fx.Interpreter):
             not fresh and any(self.data.get(a, False) for a in node.all_input_nodes))
         self._follow_scores(node)
         try:
-            self.tags[node] = self._propagate(node, value)
+            with _one_thread():
+                self.tags[node] = self._propagate(node, value)
         except Exception as exc:  # an op we could not follow: stop its features here, safely
             name = op_name(node, self.module) if node.op.startswith("call") else node.op
             self.notes.append(f"could not follow features through {name} ({node.name}): {type(exc).__name__}: {exc}")
             self._end(node, f"opaque op {name}")
             self.tags[node] = None
+        for done in self.release.get(node, ()):
+            self.tags.pop(done, None)
+            self.env.pop(done, None)
         return value
 
     def _follow_scores(self, node: fx.Node) -> None:
@@ -842,7 +902,7 @@ class _Propagator(fx.Interpreter):
 
     def _record_product(self, a: str, b: str, pairs: np.ndarray, trails: tuple) -> None:
         prev = self.muls.get((a, b))
-        merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
+        merged = pairs if prev is None else unique_rows(np.concatenate([prev[0], pairs]))
         self.muls[(a, b)] = (merged, trails)
 
     def _contraction(self, node: fx.Node, value: torch.Tensor, name: str) -> Tags:
@@ -892,7 +952,7 @@ class _Propagator(fx.Interpreter):
                 pairs = _unique_pairs(a, b)
                 key = (sa, sb)
                 prev = self.dots.get(key)
-                merged = pairs if prev is None else np.unique(np.concatenate([prev[0], pairs]), axis=0)
+                merged = pairs if prev is None else unique_rows(np.concatenate([prev[0], pairs]))
                 self.dots[key] = (merged, size, via, (prev[3] if prev else set()) | _slices(a, b))
 
     def _attention(self, node: fx.Node, value: torch.Tensor) -> Tags:
@@ -962,6 +1022,18 @@ class _Propagator(fx.Interpreter):
         return out
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Index tensors are small (one layer's activations at the example inputs' size): intra-op threads
+    cost more to wake than the work, ten times over on a busy 2-core machine (benchmarks/big_models.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _is_complex(real: Any) -> bool:
     return isinstance(real, torch.Tensor) and real.is_complex()
 
@@ -1022,7 +1094,7 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         prop.run(*cap.flat_inputs)
     result = Coupling(cap.describe(), sites, notes=prop.notes)
     for site, chunks in prop.paired.items():
-        result.paired[site] = np.unique(np.sort(np.concatenate(chunks), axis=1), axis=0)
+        result.paired[site] = unique_rows(np.sort(np.concatenate(chunks), axis=1))
     for (src, dst), (mapping, trail) in prop.chains.items():
         result.groups.append(ChainGroup(src, dst, mapping, trail))
     for (a, b), (pairs, trails) in prop.muls.items():
@@ -1039,7 +1111,7 @@ def couple(cap: Capture, sites: Sites) -> Coupling:
         if any(found):
             result.parameters[site] = [p for p in found if p is not None]
     for site, reductions in prop.reduced.items():
-        result.reduced[site] = {reason: np.unique(np.concatenate(rows), axis=0) for reason, rows in reductions.items()
+        result.reduced[site] = {reason: unique_rows(np.concatenate(rows)) for reason, rows in reductions.items()
                                 if len({r.shape[1] for r in rows}) == 1}
     dots = {(g.q, g.k): g for g in result.groups if isinstance(g, DotGroup)}
     for q, k, v in prop.attentions:
