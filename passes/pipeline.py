@@ -64,17 +64,19 @@ def analyze(model: nn.Module, example_inputs: Any, policy: Policy | None = None)
     return result
 
 
-def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration: Any = None) -> Analysis:
+def transform(model: nn.Module, example_inputs: Any, policy: Policy, calibration: Any = None,
+              progress: bool = False) -> Analysis:
     """Analyze ``model``, rewrite its planned linears into SparseLinear modules and insert the
     topology evolution, in place.
 
     ``calibration``, a list of input batches (each of the form of ``example_inputs``), feeds the
-    initial topologies computed from data (CSTI); it defaults to ``[example_inputs]``.
+    initial topologies computed from data (CSTI); it defaults to ``[example_inputs]``. ``progress``
+    shows a bar of the layers rewritten.
     """
     result = analyze(model, example_inputs, policy)
     traced = result.capture.graph_module if result.capture.kind != EXPORT else None
     batches = calibration if calibration is not None else [example_inputs]
-    result.swapped = REWRITE(model, result.plan, policy.seed, traced, batches, after="plan")
+    result.swapped = REWRITE(model, result.plan, policy.seed, traced, batches, progress, after="plan")
     result.evolution = INSERT_EVOLUTION(model, result.swapped, result.plan, result.coupling, policy.seed,
                                         after="rewrite")
     return result

@@ -184,6 +184,8 @@ def _check_weights(name: str, layer: nn.Module, rule: Rule | None, policy: Polic
         raise PlanError(f"layer {name} is already sparse: sparsify() was applied to this model before. "
                         "Transform a fresh model (each model once).")
     weight = layer.weight.detach()
+    if weight.is_meta:  # a model planned before it is materialised: no values yet
+        return
     bad = ~torch.isfinite(weight)
     if bad.any():
         first = [int(i) for i in bad.nonzero()[0]]

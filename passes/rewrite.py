@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from tqdm import tqdm
 
 from sparsify.errors import PlanError
 from sparsify.inputs import ExampleInputs
@@ -122,15 +123,21 @@ def replace_everywhere(roots: list[nn.Module], swaps: dict[int, nn.Module]) -> i
 
 
 def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModule | None = None,
-            calibration: Any = None) -> dict[str, SparseLinear]:
+            calibration: Any = None, progress: bool = False) -> dict[str, SparseLinear]:
     """Swap every planned linear of ``model`` for a sparse layer with its initial topology: a
-    SparseLinear (backend masked) or a CsrLinear (backend csr; auto picks by density)."""
+    SparseLinear (backend masked) or a CsrLinear (backend csr; auto picks by density).
+
+    Layers are converted one at a time, each wrapping the linear's own weight, so the memory added
+    is the masks' (one byte a weight) plus one layer's temporaries; ``progress`` shows a bar of the
+    layers done on stderr."""
+    _check_materialised(model, plan)
     calibrated = layer_inputs(model, [n for n, s in plan.sparse.items() if s.init["model"] in CALIBRATED_INIT],
                               plan.raw_input_layers, calibration)
     swaps: dict[int, nn.Module] = {}
     created: dict[str, SparseLinear] = {}
     replaced: list[nn.Module] = []  # keeps the old modules alive, so their ids stay unique
-    for name, spec in plan.sparse.items():
+    for name, spec in tqdm(plan.sparse.items(), desc="sparse layers", unit="layer", disable=not progress,
+                           leave=False):
         old = model.get_submodule(name)
         if isinstance(old, (SparseLinear, CsrLinear)):
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
@@ -152,6 +159,16 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
         graph_module.graph.lint()
         graph_module.recompile()
     return created
+
+
+def _check_materialised(model: nn.Module, plan: Plan) -> None:
+    """Masks and weights are drawn on real tensors: a layer still on the meta device has none."""
+    meta = [n for n in plan.sparse if model.get_submodule(n).weight.is_meta]
+    if meta:
+        raise PlanError(f"{len(meta)} planned layer(s), the first {meta[0]}, hold their weights on the meta device, "
+                        "where no mask can be drawn. Plan a model on meta with sparsify.plan(model, policy, example_inputs) or "
+                        "`sparsify inspect`; to sparsify it, build it with real weights (or load them, e.g. "
+                        "model.to_empty(device='cpu') and a state_dict) first.")
 
 
 def _check(model: nn.Module, created: dict[str, SparseLinear], swaps: dict[int, nn.Module], roots: list) -> None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from torch import nn
 
 from sparsify.errors import SparsifyWarning
 from sparsify.evolution import describe_spec
 from sparsify.model_file import load_model_file
 from sparsify.passes.linearize import summary_lines
 from sparsify.passes.pipeline import Analysis, analyze
-from sparsify.policy import load_policy
+from sparsify.policy import Policy, load_policy
 from sparsify.topology.initial import link_count
 
 
@@ -111,13 +114,25 @@ class InspectReport:
             console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
+def plan(model: nn.Module, policy: str | Path | dict | Policy | None, example_inputs: Any) -> InspectReport:
+    """Capture ``model``, find its coupling groups and plan ``policy``'s rules onto it, changing nothing:
+    the planning half of :func:`sparsify.sparsify`, and what ``sparsify inspect`` prints. ``model`` may
+    be built on the meta device (weights without storage), so a model too big to allocate is planned
+    in seconds; ``example_inputs`` then need only the right shapes and dtypes (see docs/capture.md).
+
+    >>> with torch.device("meta"):  # doctest: +SKIP
+    ...     model = LlamaForCausalLM(config)
+    >>> sparsify.plan(model, "policy.yaml", {"input_ids": torch.zeros(1, 16, dtype=torch.long)}).print()  # doctest: +SKIP
+    """
+    policy = load_policy(policy) if policy is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsifyWarning)  # the report lists them itself
+        analysis = analyze(model, example_inputs, policy)
+    return InspectReport(analysis, policy.source if policy else None)
+
+
 def inspect_model(model_path: str, policy_path: str | None = None) -> InspectReport:
     """Load model.py (and a policy), capture and analyze the model, plan the rules; no rewrite."""
     logging.captureWarnings(True)
     model_file = load_model_file(model_path)
-    policy = load_policy(policy_path) if policy_path else None
-    model = model_file.build_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SparsifyWarning)  # the report lists them itself
-        analysis = analyze(model, model_file.example_inputs(), policy)
-    return InspectReport(analysis, policy.source if policy else None)
+    return plan(model_file.build_model(), policy_path, model_file.example_inputs())

@@ -153,8 +153,12 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Zero the weights of inactive links (after an optimizer step or a mask change); sharded by
-        FSDP2, each rank zeroes its own shard."""
-        self.weight.mul_(shard_like(self.float_mask(), self.weight))
+        FSDP2, each rank zeroes its own shard. Unsharded, filled through the bool mask rather than
+        multiplied by the cached float one, which would hold four bytes a weight from the rewrite on."""
+        if is_sharded(self.weight):
+            self.weight.mul_(shard_like(self.float_mask(), self.weight))
+        else:
+            self.weight.masked_fill_(~self.mask, 0)
         self._masked_version = self.mask._version
 
     @torch.no_grad()

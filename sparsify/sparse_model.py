@@ -119,7 +119,7 @@ class SparseModel:
 
 
 def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_inputs: Any,
-             calibration: Any = None) -> tuple[nn.Module, SparseModel]:
+             calibration: Any = None, progress: bool = False) -> tuple[nn.Module, SparseModel]:
     """Make ``model``'s linear layers sparse as ``policy`` says; returns (model, handle).
 
     ``model`` is an nn.Module (changed in place: its own class and methods survive) or a
@@ -130,13 +130,15 @@ def sparsify(model: nn.Module, policy: str | Path | dict | Policy, example_input
     ``policy`` is a YAML path, a dict or a Policy.
     ``example_inputs`` is a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``calibration`` is a list of input batches (each of the same form) for initial topologies
-    computed from data (CSTI); by default the example inputs.
+    computed from data (CSTI); by default the example inputs. ``progress`` shows a bar of the layers
+    converted (for big models). A model on the meta device is refused: plan it with
+    :func:`sparsify.plan`, then sparsify it once it holds real weights.
 
     >>> model, handle = sparsify(model, "policy.yaml", torch.randn(2, 784))  # doctest: +SKIP
     """
     policy = load_policy(policy)
     inner = _unwrap(model)
-    analysis = transform(inner, example_inputs, policy, calibration)
+    analysis = transform(inner, example_inputs, policy, calibration, progress)
     return model, SparseModel(inner, analysis, policy)
 
 
