@@ -141,6 +141,9 @@ def _reason(exc: BaseException) -> str:
 
 def _advice(reasons: str) -> str:
     """What to change in forward(), from the captures' reasons."""
+    if "DeviceMismatch" in reasons or "found at least two devices" in reasons:
+        return ("make the tensors forward() creates on its input's device (torch.arange(n, device=x.device)), or "
+                "register them as buffers.")
     if "numpy" in reasons:
         return "keep forward() in torch operations: .numpy() and torch.from_numpy leave the graph."
     if ".item()" in reasons or "tolist" in reasons or "TruncToInt" in reasons or "specialized integer" in reasons:
