@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from sparsify.passes.capture import capture
-from sparsify.passes.couple import DotGroup, MulGroup, ChainGroup, couple
+from sparsify.passes.couple import DotGroup, MulGroup, ChainGroup, _collect, _Propagator, couple, unique_rows
 from sparsify.passes.find_linears import find_linears
 from sparsify.passes.linearize import linearize
 
@@ -258,3 +259,42 @@ def test_rwkv_time_mixing_is_one_product_of_receptance_key_and_value():
                if isinstance(g, MulGroup) and g.a.startswith(a))
     assert [(p.name, p.dim) for p in c.parameters[a + "key"]] == [(a + "time_decay", 0), (a + "time_first", 0)]
     assert (a + "key", "out") not in c.boundaries and (a + "value", "out") not in c.boundaries
+
+
+class _Held(_Propagator):
+    """The propagator, measuring the index tensors it holds between two nodes."""
+
+    peak = 0
+
+    def run_node(self, node):
+        value = super().run_node(node)
+        found = []
+        for tags in self.tags.values():
+            _collect(tags, found)
+        self.peak = max(self.peak, sum(t.idx.numel() * t.idx.element_size() for tags in found for t in tags.values()))
+        return value
+
+
+def held_index_bytes(depth: int, tokens: int) -> int:
+    layers = [m for _ in range(depth) for m in (torch.nn.Linear(32, 32), torch.nn.ReLU())]
+    model = torch.nn.Sequential(*layers).eval()
+    cap = capture(model, (torch.randn(2, tokens, 32),))
+    prop = _Held(cap.graph_module, find_linears(model, cap))
+    prop.run(*cap.flat_inputs)
+    assert len(prop.chains) == depth - 1  # the analysis itself is whole
+    return prop.peak
+
+
+def test_index_tensors_are_dropped_after_their_last_reader():
+    """What the pass holds is one layer's working set: it does not grow with depth, and grows with
+    the example inputs only as their size (2 x 8 tokens x 32 features x 4 bytes per index tensor)."""
+    one = 2 * 8 * 32 * 4
+    assert held_index_bytes(2, 8) == held_index_bytes(12, 8) == one  # the last node's output alone
+    assert held_index_bytes(12, 32) == 4 * held_index_bytes(12, 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_unique_rows_is_numpys_unique_rows(n, width, spread, seed):
+    rows = np.random.default_rng(seed).integers(-1, spread, size=(n, width))
+    assert np.array_equal(unique_rows(rows), np.unique(rows, axis=0))
