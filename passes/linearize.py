@@ -20,6 +20,7 @@ The outputs stay the same up to float rounding.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 
@@ -150,9 +151,22 @@ def _from_conv1d(module: nn.Module) -> nn.Linear:
     return linear
 
 
+def _cpu_twin(module: nn.Module) -> nn.Module:
+    """A copy of a meta-device ``module`` on the CPU with random values, for checks that need values."""
+    twin = copy.deepcopy(module).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [*twin.parameters(), *twin.buffers()]:
+            t.normal_(generator=generator) if t.is_floating_point() else t.zero_()
+    return twin
+
+
 def _computes_linear(module: nn.Module) -> bool:
     """Whether an nn.Linear subclass with its own forward returns F.linear's output (checked on a
-    random input, in eval mode, without gradients)."""
+    random input, in eval mode, without gradients; on a CPU twin with random weights for a module on
+    the meta device)."""
+    if module.weight.is_meta:
+        module = _cpu_twin(module)
     weight = module.weight
     x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     was_training = module.training

@@ -53,6 +53,21 @@ def test_meta_llama_on_meta_has_the_real_models_groups():
     assert body(planned.coupling) == body(real.coupling)
 
 
+def test_falcon_on_meta_is_linearized_and_coupled_as_the_real_model():
+    """Falcon writes its linear product by hand: linearize checks it on a CPU copy with random weights."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    real = FalconForCausalLM(config).eval()
+    with torch.device("meta"):
+        meta = FalconForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 128, (1, 8))}
+    a, b = analyze(real, inputs), analyze(meta, inputs)
+    assert b.linearized == a.linearized and len(b.linearized) == 4
+    assert body(b.coupling) == body(a.coupling)
+
+
 def test_sparsify_refuses_meta_weights_and_says_what_to_do():
     m, meta = on_meta_device("hf_llama")
     with pytest.raises(PlanError, match=r"14 planned layer\(s\), the first model.layers.0.self_attn.q_proj, hold "
