@@ -22,6 +22,7 @@ planned with examples/lm/policy.yaml (every attention and MLP projection CHTss a
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -30,6 +31,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "examples" / "lm" / "policy.yaml"
@@ -77,9 +80,9 @@ def child_plan(tokens: int) -> dict:
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
     report = sparsify.plan(model, POLICY, {"input_ids": torch.zeros(1, tokens, dtype=torch.long)})
-    with open(PLAN_TEXT, "w") as f:
-        from rich.console import Console
-        report.print(Console(file=f, width=240, highlight=False, color_system=None))
+    text = io.StringIO()
+    report.print(Console(file=text, width=240, highlight=False, color_system=None))
+    PLAN_TEXT.write_text("".join(line.rstrip() + "\n" for line in text.getvalue().splitlines()))
     seconds = time.perf_counter() - t
     analysis = report.analysis
     return {"part": "plan", "tokens": tokens, "import_s": imported, "plan_s": seconds, "rss_after_import": base,

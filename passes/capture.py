@@ -99,6 +99,8 @@ class Capture:
     fallback_reason: str | None = None
 
     def describe(self) -> str:
+        if self.fallback_reason == META_REASON:
+            return f"{self.kind} (symbolic_trace skipped: {self.fallback_reason})"
         if self.fallback_reason:
             return f"{self.kind} (symbolic_trace failed: {self.fallback_reason})"
         return self.kind
