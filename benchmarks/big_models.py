@@ -8,15 +8,17 @@ planned with examples/lm/policy.yaml (every attention and MLP projection CHTss a
 - ``plan``: LLaMA-2-7B (32 layers, hidden 4096, MLP 11008, 32 heads, vocabulary 32000) built under
   ``torch.device("meta")``, then ``sparsify.plan(...)`` (capture, linear sites, coupling groups,
   plan) and the report printed (saved to results/llama2_7b_plan.txt), at example inputs of 16
-  tokens. Then the coupling pass alone at 16, 128 and 512 tokens, with index tensors dropped after
-  their last reader (as shipped) and kept to the end (as before), and single-threaded (as shipped)
-  against torch's default threads, side by side.
+  tokens.
+- ``coupling``: the coupling pass alone on the same model at 16, 128 and 512 tokens, with index
+  tensors dropped after their last reader (as shipped) and kept to the end (as before), and
+  single-threaded (as shipped) against torch's default threads, side by side.
 - ``materialise``: TinyLlama-1.1B's configuration (hidden 2048, MLP 5632, 22 layers, 32 heads,
   4 key/value heads, vocabulary 32000) planned on meta, then built with random weights on the CPU
   and sparsified (``sparsify.sparsify(..., progress=True)``); peak memory against the dense
   parameters' bytes. Needs about 1.6x the model's size free: the script checks MemAvailable first.
 
     python benchmarks/big_models.py plan
+    python benchmarks/big_models.py coupling
     python benchmarks/big_models.py materialise [--dtype bfloat16]
 """
 from __future__ import annotations
@@ -156,7 +158,7 @@ def run_child(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plan_tables() -> None:
+def plan_table() -> None:
     print(f"`python benchmarks/big_models.py plan` · {machine()}\n")
     r = run_child("plan", "16")
     print("| model | example tokens | sites | sparse | groups | build + plan + print s | peak RSS MB | "
@@ -164,18 +166,21 @@ def plan_tables() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| LLaMA-2-7B on meta ({r['parameters'] / 1e9:.2f} B linear weights) | {r['tokens']} | {r['sites']} | "
           f"{r['sparse']} | {r['groups']} | {r['plan_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
-          f"{r['rss_after_import'] / 2**20:.0f} | {r['import_s']:.1f} |\n")
-    print("The coupling pass alone on the same capture, each case in a fresh process "
-          "(peak RSS less the RSS before the pass):\n")
+          f"{r['rss_after_import'] / 2**20:.0f} | {r['import_s']:.1f} |")
+
+
+def coupling_table() -> None:
+    print(f"`python benchmarks/big_models.py coupling` · {machine()}\n")
     print("| example tokens | index tensors | threads | couple s | couple peak extra MB | groups |")
     print("|---|---|---|---|---|---|")
     cases = [(16, True, True), (16, True, False), (16, False, True), (128, True, True), (128, False, True),
-             (512, True, True), (512, False, True)]
+             (512, True, True)]
     for tokens, release, one_thread in cases:
         c = run_child("couple", str(tokens), str(int(release)), str(int(one_thread)))
         extra = max(c["peak_rss"] - c["rss_before"], 0) / 2**20
         print(f"| {tokens} | {'dropped after last use' if release else 'all kept'} | "
-              f"{'one' if one_thread else 'torch default'} | {c['couple_s']:.1f} | {extra:.0f} | {c['groups']} |")
+              f"{'one' if one_thread else 'torch default'} | {c['couple_s']:.1f} | {extra:.0f} | {c['groups']} |",
+              flush=True)
 
 
 def materialise_table(dtype: str, tokens: int) -> None:
@@ -209,12 +214,14 @@ def main() -> None:
         print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["plan", "materialise"])
+    parser.add_argument("part", choices=["plan", "coupling", "materialise"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tokens", type=int, default=16, help="example input length for materialise")
     args = parser.parse_args()
     if args.part == "plan":
-        plan_tables()
+        plan_table()
+    elif args.part == "coupling":
+        coupling_table()
     else:
         materialise_table(args.dtype, args.tokens)
 
