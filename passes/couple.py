@@ -1025,7 +1025,7 @@ class _Propagator(fx.Interpreter):
 @contextlib.contextmanager
 def _one_thread():
     """Index tensors are small (one layer's activations at the example inputs' size): intra-op threads
-    cost more to wake than the work, ten times over on a busy 2-core machine (benchmarks/big_models.py)."""
+    cost more to wake than the work: seven times the time on a busy 2-core machine (benchmarks/big_models.py coupling)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
