@@ -135,4 +135,4 @@ def inspect_model(model_path: str, policy_path: str | None = None) -> InspectRep
     """Load model.py (and a policy), capture and analyze the model, plan the rules; no rewrite."""
     logging.captureWarnings(True)
     model_file = load_model_file(model_path)
-    return plan(model_file.build_model(), policy_path, model_file.example_inputs())
+    return plan(model_file.build_model(), policy_path or None, model_file.example_inputs())
