@@ -154,3 +154,20 @@ def test_csti_calibrates_on_the_given_batches_and_refuses_constant_inputs():
     assert torch.equal(cols, (rows % 784 + 392) % 784)  # each feature links to its near copy
     with pytest.raises(sparsify.SparsifyError, match="CSTI needs calibration data whose input features vary"):
         sparsify.sparsify(m.build_model(), policy, torch.zeros(2, 784))
+
+
+def test_progress_shows_a_bar_of_the_layers_converted_and_is_off_by_default(capsys):
+    m = load_example("mlp")
+    sparsify.sparsify(m.build_model(), {**EVERY, "defaults": {"density": 0.3}}, m.example_inputs())
+    assert "sparse layers" not in capsys.readouterr().err
+    model, handle = sparsify.sparsify(m.build_model(), {**EVERY, "defaults": {"density": 0.3}}, m.example_inputs(),
+                                      progress=True)
+    err = capsys.readouterr().err
+    assert "sparse layers:   0%" in err and "0/4" in err and len(handle.sites) == 4  # the bar clears itself when done
+
+
+def test_masking_a_layer_keeps_no_float_copy_of_its_mask():
+    """The rewrite adds one byte a weight (the bool mask); a cached float mask would add four."""
+    layer = SparseLinear.from_linear(nn.Linear(8, 6), mask=erdos_renyi(6, 8, 0.5, torch.Generator().manual_seed(0)))
+    assert layer._float_mask is None
+    assert torch.all(layer.weight[~layer.mask] == 0) and torch.all(layer.weight[layer.mask] != 0)
