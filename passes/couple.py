@@ -447,9 +447,9 @@ def unique_rows(rows: np.ndarray) -> np.ndarray:
 class _Propagator(fx.Interpreter):
     """Runs the graph on real inputs and propagates site index tensors beside the values.
 
-    A value and its index tensors are dropped once the last node that reads them has run, so the
-    memory held is one layer's working set at the example inputs' size, not every activation of
-    the model (a copy into a view of a buffer reads the buffer and its views: they live until then).
+    A value computed from the inputs and every index tensor are dropped once the last node that reads
+    them has run, so the memory held is one layer's working set at the example inputs' size, not every
+    activation of the model (a copy into a view of a buffer reads the buffer and its views: they live until then).
     """
 
     def __init__(self, gm: fx.GraphModule, sites: Sites):
@@ -538,7 +538,8 @@ class _Propagator(fx.Interpreter):
             self.tags[node] = None
         for done in self.release.get(node, ()):
             self.tags.pop(done, None)
-            self.env.pop(done, None)
+            if self.data.get(done, False):  # values computed from parameters alone stay: _parameter_index reads them later
+                self.env.pop(done, None)
         return value
 
     def _follow_scores(self, node: fx.Node) -> None:
