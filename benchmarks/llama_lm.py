@@ -1,23 +1,38 @@
 """A LLaMA-style byte-level language model, dense and sparse, on the Python standard library's source.
 
+The papers' language-model comparison (FC, SET, RigL, CHTs, CHTss at 70% and 90% sparsity, several
+seeds, validation perplexity mean ± std) at a size a CPU trains: one record per finished run is
+appended to a JSON-lines file, so a long sweep can stop and resume; rows already there are skipped.
+
 Model: Hugging Face LlamaForCausalLM from a config (no download): vocabulary 256 (bytes), hidden
-192, MLP 512, 4 layers, 6 heads of 32 with 2 key/value heads (grouped-query attention), RoPE;
-about 1.7 M parameters. Sparse runs make every attention and MLP projection (q, k, v, o, gate,
-up, down) sparse; the embeddings and the output head stay dense.
+--hidden, MLP --intermediate, --layers blocks, heads of 32 with a third as many key/value heads
+(grouped-query attention), RoPE, initialiser std 0.02. Sparse runs make every attention and MLP
+projection (q, k, v, o, gate, up, down) sparse at the same sparsity; embeddings, norms and the
+output head stay dense.
 
 Data: the ``.py`` files at the top level of the running interpreter's standard library
 (``sysconfig.get_paths()["stdlib"]``), sorted by name, read as bytes and joined by a NUL byte.
-Every 10th file (the 10th, 20th, ...) is validation, the rest training; the script prints the file
-counts and byte counts, and the split depends only on the Python version.
+Every 10th file (the 10th, 20th, ...) is validation, the rest training; the split depends only on
+the Python version. Validation perplexity is exp(mean cross-entropy) over --val-windows fixed
+windows, every --eval-every steps; the record's perplexity is the last one.
 
-Training: AdamW (lr 2e-3, weight decay 0.01, linear warm-up over 5% of the steps then linear decay),
-batch 8 random windows of 128 bytes (seeded), cross-entropy. Validation perplexity is
-exp(mean cross-entropy) over 48 fixed windows of 129 bytes, measured every --eval-every steps.
-Methods: FC, SET, RigL, CHTs, CHTss (their presets, an update every 50 steps, ζ 0.3) at each
-sparsity. The last CHTss model is exported: shrunk, written to ONNX with its sparse layers stored as
-values + indices, and checked in onnxruntime.
+Training: the official LLaMA recipe of the Cannistraci-Hebb papers' code (docs/fidelity.md) at a
+smaller batch: Adam without weight decay, lr 3e-3, linear warm-up over the first 10% of the steps,
+then cosine to 0.1x; the lr is re-warmed linearly over the first 10 steps of every 100; on a step
+that ends with a topology update the optimizer step is skipped (that batch's gradient is only
+used for the update). The same loop and schedule for every method, FC included.
 
-    python benchmarks/llama_lm.py --steps 400
+Methods (the official llm/ settings where they are defined; the CHTss preset is that recipe):
+- CHTss: its preset unchanged (sigmoid density decay from 50% by RI, soft |W| removal with T 1 -> 9,
+  ζ 0.1 on a cosine, CH2-L3n top-k regrowth, BRF r 0.3 with uniform degrees, the model's weights,
+  an update every 100 steps until 75% of training, no percolation);
+- CHTs: the same without the density decay (the official llm/ CHTs command); sparsify's CHTs
+  preset is the MLP recipe, so the rule restates the LLaMA one;
+- SET, RigL: their presets' removal and regrowth (|W| hard; random / dense-gradient regrowth; ER
+  start) on the LLaMA runs' common schedule: an update every 100 steps until 75% of training,
+  ζ 0.1 (RigL's on a cosine), the model's weights.
+
+    python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 0.9 --threads 1
 """
 from __future__ import annotations
 
@@ -26,6 +41,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sysconfig
 import tempfile
 import time
@@ -39,7 +55,9 @@ import sparsify
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["FC", "SET", "RigL", "CHTs", "CHTss"]
-SEQ, BATCH, LR = 128, 8, 2e-3
+LR, WARMUP, MIN_LR, EVERY, REWARM, T_END, ZETA = 3e-3, 0.1, 0.1, 100, 10, 0.75, 0.1
+# LLaMA-60M on OpenWebText, validation perplexity at 70% sparsity (the CHTss paper's table).
+PAPER_70 = {"FC": 26.56, "CHTss": 27.62, "CHTs": 28.12, "SET": 31.77, "RigL": 39.96}
 
 
 def corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -55,29 +73,52 @@ def corpus() -> tuple[torch.Tensor, torch.Tensor, dict]:
     return join(train), join(val), info
 
 
-def build_model(seed: int) -> nn.Module:
+def build_model(seed: int, shape: dict) -> nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=SEQ,
+    heads = shape["hidden"] // 32
+    config = LlamaConfig(vocab_size=256, hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=heads,
+                         num_key_value_heads=heads // 3,
+                         max_position_embeddings=shape["seq"], initializer_range=0.02,
                          tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
     return LlamaForCausalLM(config)
 
 
 def policy(method: str, sparsity: float, seed: int) -> dict:
+    """The rule of ``method`` on the seven projections (see the module docstring)."""
     rule = {"name": "attention and MLP projections", "match": {"regex": r".*\.(q|k|v|o|gate|up|down)_proj"},
-            "sparsity": sparsity, "method": method, "update": {"every": 50, "unit": "steps"}}
-    if method != "CHTss":
-        rule["removal"] = {"zeta": 0.3}
+            "sparsity": sparsity, "method": method}
+    if method == "CHTs":  # the official llm/ CHTs command: CHTss's recipe without the density decay
+        rule.update(init={"model": "BRF", "r": 0.3, "degrees": "uniform", "weights": "keep"},
+                    removal={"score": "WM", "mode": "soft", "delta": {"start": 0.5, "end": 0.9},
+                             "ramp": "temperature", "zeta": ZETA, "zeta_schedule": "cosine"},
+                    regrowth={"predictor": "CH2_L3n", "mode": "hard"}, percolation=False,
+                    update={"every": EVERY, "unit": "steps"}, t_end=T_END)
+    elif method in ("SET", "RigL"):  # the LLaMA runs' common schedule, each method's own criteria
+        rule.update(init={"model": "ER", "weights": "keep"}, removal={"zeta": ZETA},
+                    update={"every": EVERY, "unit": "steps"}, t_end=T_END)
     return {"version": 1, "seed": seed, "rules": [rule]}
 
 
-def windows(data: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``count`` windows of SEQ + 1 bytes: random (with a generator) or evenly spaced."""
-    if generator is None:
-        starts = torch.linspace(0, len(data) - SEQ - 2, count).long()
+def lr_factor(step: int, steps: int) -> float:
+    """The official schedule's factor at optimizer step ``step`` (0-based): a linear warm-up over
+    WARMUP of the steps, then cosine to MIN_LR, times a linear re-warm over the first REWARM steps of
+    every EVERY."""
+    warm = max(1, int(WARMUP * steps))
+    if step < warm:
+        base = step / warm
     else:
-        starts = torch.randint(0, len(data) - SEQ - 1, (count,), generator=generator)
-    return torch.stack([data[s:s + SEQ + 1] for s in starts.tolist()])
+        base = MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+    return base * min(1.0, (step % EVERY) / REWARM)
+
+
+def windows(data: torch.Tensor, count: int, seq: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``count`` windows of seq + 1 bytes: random (with a generator) or evenly spaced."""
+    if generator is None:
+        starts = torch.linspace(0, len(data) - seq - 2, count).long()
+    else:
+        starts = torch.randint(0, len(data) - seq - 1, (count,), generator=generator)
+    return torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
 
 
 def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -93,40 +134,49 @@ def perplexity(model: nn.Module, val: torch.Tensor) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def run(method: str, sparsity: float, seed: int, steps: int, eval_every: int, train, val) -> tuple[dict, tuple]:
-    model = build_model(seed)
+def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict, tuple]:
+    shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "seq": args.seq}
+    model = build_model(seed, shape)
+    parameters = sum(p.numel() for p in model.parameters())
     handle = None
     if method != "FC":
         model, handle = sparsify.sparsify(model, policy(method, sparsity, seed),
-                                          {"input_ids": torch.zeros(2, SEQ, dtype=torch.long)})
+                                          {"input_ids": torch.zeros(2, args.seq, dtype=torch.long)})
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps))
+    evolution = None
     if handle is not None:
-        handle.attach(optimizer, total_steps=steps)
+        handle.attach(optimizer, total_steps=args.steps, hook=False)
+        evolution = handle.evolution
     generator = torch.Generator().manual_seed(seed)
-    curve, seconds = [], 0.0
-    for step in range(1, steps + 1):
+    curve, seconds, skipped = [], 0.0, 0
+    for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        loss = loss_of(model, windows(train, BATCH, generator))
+        loss = loss_of(model, windows(train, args.batch, args.seq, generator))
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        if evolution is not None and any(evolution.due(n, evolution.step_index + 1) for n in evolution.evolving):
+            skipped += 1  # the official loop: an update step trains nothing, the update uses its gradient
+        else:
+            optimizer.step()
+        if evolution is not None:
+            evolution.step()
         schedule.step()
         seconds += time.perf_counter() - start
-        if step % eval_every == 0 or step == steps:
+        if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, perplexity(model, val)))
-            print(f"  {method} {sparsity:.0%} step {step}/{steps}: train loss {loss.detach().item():.3f}, "
+            print(f"  {method} {sparsity:.0%} seed {seed} step {step}/{args.steps}: train loss {loss.detach().item():.3f}, "
                   f"validation perplexity {curve[-1][1]:.3f} ({seconds:.0f} s)", flush=True)
-    record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": steps,
-              "perplexity": curve[-1][1], "curve": curve, "seconds": round(seconds, 1),
+    record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": args.steps,
+              "model": shape, "batch": args.batch, "parameters": parameters,
+              "perplexity": curve[-1][1], "best": min(p for _, p in curve), "curve": curve,
+              "seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 4),
               "date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if handle is not None:
         active, total = handle.parameters_active()
         record.update(density=active / total, anp=handle.history[-1]["anp"] if handle.history else None,
-                      updates=len(handle.history))
+                      updates=len(handle.history), skipped_steps=skipped)
     return record, (model, handle)
 
 
@@ -140,23 +190,61 @@ def export(model, handle, val: torch.Tensor, folder: Path) -> dict:
                                    "files", "size_ratio", "latency_ms", "latency_ratio") if k in report}
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean ± sample std of the final perplexity per (sparsity, method); FC joins every sparsity."""
+    out = []
+    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    for sparsity in sparsities:
+        for method in METHODS:
+            runs = [r for r in rows if r["method"] == method and r["sparsity"] == (0.0 if method == "FC" else sparsity)]
+            if not runs:
+                continue
+            ppl = [r["perplexity"] for r in runs]
+            out.append({"sparsity": sparsity, "method": method, "n": len(runs), "mean": statistics.mean(ppl),
+                        "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
+                        "seeds": sorted(r["seed"] for r in runs),
+                        "anp": statistics.mean(r["anp"] for r in runs) if runs[0].get("anp") is not None else None,
+                        "seconds": statistics.mean(r["seconds"] for r in runs)})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| sparsity | method | seeds | validation perplexity (mean ± std) | rank | paper (70%, LLaMA-60M) | paper rank "
+             "| ANP | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
+    stats = summary(rows)
+    for sparsity in sorted({s["sparsity"] for s in stats}):
+        group = [s for s in stats if s["sparsity"] == sparsity]
+        rank = {s["method"]: i + 1 for i, s in enumerate(sorted(group, key=lambda s: s["mean"]))}
+        for s in group:
+            std = f"{s['std']:.3f}" if s["n"] > 1 else "–"
+            anp = f"{s['anp']:.3f}" if s["anp"] is not None else "–"
+            lines.append(f"| {sparsity:.0%} | {s['method']} | {s['n']} | {s['mean']:.3f} ± {std} | {rank[s['method']]} | "
+                         f"{PAPER_70[s['method']]:.2f} | {paper_rank[s['method']]} | {anp} | {s['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0})
+    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), sharey=True, squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
-        for r in sorted(rows, key=lambda r: METHODS.index(r["method"])):
-            if r["sparsity"] in (0.0, sparsity):
-                steps, ppl = zip(*r["curve"])
-                ax.plot(steps, ppl, marker="o", label=r["method"])
+        for method in METHODS:
+            runs = [r for r in rows if r["method"] == method and r["sparsity"] == (0.0 if method == "FC" else sparsity)]
+            if not runs:
+                continue
+            steps = [s for s, _ in runs[0]["curve"]]
+            mean = [statistics.mean(r["curve"][i][1] for r in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", markersize=3, label=f"{method} ({len(runs)} seeds)")
         ax.set_title(f"{sparsity:.0%} sparse projections")
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("validation perplexity")
+    axes[0][0].set_ylabel("validation perplexity (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -164,47 +252,52 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (a multiple of 100)")
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--hidden", type=int, default=192, help="a multiple of 96 (heads of 32, a third as many key/value heads)")
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--val-windows", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "llama_lm.jsonl")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     train, val_bytes, info = corpus()
-    val = windows(val_bytes, 48, None)
+    val = windows(val_bytes, args.val_windows, args.seq, None)
+    shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "seq": args.seq}
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
-          f"{torch.get_num_threads()} threads · {args.steps} steps · seed {args.seed}")
+          f"{torch.get_num_threads()} threads · {args.steps} steps · seeds {args.seeds} · model {shape} · batch {args.batch}")
     print(f"# data: {json.dumps(info)}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines()] if args.results.exists() else []
+    done = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()] if args.results.exists() else []
+    same = lambda r: r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch  # noqa: E731
     last = None
     for sparsity in args.sparsities:
-        for method in args.methods:
-            key = (method, sparsity if method != "FC" else 0.0, args.seed, args.steps)
-            if any((r["method"], r["sparsity"], r["seed"], r["steps"]) == key for r in done):
-                continue
-            if method == "FC" and sparsity != args.sparsities[0]:
-                continue
-            record, trained = run(method, sparsity, args.seed, args.steps, args.eval_every, train, val)
-            if method == "CHTss":
-                last = trained
-            with args.results.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            done.append(record)
-    rows = [r for r in done if r["seed"] == args.seed and r["steps"] == args.steps]
-    print("| method | sparsity | validation perplexity | density | ANP | updates | seconds |\n|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["sparsity"], METHODS.index(r["method"]))):
-        anp = f"{r['anp']:.3f}" if r.get("anp") is not None else "–"
-        print(f"| {r['method']} | {r['sparsity']:.0%} | {r['perplexity']:.3f} | {r.get('density', 1.0):.3f} | "
-              f"{anp} | {r.get('updates', 0)} | {r['seconds']:.0f} |")
-    figure = args.results.with_name(f"llama_lm_{args.steps}steps.png")
+        for seed in args.seeds:
+            for method in args.methods:
+                target = 0.0 if method == "FC" else sparsity
+                if any(same(r) and (r["method"], r["sparsity"], r["seed"]) == (method, target, seed) for r in done):
+                    continue
+                record, trained = run(method, sparsity, seed, args, train, val)
+                if method == "CHTss":
+                    last = trained
+                with args.results.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                done.append(record)
+    rows = [r for r in done if same(r) and r["seed"] in args.seeds
+            and (r["sparsity"] in args.sparsities or r["method"] == "FC") and r["method"] in args.methods]
+    print(table(rows))
+    figure = args.results.with_suffix(".png")
     plot(rows, figure)
     print(f"\nperplexity curves: {figure}")
-    if last is not None:
+    if args.export and last is not None:
         with tempfile.TemporaryDirectory() as folder:
             print(json.dumps(export(*last, val, Path(folder)), indent=1, default=str))
 
