@@ -84,8 +84,9 @@ def build_model(seed: int, shape: dict) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def policy(method: str, sparsity: float, seed: int) -> dict:
-    """The rule of ``method`` on the seven projections (see the module docstring)."""
+def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
+    """The rule of ``method`` on the seven projections (see the module docstring); ``every``: the
+    topology update interval in steps (the recipe's 100 unless an ablation changes it)."""
     rule = {"name": "attention and MLP projections", "match": {"regex": r".*\.(q|k|v|o|gate|up|down)_proj"},
             "sparsity": sparsity, "method": method}
     if method == "CHTs":  # the official llm/ CHTs command: CHTss's recipe without the density decay
@@ -93,10 +94,12 @@ def policy(method: str, sparsity: float, seed: int) -> dict:
                     removal={"score": "WM", "mode": "soft", "delta": {"start": 0.5, "end": 0.9},
                              "ramp": "temperature", "zeta": ZETA, "zeta_schedule": "cosine"},
                     regrowth={"predictor": "CH2_L3n", "mode": "hard"}, percolation=False,
-                    update={"every": EVERY, "unit": "steps"}, t_end=T_END)
+                    update={"every": every, "unit": "steps"}, t_end=T_END)
     elif method in ("SET", "RigL"):  # the LLaMA runs' common schedule, each method's own criteria
         rule.update(init={"model": "ER", "weights": "keep"}, removal={"zeta": ZETA},
-                    update={"every": EVERY, "unit": "steps"}, t_end=T_END)
+                    update={"every": every, "unit": "steps"}, t_end=T_END)
+    elif method == "CHTss" and every != EVERY:
+        rule["update"] = {"every": every, "unit": "steps"}
     return {"version": 1, "seed": seed, "rules": [rule]}
 
 
@@ -140,7 +143,7 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
     parameters = sum(p.numel() for p in model.parameters())
     handle = None
     if method != "FC":
-        model, handle = sparsify.sparsify(model, policy(method, sparsity, seed),
+        model, handle = sparsify.sparsify(model, policy(method, sparsity, seed, args.update_every),
                                           {"input_ids": torch.zeros(2, args.seq, dtype=torch.long)})
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0.0)
@@ -169,7 +172,7 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
             print(f"  {method} {sparsity:.0%} seed {seed} step {step}/{args.steps}: train loss {loss.detach().item():.3f}, "
                   f"validation perplexity {curve[-1][1]:.3f} ({seconds:.0f} s)", flush=True)
     record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": args.steps,
-              "model": shape, "batch": args.batch, "parameters": parameters,
+              "model": shape, "batch": args.batch, "update_every": args.update_every, "parameters": parameters,
               "perplexity": curve[-1][1], "best": min(p for _, p in curve), "curve": curve,
               "seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 4),
               "date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -263,6 +266,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--val-windows", type=int, default=128)
+    parser.add_argument("--update-every", type=int, default=EVERY,
+                        help="topology update interval in steps of every sparse method (the recipe: 100; "
+                             "the lr re-warm stays every 100)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "llama_lm.jsonl")
@@ -277,7 +283,10 @@ def main() -> None:
     print(f"# data: {json.dumps(info)}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()] if args.results.exists() else []
-    same = lambda r: r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch  # noqa: E731
+    def same(r: dict) -> bool:
+        return (r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch
+                and r.get("update_every", EVERY) == args.update_every)
+
     last = None
     for sparsity in args.sparsities:
         for seed in args.seeds:
