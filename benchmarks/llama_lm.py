@@ -183,6 +183,11 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
     return record, (model, handle)
 
 
+def read(path: Path) -> list[dict]:
+    """The records of ``path`` (none if it does not exist)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
 def export(model, handle, val: torch.Tensor, folder: Path) -> dict:
     """Shrink, export to ONNX (sparse layers stored as values + indices) and check against the trained
     model on held-out windows."""
@@ -282,7 +287,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads · {args.steps} steps · seeds {args.seeds} · model {shape} · batch {args.batch}")
     print(f"# data: {json.dumps(info)}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = [json.loads(x) for x in args.results.read_text().splitlines() if x.strip()] if args.results.exists() else []
+    done = read(args.results)
     def same(r: dict) -> bool:
         return (r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch
                 and r.get("update_every", EVERY) == args.update_every)
@@ -292,6 +297,7 @@ def main() -> None:
         for seed in args.seeds:
             for method in args.methods:
                 target = 0.0 if method == "FC" else sparsity
+                done = read(args.results)  # again before each run: another sweep may have written it
                 if any(same(r) and (r["method"], r["sparsity"], r["seed"]) == (method, target, seed) for r in done):
                     continue
                 record, trained = run(method, sparsity, seed, args, train, val)
