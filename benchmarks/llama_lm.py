@@ -210,16 +210,16 @@ def summary(rows: list[dict]) -> list[dict]:
             ppl = [r["perplexity"] for r in runs]
             out.append({"sparsity": sparsity, "method": method, "n": len(runs), "mean": statistics.mean(ppl),
                         "std": statistics.stdev(ppl) if len(ppl) > 1 else float("nan"),
-                        "seeds": sorted(r["seed"] for r in runs),
+                        "per_seed": [(r["seed"], r["perplexity"]) for r in sorted(runs, key=lambda r: r["seed"])],
                         "anp": statistics.mean(r["anp"] for r in runs) if runs[0].get("anp") is not None else None,
                         "seconds": statistics.mean(r["seconds"] for r in runs)})
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| sparsity | method | seeds | validation perplexity (mean ± std) | rank | paper (70%, LLaMA-60M) | paper rank "
-             "| ANP | s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sparsity | method | seeds | validation perplexity (mean ± std) | per seed | rank "
+             "| paper (70%, LLaMA-60M) | paper rank | ANP | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
     stats = summary(rows)
     for sparsity in sorted({s["sparsity"] for s in stats}):
@@ -228,8 +228,10 @@ def table(rows: list[dict]) -> str:
         for s in group:
             std = f"{s['std']:.3f}" if s["n"] > 1 else "–"
             anp = f"{s['anp']:.3f}" if s["anp"] is not None else "–"
-            lines.append(f"| {sparsity:.0%} | {s['method']} | {s['n']} | {s['mean']:.3f} ± {std} | {rank[s['method']]} | "
-                         f"{PAPER_70[s['method']]:.2f} | {paper_rank[s['method']]} | {anp} | {s['seconds']:.0f} |")
+            per_seed = ", ".join(f"s{seed} {p:.3f}" for seed, p in s["per_seed"])
+            paper = f"{PAPER_70[s['method']]:.2f} | {paper_rank[s['method']]}" if sparsity == 0.7 else "– | –"
+            lines.append(f"| {sparsity:.0%} | {s['method']} | {s['n']} | {s['mean']:.3f} ± {std} | {per_seed} | "
+                         f"{rank[s['method']]} | {paper} | {anp} | {s['seconds']:.0f} |")
     return "\n".join(lines)
 
 
