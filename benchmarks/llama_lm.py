@@ -88,7 +88,7 @@ def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
     """The rule of ``method`` on the seven projections (see the module docstring); ``every``: the
     topology update interval in steps (the recipe's 100 unless an ablation changes it)."""
     rule = {"name": "attention and MLP projections", "match": {"regex": r".*\.(q|k|v|o|gate|up|down)_proj"},
-            "sparsity": sparsity, "method": method}
+            "sparsity": sparsity, "method": method, "backend": "masked"}  # the same layers in every run, at any load
     if method == "CHTs":  # the official llm/ CHTs command: CHTss's recipe without the density decay
         rule.update(init={"model": "BRF", "r": 0.3, "degrees": "uniform", "weights": "keep"},
                     removal={"score": "WM", "mode": "soft", "delta": {"start": 0.5, "end": 0.9},
