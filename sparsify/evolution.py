@@ -198,6 +198,12 @@ class Evolution(nn.Module):
         if sharded_csr:
             raise SparsifyError(f"attach: layer {sharded_csr[0]} uses backend csr, whose values FSDP cannot shard "
                                 "by rows of the layer; give it backend: masked in the policy for a run with fully_shard")
+        off_cpu = [n for n in self.names if not isinstance(self._layers[n], SparseLinear)
+                   and self._layers[n].trainable.device.type != "cpu"]
+        if off_cpu:
+            device = self._layers[off_cpu[0]].trainable.device
+            raise SparsifyError(f"attach: layer {off_cpu[0]} uses backend csr, whose kernels run on the CPU only, and is "
+                                f"on {device}; give it backend: masked in the policy to train on {device.type}")
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [n for n in self.evolving if id(self._layers[n].trainable) not in held]
         if missing:

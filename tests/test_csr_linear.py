@@ -408,3 +408,15 @@ def test_every_rank_of_a_distributed_run_takes_rank_zeros_density_limit(tmp_path
     results = manager.dict()
     torch.multiprocessing.spawn(_limit_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
     assert dict(results) == {0: 0.05, 1: 0.05}
+
+
+def test_a_csr_layer_off_the_cpu_is_refused_at_attach_naming_the_masked_backend():
+    """The csr kernels run on the CPU only (fc1's values on meta stand in for a GPU's: the check reads the
+    device type)."""
+    policy = {"version": 1, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.05, "backend": "csr"}]}
+    model, handle = sparsify.sparsify(load_example("mlp").MLP((32, 64, 64, 64, 10)), policy, torch.randn(2, 32))
+    model.fc1.values = nn.Parameter(torch.empty_like(model.fc1.values, device="meta"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(sparsify.SparsifyError, match="layer fc1 uses backend csr, whose kernels run on the CPU only, "
+                                                     "and is on meta; give it backend: masked"):
+        handle.attach(optimizer, total_steps=10)
