@@ -281,8 +281,15 @@ class CsrLinear(nn.Module):
         return dense.index_put((self._csr_rows(), self._csr["col"]), self.values.grad)
 
     @torch.no_grad()
+    @torch.no_grad()
     def apply_mask(self) -> None:
-        """Nothing to do: inactive positions have no storage."""
+        """Adopt changes made to ``mask`` in place (``layer.mask[...] = False``): links taken out of it
+        lose their values, links put into it start at 0. Inactive positions have no storage, so with
+        an unchanged mask there is nothing to do."""
+        links = self._csr["rows"] * self.in_features + self._csr["col"].long()
+        if links.numel() == bits.count(self.mask) and bool(self.mask.reshape(-1)[links].all()):
+            return
+        self.set_topology(self.mask.clone(), torch.zeros_like(self.mask))
 
     @torch.no_grad()
     def rescale_to_fan_in(self) -> None:

@@ -420,3 +420,19 @@ def test_a_csr_layer_off_the_cpu_is_refused_at_attach_naming_the_masked_backend(
     with pytest.raises(sparsify.SparsifyError, match="layer fc1 uses backend csr, whose kernels run on the CPU only, "
                                                      "and is on meta; give it backend: masked"):
         handle.attach(optimizer, total_steps=10)
+
+
+def test_apply_mask_adopts_a_mask_changed_in_place_as_the_masked_layer_does():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 8)
+    mask = torch.rand(8, 12) < 0.5
+    masked = SparseLinear.from_linear(linear, mask=mask)
+    csr = CsrLinear.from_masked(SparseLinear.from_linear(linear, mask=mask))
+    for layer in (masked, csr):
+        layer.mask[:, :3] = False  # some links out
+        layer.mask[0, 5] = True    # one in, at 0
+        layer.apply_mask()
+    x = torch.randn(4, 12)
+    assert csr.values.shape[0] == int(masked.mask.sum())
+    torch.testing.assert_close(csr(x), masked(x))
+    torch.testing.assert_close(csr.to_linear().weight, masked.to_linear().weight)
