@@ -385,6 +385,9 @@ class CsrLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if shape[-1] != self.in_features:  # the compiled kernels read only the columns the links name
+            raise RuntimeError(f"CsrLinear: the input has {shape[-1]} features in its last dimension, the layer "
+                               f"takes {self.in_features}")
         y = _CsrLinearFunction.apply(x.reshape(-1, shape[-1]), self.values, self.bias, self)
         if x.dim() == 2:
             return y  # transposed layout: the next CsrLinear of an MLP takes it without a copy

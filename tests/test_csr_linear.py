@@ -1,7 +1,8 @@
 """The csr backend: same numbers as the masked one, storage only for active links, evolution carried."""
 import copy
-import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -393,21 +394,27 @@ def test_the_calibration_finds_where_csr_stops_being_faster():
     assert calls == 8 * 5
 
 
-def _limit_on_rank(rank: int, store_path: str, results) -> None:
-    import torch.distributed as dist
-    os.environ[csr_linear.AUTO_DENSITY_ENV] = "0.05" if rank == 0 else "0.0"  # as if rank 1 measured otherwise
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
-    try:
-        results[rank] = csr_linear.csr_density_limit(64, 48)
-    finally:
-        dist.destroy_process_group()
+RANK = """
+import sys
+import torch.distributed as dist
+from sparsify import csr_linear
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+print(csr_linear.csr_density_limit(64, 48))
+dist.destroy_process_group()
+"""
 
 
 def test_every_rank_of_a_distributed_run_takes_rank_zeros_density_limit(tmp_path):
-    manager = multiprocessing.get_context("spawn").Manager()
-    results = manager.dict()
-    torch.multiprocessing.spawn(_limit_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
-    assert dict(results) == {0: 0.05, 1: 0.05}
+    store = str(tmp_path / "store")
+    ranks = []
+    for rank, limit in ((0, "0.05"), (1, "0.0")):  # as if rank 1 had measured otherwise
+        env = {**os.environ, csr_linear.AUTO_DENSITY_ENV: limit}
+        ranks.append(subprocess.Popen([sys.executable, "-c", RANK, str(rank), store], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=240) for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], outputs
+    assert [float(out.split()[-1]) for out, _ in outputs] == [0.05, 0.05]
 
 
 def test_a_csr_layer_off_the_cpu_is_refused_at_attach_naming_the_masked_backend():
@@ -436,3 +443,12 @@ def test_apply_mask_adopts_a_mask_changed_in_place_as_the_masked_layer_does():
     assert csr.values.shape[0] == int(masked.mask.sum())
     torch.testing.assert_close(csr(x), masked(x))
     torch.testing.assert_close(csr.to_linear().weight, masked.to_linear().weight)
+
+
+@pytest.mark.parametrize("kernels", ["compiled", "torch"])
+def test_an_input_of_another_width_is_refused_on_both_kernel_paths(monkeypatch, kernels):
+    if kernels == "torch":
+        monkeypatch.setenv(csr_kernels.ENV, "torch")
+    layer = CsrLinear.from_masked(SparseLinear.from_linear(nn.Linear(6, 4), mask=torch.ones(4, 6, dtype=torch.bool)))
+    with pytest.raises(RuntimeError, match="the input has 7 features in its last dimension, the layer takes 6"):
+        layer(torch.randn(3, 7))
