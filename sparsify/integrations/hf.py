@@ -16,11 +16,11 @@ Each log gains ``sparsify/density``, ``sparsify/anp`` and ``sparsify/updates``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from sparsify.errors import SparsifyError
+from sparsify.integrations import optimizer_steps_per_epoch
 from sparsify.sparse_model import SparseModel
 
 try:  # an optional dependency: only this module needs it
@@ -78,7 +78,7 @@ class SparsifyCallback(TrainerCallback):
             batches = len(dataloader)
         except TypeError:  # an iterable dataset: epochs have no fixed length
             return None
-        return max(math.ceil(batches / args.gradient_accumulation_steps), 1) if batches else None
+        return optimizer_steps_per_epoch(batches, args.gradient_accumulation_steps)
 
     # -- checkpoints ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 from sparsify.errors import SparsifyError
+from sparsify.integrations import optimizer_steps_per_epoch
 from sparsify.sparse_model import SparseModel
 
 try:  # an optional dependency: only this module needs it
@@ -89,10 +90,7 @@ class SparsifyCallback(Callback):
 
     @staticmethod
     def _steps_per_epoch(trainer: Trainer) -> int | None:
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches) or batches < 1:  # an iterable dataset: epochs have no fixed length
-            return None
-        return max(math.ceil(batches / trainer.accumulate_grad_batches), 1)
+        return optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
 
     # -- checkpoints: the masks travel in the module's state_dict, the history here ------------------
 
