@@ -42,7 +42,7 @@ from sparsify.policy import EMS_EXTRA, LayerSpec
 from sparsify.sparse_linear import SparseLinear, full_tensor, is_sharded
 from sparsify.topology import bits
 from sparsify.topology.initial import link_count
-from sparsify.topology.metrics import active_neuron_rate, itop_rate, overlap_rate
+from sparsify.topology.metrics import active_neuron_rate, explored, itop_rate, overlap_rate
 from sparsify.topology.percolation import NeuronGraph, percolate
 from sparsify.topology.regrowth import REGROWTH_PREDICTORS, regrow
 from sparsify.topology.removal import REMOVAL_SCORES, remove
@@ -54,16 +54,27 @@ DENSE_GRADIENT_PREDICTORS = {"gradient"}
 
 
 class LayerState(nn.Module):
-    """One layer's evolution state: the positions ever active (ITOP) and the early-stop flag."""
+    """One layer's evolution state: the positions ever active (ITOP), packed eight to a byte, and the
+    early-stop flag."""
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
-        self.register_buffer("ever", mask.detach().clone())
+        self.positions = mask.numel()
+        self.register_buffer("ever", explored(None, mask.detach()))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool, device=mask.device))
         self.register_buffer("csr", torch.zeros((), dtype=torch.bool, device=mask.device))  # switched from masked
 
+    def explore(self, mask: torch.Tensor) -> None:
+        explored(self.ever, mask)
+
+    def itop(self) -> float:
+        return itop_rate(self.ever, self.positions)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "csr", torch.zeros((), dtype=torch.bool))  # saved before backend switches
+        ever = state_dict.get(prefix + "ever")
+        if ever is not None and ever.dtype == torch.bool:  # saved unpacked, one byte per position
+            state_dict[prefix + "ever"] = explored(None, ever)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -392,7 +403,7 @@ class Evolution(nn.Module):
         layer = self._layers[name]
         source = layer.set_topology(mask, regrown)
         layer.capture_dense_grad, layer.dense_grad = False, None
-        self._state(name).ever |= layer.mask
+        self._state(name).explore(layer.mask)
         self._reset_moments(name, layer, source)
 
     # -- backend auto: masked while dense enough, csr once the density falls into csr's range ---------
@@ -461,7 +472,7 @@ class Evolution(nn.Module):
                 **rows[name],
                 "regrown": bits.count(regrown[name]),
                 "overlap": overlap_rate(before[name] & ~kept[name], regrown[name]),
-                "itop": itop_rate(self._state(name).ever),
+                "itop": self._state(name).itop(),
             }
             early = self.specs[name].early_stop
             if early and layers[name]["overlap"] > early.overlap:

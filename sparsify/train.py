@@ -42,7 +42,7 @@ from sparsify.plots import write_plots
 from sparsify.policy import Policy, TrainingConfig, load_policy
 from sparsify.sparse_model import SparseModel, sparsify
 from sparsify.topology.initial import CALIBRATED_INIT
-from sparsify.topology.metrics import active_neuron_rate, itop_rate
+from sparsify.topology.metrics import active_neuron_rate
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,7 @@ def _report(handle: SparseModel, policy: Policy, cfg: TrainingConfig, state: Run
             "name": name, "shape": [site.module.out_features, site.module.in_features],
             "active": site.module.active_links, "density": site.module.density,
             "active_outputs": int(mask.any(1).sum()), "active_inputs": int(mask.any(0).sum()),
-            "itop": itop_rate(evolution.state[i].ever), "frozen": bool(evolution.state[i].frozen),
+            "itop": evolution.state[i].itop(), "frozen": bool(evolution.state[i].frozen),
             "updates": sum(1 for r in state.updates if name in r["layers"]),
             "method": site.spec.method, "percolation": bool(site.spec.percolation),
             "schedule": describe_spec(site.spec), "rule": site.rule})

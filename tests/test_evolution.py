@@ -318,6 +318,33 @@ def test_graph_module_and_state_dict_carry_the_evolution():
     assert clone.sparsify_evolution.layer("fc1") is clone.fc1
 
 
+def test_explored_positions_take_one_bit_each_and_load_from_a_state_saved_unpacked():
+    model, handle = sparsify.sparsify(mlp(), policy("SET", density=0.2, every=5), torch.randn(2, 12))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    handle.attach(optimizer, total_steps=40)
+    ever = {n: s.module.mask.clone() for n, s in handle.sites.items()}
+    for x, y in batches(40):
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, site in handle.sites.items():
+            ever[name] |= site.module.mask
+    itops = handle.history[-1]["layers"]
+    for i, (name, site) in enumerate(handle.sites.items()):
+        state = handle.evolution.state[i]
+        assert state.ever.dtype == torch.uint8 and state.ever.numel() == -(-site.module.mask.numel() // 8)
+        assert itops[name]["itop"] == pytest.approx(ever[name].float().mean().item())
+        assert itops[name]["itop"] > 0.2  # beyond the 0.2 density: the topology moved
+    # a state saved when each position took a byte (bool, the mask's shape) loads packed
+    saved = model.state_dict()
+    for i, name in enumerate(handle.sites):
+        saved[f"sparsify_evolution.state.{i}.ever"] = ever[name]
+    fresh, fresh_handle = sparsify.sparsify(mlp(), policy("SET", density=0.2, every=5), torch.randn(2, 12))
+    fresh.load_state_dict(saved)
+    for i, state in enumerate(fresh_handle.evolution.state):
+        assert torch.equal(state.ever, handle.evolution.state[i].ever)
+
+
 def resumable_run(steps, stop=None, checkpoint=None):
     """A CHTs run on the MLP with AdamW; optionally stopped after ``stop`` steps (returns a
     checkpoint) or resumed from ``checkpoint``. Returns (losses, masks, checkpoint)."""

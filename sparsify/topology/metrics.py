@@ -35,18 +35,21 @@ def active_neuron_rate(masks: dict[str, torch.Tensor], graph: NeuronGraph | None
 
 
 def explored(ever: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-    """The positions ever active, with ``mask``'s added (start with ``ever=None``)."""
-    return mask.clone() if ever is None else ever | mask
+    """The positions ever active, with ``mask``'s added (start with ``ever=None``), packed eight to a
+    byte (:func:`bits.pack`)."""
+    packed = bits.pack(mask)
+    return packed if ever is None else ever.bitwise_or_(packed)
 
 
-def itop_rate(ever: torch.Tensor) -> float:
-    """ITOP: the fraction of all positions that were active at some point of training.
+def itop_rate(ever: torch.Tensor, positions: int) -> float:
+    """ITOP: the fraction of a layer's ``positions`` that were active at some point of training
+    (``ever`` from :func:`explored`).
 
     >>> ever = explored(None, torch.tensor([[1, 0], [0, 0]], dtype=torch.bool))
-    >>> itop_rate(explored(ever, torch.tensor([[0, 1], [0, 0]], dtype=torch.bool)))
+    >>> itop_rate(explored(ever, torch.tensor([[0, 1], [0, 0]], dtype=torch.bool)), 4)
     0.5
     """
-    return float(ever.float().mean())
+    return bits.count_packed(ever) / positions if positions else 0.0
 
 
 def overlap_rate(removed: torch.Tensor, regrown: torch.Tensor) -> float:
