@@ -138,3 +138,32 @@ def test_without_transformers_the_import_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "sparsify.integrations.hf")
     with pytest.raises(ImportError, match="pip install transformers"):
         importlib.import_module("sparsify.integrations.hf")
+
+
+def test_the_trainers_ddp_launch_keeps_every_ranks_masks_identical(tmp_path):
+    """The Trainer under torchrun in 2 processes (DDP over gloo on CPU), each rank on its half of the
+    data with gradient accumulation; RigL's regrowth reads the dense gradients all-reduced over the
+    ranks, and every rank ends each update with the same masks."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "hf_ddp_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(tmp_path), "RigL"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        assert rank["world"] == 2 and rank["wrapped"] == "DistributedDataParallel"
+        # 64 samples, 32 a rank in batches of 4, 2 accumulated: 4 optimizer steps an epoch, 3 epochs
+        assert rank["steps"] == rank["counted"] == 12
+        assert rank["updates"] == [3, 6]  # every 3 steps until 75% of 12
+        assert len(rank["sums"]) == 2
+        for update in rank["sums"]:  # the checksums every rank gathered after each update
+            assert update[0] == update[1]
+    assert ranks[0]["sums"] == ranks[1]["sums"] and ranks[0]["final"] == ranks[1]["final"]
+    assert ranks[0]["sums"][0] != ranks[0]["sums"][1]  # the topology did change
+    assert len(ranks[0]["losses"]) == 12
