@@ -45,7 +45,7 @@ inline auto hsum(V s) {
 // links k of value(k) * dense[idx[k], b0 : ...]; value(k) = values[perm[k]] with PERM (the transposed structure).
 template <int64_t NV, bool PERM, typename scalar_t, typename index_t>
 inline void spmm_chunk(int64_t k0, int64_t k1, const index_t* __restrict__ idx, const scalar_t* __restrict__ values,
-                       const int64_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
+                       const index_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
                        scalar_t* __restrict__ out, int64_t batch, int64_t b0) {
   typedef typename Vec<scalar_t>::type V;
   constexpr int64_t L = Vec<scalar_t>::L;
@@ -62,7 +62,7 @@ inline void spmm_chunk(int64_t k0, int64_t k1, const index_t* __restrict__ idx, 
 // the last n < L batch columns
 template <bool PERM, typename scalar_t, typename index_t>
 inline void spmm_tail(int64_t k0, int64_t k1, const index_t* __restrict__ idx, const scalar_t* __restrict__ values,
-                      const int64_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
+                      const index_t* __restrict__ perm, const scalar_t* __restrict__ dense, scalar_t init,
                       scalar_t* __restrict__ out, int64_t batch, int64_t b0) {
   scalar_t acc[Vec<scalar_t>::L];
   const int64_t n = batch - b0;
@@ -77,7 +77,7 @@ inline void spmm_tail(int64_t k0, int64_t k1, const index_t* __restrict__ idx, c
 
 // out[r, :] = bias[r] + sum over links k of row r: value(k) * dense[idx[k], :]
 template <bool PERM, typename scalar_t, typename index_t>
-void spmm_kernel(const index_t* ptr, const index_t* idx, const scalar_t* values, const int64_t* perm,
+void spmm_kernel(const index_t* ptr, const index_t* idx, const scalar_t* values, const index_t* perm,
                  const scalar_t* dense, const scalar_t* bias, scalar_t* out, int64_t rows, int64_t batch) {
   constexpr int64_t L = Vec<scalar_t>::L;
   at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
@@ -158,8 +158,54 @@ inline void dot4(const float* __restrict__ a, const float* const* rows, int64_t 
 }
 #endif
 
+#if defined(__AVX512F__)
+#define SPARSIFY_DOT16 1
+// sixteen dot products of one fp32 batch row with sixteen others, with 16-lane registers: their lanes
+// summed together by a 16 x 16 transpose-and-add (four levels of shuffles, 30 shuffles and 15 adds for
+// 16 links where dot4 takes 24 shuffles and adds for 4). Link j's products go into vector BITREV[j],
+// so the sums come out in link order. About 1.5x dot4's rate at batch 32. NV as in dot4.
+template <int64_t NV>
+inline void dot16(const float* __restrict__ a, const float* const* rows, int64_t batch, float* out) {
+  typedef Vec<float>::type V;
+  constexpr int64_t L = Vec<float>::L;
+  static_assert(L == 16, "dot16 takes 16 floats a vector");
+  constexpr int BITREV[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  V p[16];
+  for (int i = 0; i < 16; ++i) p[i] = V{};
+  int64_t b0 = 0;
+  const int64_t whole = NV > 0 ? NV * L : batch / L * L;
+  for (; b0 < whole; b0 += L) {
+    const V g = *reinterpret_cast<const V*>(a + b0);
+    for (int i = 0; i < 16; ++i) p[BITREV[i]] += g * *reinterpret_cast<const V*>(rows[i] + b0);
+  }
+  V w[8], u[4], t[2];
+  for (int j = 0; j < 8; ++j)  // halves: lanes 0-7 sum towards p[2j]'s dot, 8-15 towards p[2j+1]'s
+    w[j] = __builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * j], p[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)  // quarters
+    u[j] = __builtin_shufflevector(w[2 * j], w[2 * j + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(w[2 * j], w[2 * j + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)  // pairs
+    t[j] = __builtin_shufflevector(u[2 * j], u[2 * j + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(u[2 * j], u[2 * j + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const V f = __builtin_shufflevector(t[0], t[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+              __builtin_shufflevector(t[0], t[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  if (b0 == batch) {
+    *reinterpret_cast<V*>(out) = f;
+    return;
+  }
+  for (int i = 0; i < 16; ++i) {
+    float s = f[i];
+    for (int64_t b = b0; b < batch; ++b) s += a[b] * rows[i][b];
+    out[i] = s;
+  }
+}
+#endif
+
 // grad_values[k] = dot(grad_out[r, :], x[idx[k], :]) for each link k of row r; grad_bias[r] = sum grad_out[r, :]
-template <typename scalar_t, typename index_t>
+// WIDE: links sixteen at a time first (dot16), for batches of up to 4 vectors; beyond, dot4's fewer
+// accumulators run faster. Two instantiations, so that each loop is compiled on its own.
+template <bool WIDE, typename scalar_t, typename index_t>
 void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad_out, const scalar_t* x,
                     scalar_t* grad_values, scalar_t* grad_bias, int64_t rows, int64_t batch) {
   at::parallel_for(0, rows, grain(rows, ptr[rows], batch), [&](int64_t begin, int64_t end) {
@@ -167,6 +213,21 @@ void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad
       const scalar_t* g = grad_out + r * batch;
       if (grad_bias) grad_bias[r] = total(g, batch);
       int64_t k = ptr[r];
+#ifdef SPARSIFY_DOT16
+      if constexpr (WIDE && std::is_same_v<scalar_t, float>) {
+        for (; k + 16 <= ptr[r + 1]; k += 16) {
+          const float* rows16[16];
+          for (int i = 0; i < 16; ++i) rows16[i] = x + static_cast<int64_t>(idx[k + i]) * batch;
+          switch (batch / Vec<float>::L) {
+            case 1: dot16<1>(g, rows16, batch, grad_values + k); break;
+            case 2: dot16<2>(g, rows16, batch, grad_values + k); break;
+            case 3: dot16<3>(g, rows16, batch, grad_values + k); break;
+            case 4: dot16<4>(g, rows16, batch, grad_values + k); break;
+            default: dot16<0>(g, rows16, batch, grad_values + k);  // batch < 16
+          }
+        }
+      }
+#endif
 #ifdef SPARSIFY_SHUFFLE
       if constexpr (std::is_same_v<scalar_t, float>) {
         for (; k + 4 <= ptr[r + 1]; k += 4) {
@@ -202,18 +263,20 @@ at::Tensor spmm(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& 
   check(ptr, idx, dense, "sparsify_csr::spmm");
   TORCH_CHECK(values.is_contiguous() && values.scalar_type() == dense.scalar_type(), "sparsify_csr::spmm: values");
   TORCH_CHECK(ptr.numel() == rows + 1, "sparsify_csr::spmm: ptr must hold rows + 1 offsets");
+  TORCH_CHECK(!perm.has_value() || perm->scalar_type() == ptr.scalar_type(), "sparsify_csr::spmm: perm's dtype must be the indices'");
   const int64_t batch = dense.size(1);
   at::Tensor out = at::empty_strided({batch, rows}, {1, batch}, dense.options());
   at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor p = perm.has_value() ? perm->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "sparsify_csr::spmm", [&] {
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-    const int64_t* pp = p.defined() ? p.data_ptr<int64_t>() : nullptr;
     if (ptr.scalar_type() == at::kInt) {
+      const int32_t* pp = p.defined() ? p.data_ptr<int32_t>() : nullptr;
       auto run = pp ? spmm_kernel<true, scalar_t, int32_t> : spmm_kernel<false, scalar_t, int32_t>;
       run(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), values.data_ptr<scalar_t>(), pp, dense.data_ptr<scalar_t>(), bp,
           out.data_ptr<scalar_t>(), rows, batch);
     } else {
+      const int64_t* pp = p.defined() ? p.data_ptr<int64_t>() : nullptr;
       auto run = pp ? spmm_kernel<true, scalar_t, int64_t> : spmm_kernel<false, scalar_t, int64_t>;
       run(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), values.data_ptr<scalar_t>(), pp, dense.data_ptr<scalar_t>(), bp,
           out.data_ptr<scalar_t>(), rows, batch);
@@ -231,12 +294,15 @@ std::tuple<at::Tensor, at::Tensor> sampled(const at::Tensor& ptr, const at::Tens
   at::Tensor grad_bias = with_bias ? at::empty({rows}, grad_out.options()) : at::empty({0}, grad_out.options());
   AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "sparsify_csr::sampled", [&] {
     scalar_t* gb = with_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+    const bool wide = batch <= 4 * Vec<float>::L;
     if (ptr.scalar_type() == at::kInt) {
-      sampled_kernel<scalar_t, int32_t>(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), grad_out.data_ptr<scalar_t>(),
-                                        x.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), gb, rows, batch);
+      auto run = wide ? sampled_kernel<true, scalar_t, int32_t> : sampled_kernel<false, scalar_t, int32_t>;
+      run(ptr.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+          grad_values.data_ptr<scalar_t>(), gb, rows, batch);
     } else {
-      sampled_kernel<scalar_t, int64_t>(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), grad_out.data_ptr<scalar_t>(),
-                                        x.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), gb, rows, batch);
+      auto run = wide ? sampled_kernel<true, scalar_t, int64_t> : sampled_kernel<false, scalar_t, int64_t>;
+      run(ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+          grad_values.data_ptr<scalar_t>(), gb, rows, batch);
     }
   });
   return {grad_values, grad_bias};

@@ -303,12 +303,13 @@ def test_a_link_removed_and_regrown_in_one_update_restarts_in_both_backends():
 def test_the_compiled_kernels_and_torchs_kernels_give_the_masked_numbers(monkeypatch):
     """Both paths of the csr backend, side by side: the compiled kernels when they build here (CI builds
     them), and torch's sparse kernels (SPARSIFY_CSR_KERNELS=torch), on batches that hit every
-    vector width and the scalar tail, in float32 and float64."""
+    vector width and the scalar tail, in float32 and float64; rows of about 24 links take the weight
+    gradient's 16-link path and its 4-link and single remainders."""
     for dtype in (torch.float32, torch.float64):
-        for batch in (1, 5, 16, 37, 100):
-            masked, csr = pair(70, 45, 0.2, seed=batch)
+        for batch in (1, 5, 16, 32, 37, 64, 100):
+            masked, csr = pair(70, 120, 0.2, seed=batch)
             masked, csr = masked.to(dtype), csr.to(dtype)
-            x = torch.randn(batch, 45, dtype=dtype)
+            x = torch.randn(batch, 120, dtype=dtype)
             grads = {}
             for path in ("compiled", "torch"):
                 if path == "torch":
