@@ -150,7 +150,8 @@ def child_materialise(dtype_name: str, tokens: int, backend: str) -> dict:
     # the masks (bool) and the evolution's explored positions (packed uint8, one bit a weight)
     mask_bytes = sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype in (torch.bool, torch.uint8)
                      and b.dim() > 0 and b is not handle.evolution.rng_state)
-    return {"part": "materialise", "dtype": dtype_name, "backend": backend, "tokens": tokens, "import_s": imported, "plan_s": plan_s,
+    return {"part": "materialise", "dtype": dtype_name, "backend": backend, "tokens": tokens, "import_s": imported,
+            "plan_s": plan_s,
             "build_s": build_s, "sparsify_s": sparsify_s, "dense_bytes": dense, "mask_bytes": mask_bytes,
             "rss_after_import": base, "rss_after_build": after_build, "peak_rss": peak_rss(),
             "sparse_layers": len(handle.sites), "active": active, "total": total}
