@@ -18,3 +18,14 @@ def test_the_helpers_equal_the_torch_forms(shape, density, view):
     expected = mask.nonzero(as_tuple=True)
     assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
     assert rows.dtype == cols.dtype == torch.int64
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (13, 29), (64, 64)])
+def test_packed_masks_count_as_the_bool_masks_on_both_paths(shape, monkeypatch):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < 0.3
+    packed = bits.pack(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert bits.count_packed(packed) == int(mask.sum())
+    monkeypatch.setattr(bits, "_on_cpu", lambda *_: False)  # the torch forms, as off the CPU
+    assert torch.equal(bits.pack(mask), packed)
+    assert bits.count_packed(packed) == int(mask.sum())

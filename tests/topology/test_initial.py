@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from sparsify.topology import initial
 from sparsify.topology.initial import (INIT_TOPOLOGIES, bipartite_receptive_field, bipartite_scale_free,
                                     bipartite_small_world, correlated_sparse, erdos_renyi, link_count, spread)
 
@@ -146,3 +147,17 @@ def test_csti_links_correlated_features():
     assert torch.equal(hidden[:10, :10], hidden[10:, 10:]) and torch.equal(hidden[:10, :10], hidden[:10, 10:])
     with pytest.raises(ValueError, match="2 calibration samples"):
         correlated_sparse(10, 10, 0.1, gen(), inputs=x[:1])
+
+
+def test_brf_ranked_a_block_of_rows_at_a_time_is_the_layer_ranked_whole(monkeypatch):
+    """The race's temporaries are bounded by ranking rows in blocks; the random stream, and so every
+    mask, is the same as ranking the whole layer at once."""
+    whole = {}
+    for degrees in ("fixed", "uniform"):
+        monkeypatch.setattr(initial, "RACE_POSITIONS", 10**12)
+        whole[degrees] = initial.bipartite_receptive_field(300, 200, 0.1, torch.Generator().manual_seed(1), r=0.4,
+                                                           degrees=degrees)
+        monkeypatch.setattr(initial, "RACE_POSITIONS", 1000)  # 5 rows a block
+        blocks = initial.bipartite_receptive_field(300, 200, 0.1, torch.Generator().manual_seed(1), r=0.4,
+                                                   degrees=degrees)
+        assert torch.equal(blocks, whole[degrees]) and int(blocks.sum()) == 6000

@@ -31,14 +31,3 @@ def test_degree_summary():
     assert s["outputs"] == {"mean": 2.0, "max": 3, "isolated": 0.0, "histogram": [0, 1, 0, 1]}
     assert s["inputs"]["isolated"] == 0.25 and s["inputs"]["histogram"] == [1, 2, 1]
 
-
-@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (13, 29), (64, 64)])
-def test_packed_masks_count_as_the_bool_masks_on_both_paths(shape, monkeypatch):
-    from sparsify.topology import bits
-    mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < 0.3
-    packed = bits.pack(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert bits.count_packed(packed) == int(mask.sum())
-    monkeypatch.setattr(bits, "_on_cpu", lambda *_: False)  # the torch forms, as off the CPU
-    assert torch.equal(bits.pack(mask), packed)
-    assert bits.count_packed(packed) == int(mask.sum())
