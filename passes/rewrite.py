@@ -77,14 +77,24 @@ def layer_inputs(model: nn.Module, names: list[str], raw_input_layers: list[str]
     return out
 
 
+def _normal(weight: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """Fill ``weight`` with N(0, std²) drawn from the (CPU) ``generator``: on the CPU, in place; on another
+    device, drawn on the CPU in the weight's dtype and copied over (a CPU generator cannot fill a CUDA
+    tensor), so one seed gives the same weights on every device."""
+    if weight.device.type == "cpu":
+        weight.normal_(0.0, std, generator=generator)
+        return
+    weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std, generator=generator))
+
+
 def _weights_swi(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
     """Sparse weight init (CHT): normal, std sqrt(2 / (density * in)), Kaiming's for the expected in-degree."""
-    layer.weight.normal_(0.0, math.sqrt(2.0 / (density * layer.in_features)), generator=generator)
+    _normal(layer.weight, math.sqrt(2.0 / (density * layer.in_features)), generator)
 
 
 def _weights_kaiming(layer: SparseLinear, density: float, generator: torch.Generator) -> None:
     """Kaiming normal as if dense: std sqrt(2 / in)."""
-    layer.weight.normal_(0.0, math.sqrt(2.0 / layer.in_features), generator=generator)
+    _normal(layer.weight, math.sqrt(2.0 / layer.in_features), generator)
 
 
 def _weights_rescale(layer: SparseLinear, density: float, generator: torch.Generator) -> None:

@@ -103,7 +103,7 @@ class SparseLinear(nn.Module):
         if tuple(mask.shape) != (self.out_features, self.in_features):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected "
                              f"[out, in] = {(self.out_features, self.in_features)}")
-        return mask.to(dtype=torch.bool)
+        return mask.to(device=self.weight.device, dtype=torch.bool)  # the forward masks the weight with it
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, backend: str = "masked") -> "SparseLinear":
@@ -116,7 +116,7 @@ class SparseLinear(nn.Module):
         layer.bias = linear.bias
         if mask is None:
             mask = torch.ones_like(linear.weight, dtype=torch.bool)
-        layer.register_buffer("mask", layer._check_mask(mask.to(linear.weight.device)))
+        layer.register_buffer("mask", layer._check_mask(mask))
         layer._no_capture()
         layer.apply_mask()
         return layer

@@ -562,6 +562,8 @@ def _save_checkpoint(path: Path, model_state: dict, optimizer_state: dict, state
                   "world": ranks.world, "epoch": state.epoch,
                   "step": state.step, "updates": state.updates, "epochs": state.epochs,
                   "start_masks": state.start_masks, "seconds": state.seconds}
+    if torch.device(cfg.device).type == "cuda":  # dropout and other random ops on the GPU draw from its own generator
+        checkpoint["cuda_rng"] = torch.cuda.get_rng_state(cfg.device)
     save_checkpoint(path, checkpoint)
 
 
@@ -580,6 +582,8 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
+    if "cuda_rng" in checkpoint and torch.device(cfg.device).type == "cuda":
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], cfg.device)
     for key in ("epoch", "step", "updates", "epochs", "start_masks", "seconds"):
         setattr(state, key, checkpoint[key])
     handle.evolution.history[:] = [{k: v for k, v in r.items() if k != "kind"} for r in state.updates]

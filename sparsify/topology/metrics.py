@@ -21,15 +21,16 @@ def active_neuron_rate(masks: dict[str, torch.Tensor], graph: NeuronGraph | None
     """
     active = total = 0
     for name, mask in masks.items():
-        rows = bits.any_along(mask, 1)
-        cols = bits.any_along(mask, 0)
+        # reduced on the mask's device; the [out] and [in] flags then meet the graph's CPU indices on the CPU
+        rows = bits.any_along(mask, 1).cpu()
+        cols = bits.any_along(mask, 0).cpu()
         if graph is not None:
             fed = torch.zeros(mask.shape[1], dtype=torch.bool)
             for c in graph.chains:
                 if c.dst == name:
-                    fed[c.columns] = True
+                    fed[c.columns.cpu()] = True
             cols = cols[~fed]
-        active += int(rows.sum()) + int(cols.sum())
+        active += bits.count(rows) + bits.count(cols)
         total += rows.numel() + cols.numel()
     return active / total if total else 0.0
 

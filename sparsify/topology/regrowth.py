@@ -236,8 +236,19 @@ def ch3_l3p(mask: torch.Tensor, *, weight: torch.Tensor | None = None, grad: tor
         # positions, which are zeroed at the end: cheaper than filtering every path
         pos, (u_at, b_at, w_v) = _expand(by_row[v], deg_out[v], u * in_features, b * in_features, w_v)
         j = row_links[pos, 1]
-        scores.index_add_(0, u_at + j, w_v.mul_(g_in[b_at + j]))
+        _accumulate(scores, u_at + j, w_v.mul_(g_in[b_at + j]))
     return scores.view(out_features, in_features).masked_fill_(mask, 0.0)
+
+
+def _accumulate(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[index] += values`` with repeated indices summed, in the same order on every run: CUDA's
+    ``index_add_`` adds with atomics in whatever order its threads arrive (float sums then differ
+    in the last bit from run to run, and ties between scores with them), so off the CPU the values
+    are summed by ``index_put_(accumulate=True)``, which sorts the indices first."""
+    if out.device.type == "cpu":
+        out.index_add_(0, index, values)
+    else:
+        out.index_put_((index,), values, accumulate=True)
 
 
 def _spans(costs: torch.Tensor, budget: int) -> list[tuple[int, int]]:
