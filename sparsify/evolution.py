@@ -105,10 +105,12 @@ class Evolution(nn.Module):
         self._graph_of = graph_of
         self._graphs: dict[frozenset, NeuronGraph] = {}
         self.graph = self._graph(frozenset(self.names))
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
-        self.register_buffer("rng_state", generator.get_state())
+        # on the layers' device, as after model.to(device): DDP broadcasts buffers on its process group's device
+        device = next((layers[n].mask.device for n in self.names if not layers[n].mask.is_meta), torch.device("cpu"))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("rng_state", generator.get_state().to(device))  # the generator itself is a CPU one
         self.state = nn.ModuleList(LayerState(layers[n].mask) for n in self.names)
         self._state_of = dict(zip(self.names, self.state))
         self._optimizers: list[torch.optim.Optimizer] = []

@@ -13,6 +13,7 @@ from sparsify.policy import METHODS
 from sparsify.topology.initial import link_count
 from sparsify.topology.percolation import percolate
 
+from conftest import NO_CUDA
 from model_zoo import load_example
 
 EVERY = {"version": 1, "unmatched": "sparsify"}
@@ -67,9 +68,10 @@ class Checker:
             self.before[name] = new.clone()
 
 
-def train(model, handle, optimizer, steps, data=None, accumulate=1):
+def train(model, handle, optimizer, steps, data=None, accumulate=1, device="cpu"):
     losses = []
     for x, y in data if data is not None else batches(steps * accumulate):
+        x, y = x.to(device), y.to(device)
         loss = nn.functional.cross_entropy(model(x), y) / accumulate
         loss.backward()
         losses.append(float(loss.detach()))
@@ -80,12 +82,13 @@ def train(model, handle, optimizer, steps, data=None, accumulate=1):
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "static"])
-def test_invariants_hold_over_two_thousand_steps_for_every_method(method):
+def test_invariants_hold_over_two_thousand_steps_for_every_method(method, device):
     model, handle = sparsify.sparsify(mlp(), policy(method), torch.randn(2, 12))
+    model.to(device)  # as the CLI does: sparsified on the CPU, trained on its device
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     handle.attach(optimizer, total_steps=2000)
     checker = Checker(handle, optimizer)
-    losses = train(model, handle, optimizer, 2000)
+    losses = train(model, handle, optimizer, 2000, device=device)
     last = handle.evolution.last_update("fc1")
     assert checker.updates == len(handle.history) > 0
     if METHODS[method]["early_stop"] is None:  # CHT may freeze layers early (tested below)
@@ -99,7 +102,7 @@ def test_invariants_hold_over_two_thousand_steps_for_every_method(method):
         assert sum(r["layers"].get("fc2", {}).get("pruned", 0) for r in handle.history) > 0
 
 
-def test_coupled_layers_percolate_together_over_two_thousand_steps(monkeypatch):
+def test_coupled_layers_percolate_together_over_two_thousand_steps(monkeypatch, device):
     """LLaMA-style decoder with RoPE and grouped-query attention under CHTs at 10%: after every
     percolation, gate/up rows are live together, q rows only with a live k partner, and a column of
     down or o only while the rows feeding it have input."""
@@ -107,6 +110,7 @@ def test_coupled_layers_percolate_together_over_two_thousand_steps(monkeypatch):
     model, x = m.build_model(), m.example_inputs()
     # removal by |W|: links of neurons that stop mattering go first, so neurons empty and percolate
     model, handle = sparsify.sparsify(model, policy("CHTs", density=0.1, every=20, removal={"score": "WM"}), x)
+    model.to(device)
     graph = handle.neuron_graph()
     seen = []
 
@@ -137,7 +141,7 @@ def test_coupled_layers_percolate_together_over_two_thousand_steps(monkeypatch):
     checker = Checker(handle, optimizer)
     g = torch.Generator().manual_seed(1)
     for _ in range(2000):
-        tokens = torch.randint(0, 128, (4, 9), generator=g)
+        tokens = torch.randint(0, 128, (4, 9), generator=g).to(device)
         logits = model(tokens[:, :-1])
         nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         optimizer.step()
@@ -159,15 +163,16 @@ def test_static_policy_never_changes_the_topology_and_needs_no_schedule():
 @pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
                                   lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
                                   lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)])
-def test_moments_of_changed_links_are_reset(make):
+def test_moments_of_changed_links_are_reset(make, device):
     model, handle = sparsify.sparsify(mlp(), policy("SET", density=0.3, every=5), torch.randn(2, 12))
+    model.to(device)
     optimizer = make(model.parameters())
     handle.attach(optimizer, total_steps=100)
     Checker(handle, optimizer)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # known optimizers: no warning
         for x, y in batches(100):
-            nn.functional.cross_entropy(model(x), y).backward()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
             optimizer.zero_grad()
             for site in handle.sites.values():  # inactive weights stay exactly zero between updates too
@@ -202,11 +207,14 @@ def test_dense_gradient_is_captured_only_before_a_rigl_update():
     assert [i for i, a in enumerate(armed, 1) if a] == [r["step"] for r in handle.history] == list(range(7, 75, 7))
 
 
-def test_gradient_accumulation_counts_optimizer_steps_and_sums_dense_gradients():
+def test_gradient_accumulation_counts_optimizer_steps_and_sums_dense_gradients(device):
+    """The masked layer's weight gradient and the dense gradient it keeps for RigL equal those of a
+    dense layer whose weight is the masked one."""
     model, handle = sparsify.sparsify(mlp(), policy("RigL", every=5), torch.randn(2, 12))
+    model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     handle.attach(optimizer, total_steps=40)
-    data = list(batches(20))
+    data = [(x.to(device), y.to(device)) for x, y in batches(20)]
     layer = handle.sites["fc1"].module
     for i, (x, y) in enumerate(data[:16], 1):  # four optimizer steps of four micro-batches
         (nn.functional.cross_entropy(model(x), y) / 4).backward()
@@ -345,24 +353,27 @@ def test_explored_positions_take_one_bit_each_and_load_from_a_state_saved_unpack
         assert torch.equal(state.ever, handle.evolution.state[i].ever)
 
 
-def resumable_run(steps, stop=None, checkpoint=None):
-    """A CHTs run on the MLP with AdamW; optionally stopped after ``stop`` steps (returns a
+def resumable_run(steps, stop=None, checkpoint=None, device=torch.device("cpu")):
+    """A CHTs run on the MLP with AdamW on ``device``; optionally stopped after ``stop`` steps (returns a
     checkpoint) or resumed from ``checkpoint``. Returns (losses, masks, checkpoint)."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # seeds every device's generator
     model, handle = sparsify.sparsify(mlp(), policy("CHTs", density=0.2, every=7), torch.randn(2, 12))
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     handle.attach(optimizer, total_steps=steps)
-    data = list(batches(steps))
+    data = [(x.to(device), y.to(device)) for x, y in batches(steps)]
     start = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         start = checkpoint["step"]
     losses, masks = [], []
     for i in range(start, stop or steps):
         x, y = data[i]
-        x = nn.functional.dropout(x, 0.1)  # uses the global RNG: it must resume too
+        x = nn.functional.dropout(x, 0.1)  # uses the global RNG (the device's): it must resume too
         loss = nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
@@ -371,18 +382,52 @@ def resumable_run(steps, stop=None, checkpoint=None):
         masks.append(torch.cat([s.module.mask.flatten() for s in handle.sites.values()]))
     saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
              "rng": torch.get_rng_state(), "step": stop or steps}
+    if device.type == "cuda":
+        saved["cuda_rng"] = torch.cuda.get_rng_state(device)
     return losses, masks, saved
 
 
-def test_interrupted_and_resumed_run_is_bitwise_identical():
-    losses, masks, _ = resumable_run(120)
-    first_losses, first_masks, checkpoint = resumable_run(120, stop=53)
-    rest_losses, rest_masks, _ = resumable_run(120, checkpoint=checkpoint)
+def test_interrupted_and_resumed_run_is_bitwise_identical(device):
+    losses, masks, _ = resumable_run(120, device=device)
+    first_losses, first_masks, checkpoint = resumable_run(120, stop=53, device=device)
+    rest_losses, rest_masks, _ = resumable_run(120, checkpoint=checkpoint, device=device)
     resumed = first_losses + rest_losses
     assert len(resumed) == len(losses) == 120
     assert all(torch.equal(a, b) for a, b in zip(losses, resumed))
     assert all(torch.equal(a, b) for a, b in zip(masks, first_masks + rest_masks))
     assert not torch.equal(masks[0], masks[-1])  # the topology did evolve
+
+
+def seeded_masks(device: str) -> list[dict]:
+    """SET with sparse weight init on a model already on ``device`` when sparsified: the initial masks
+    and weights, then the masks and weights after each of 20 updates made from the same weights (no
+    optimizer step between them), all on the CPU."""
+    spec = policy("SET", density=0.2, every=1, init={"model": "ER", "weights": "swi"})
+    model, handle = sparsify.sparsify(mlp().to(device), spec, torch.randn(2, 12, device=device))
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {device}
+    handle.attach(torch.optim.SGD(model.parameters(), lr=0.1), total_steps=30, hook=False)
+    def state():
+        return {n: (s.module.mask.to("cpu", copy=True), s.module.weight.detach().to("cpu", copy=True))
+                for n, s in handle.sites.items()}
+
+    states = [state()]
+    for _ in range(20):
+        handle.evolution.step()
+        states.append(state())
+    assert len(handle.history) == 20
+    return states
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_one_seed_gives_the_same_weights_and_masks_on_the_cpu_and_on_cuda():
+    """The initial masks and weights are drawn on the CPU, and an update's selection runs on the CPU
+    from the evolution's CPU generator: with removal by |W| and uniform regrowth, the same weights give
+    the same masks on both devices."""
+    on_cpu, on_cuda = seeded_masks("cpu"), seeded_masks("cuda")
+    for before, after in zip(on_cpu, on_cuda):
+        for name, (mask, weight) in before.items():
+            assert torch.equal(mask, after[name][0]) and torch.equal(weight, after[name][1]), name
+    assert not torch.equal(on_cpu[0]["fc2"][0], on_cpu[-1]["fc2"][0])  # the topology did change
 
 
 def test_a_schedule_with_no_update_is_refused_or_warned():

@@ -24,9 +24,9 @@ def test_density_one_gives_identical_outputs():
         assert all(s.module.density == 1.0 for s in handle.sites.values())
 
 
-def test_exact_link_count_zero_inactive_weights_and_gradients():
+def test_exact_link_count_zero_inactive_weights_and_gradients(device):
     m = load_example("llama")
-    model, x = m.build_model(), m.example_inputs()
+    model, x = m.build_model().to(device), tuple(t.to(device) for t in m.example_inputs())
     model, handle = sparsify.sparsify(model, {**EVERY, "defaults": {"density": 0.3}}, x)
     assert len(handle.sites) == 15
     model(*x).sum().backward()
