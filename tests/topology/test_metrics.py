@@ -5,9 +5,10 @@ from sparsify.topology.metrics import active_neuron_rate, degree_summary, explor
 from sparsify.topology.percolation import Chain, NeuronGraph
 
 
-def test_anp_counts_a_hidden_neuron_once_with_a_graph():
-    fc1 = torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool)  # inputs 3, hidden 2
-    fc2 = torch.tensor([[1, 0]], dtype=torch.bool)  # hidden 2 -> 1 output
+def test_anp_counts_a_hidden_neuron_once_with_a_graph(device):
+    # masks on the device, the graph's indices on the CPU (as the evolution holds them)
+    fc1 = torch.tensor([[1, 0, 0], [0, 0, 0]], dtype=torch.bool, device=device)  # inputs 3, hidden 2
+    fc2 = torch.tensor([[1, 0]], dtype=torch.bool, device=device)  # hidden 2 -> 1 output
     graph = NeuronGraph({"fc1": (2, 3), "fc2": (1, 2)}, chains=[Chain("fc1", "fc2", torch.arange(2), torch.arange(2))])
     # neurons: 3 inputs (1 active) + 2 hidden (1) + 1 output (1) = 3 of 6
     assert active_neuron_rate({"fc1": fc1, "fc2": fc2}, graph) == pytest.approx(3 / 6)

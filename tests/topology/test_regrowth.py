@@ -124,3 +124,18 @@ def test_scores_of_narrow_and_wide_layers_with_and_without_integer_counts(shape,
     assert torch.allclose(ch2_l3n(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
     monkeypatch.setattr(regrowth, "_integer_products", lambda mask: None)
     assert torch.allclose(ch2_l3n(mask, dtype=torch.float64), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CH))
+def test_scores_on_the_device_equal_the_definition_and_repeat_exactly(name, device):
+    """On a GPU the CH products run there (dense, without TF32) and CH3-L3p sums its paths in a sorted
+    order, not in the arrival order of atomic adds: the same mask gives the same float32 scores every time."""
+    fast, slow = CH[name]
+    for shape, density, seed in [((20, 20), 0.3, 0), ((30, 40), 0.2, 3)]:
+        mask = random_mask(shape, density, seed)
+        expected = torch.tensor(slow(mask.tolist()), dtype=torch.float64)
+        got = fast(mask.to(device), dtype=torch.float64)
+        assert got.device == torch.device(device)
+        assert torch.allclose(got.cpu(), expected, atol=1e-6, rtol=0)
+        first = fast(mask.to(device))
+        assert all(torch.equal(first, fast(mask.to(device))) for _ in range(3))

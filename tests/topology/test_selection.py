@@ -227,3 +227,14 @@ def test_hard_selection_among_equal_scores_is_uniform():
     assert torch.allclose(counts[:12] / trials, torch.full((12,), 1 / 12), atol=0.02)
     top = select(torch.tensor([2.0] + [1.0] * 15), 1, g)  # not tied: the largest, as before
     assert bool(top[0]) and int(top.sum()) == 1
+
+
+@pytest.mark.parametrize("temperature", [math.inf, 1.0, 0.5])
+def test_scores_on_the_device_give_the_cpus_choice_there(temperature, device):
+    """The choice runs on the CPU from the CPU generator: scores held on a GPU give the same mask, on the GPU."""
+    scores = torch.rand(40, 50, generator=gen(1)).mul_(4).round_()  # many ties, broken by the generator
+    eligible = torch.rand(40, 50, generator=gen(2)) < 0.7
+    expected = select(scores, 300, gen(3), eligible=eligible, temperature=temperature)
+    chosen = select(scores.to(device), 300, gen(3), eligible=eligible.to(device), temperature=temperature)
+    assert chosen.device == torch.device(device) and torch.equal(chosen.cpu(), expected)
+    assert int(expected.sum()) == 300 and not expected[~eligible].any()
