@@ -83,9 +83,9 @@ def comparable(folder):
     return rows
 
 
-def test_interrupted_run_resumes_to_the_same_masks_and_losses(tmp_path):
+def test_interrupted_run_resumes_to_the_same_masks_and_losses(tmp_path, device):
     policy = tmp_path / "policy.yaml"
-    policy.write_text(TINY_POLICY)
+    policy.write_text(TINY_POLICY.replace("lr: 0.01}", f"lr: 0.01, device: {device}}}"))  # dropout on its generator
     cmd = ["sparsify", str(TINY), str(policy), "--no-plots", "-o"]
     whole = subprocess.run(cmd + [str(tmp_path / "whole")], capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
@@ -101,8 +101,8 @@ def test_interrupted_run_resumes_to_the_same_masks_and_losses(tmp_path):
     expected = comparable(tmp_path / "whole")
     assert comparable(tmp_path / "broken") == expected  # losses, accuracies, every update's counts: equal
     assert [r["kind"] for r in expected].count("update") == 6
-    a = torch.load(tmp_path / "whole/model.pt")["state_dict"]
-    b = torch.load(tmp_path / "broken/model.pt")["state_dict"]
+    a = torch.load(tmp_path / "whole/model.pt", map_location="cpu")["state_dict"]
+    b = torch.load(tmp_path / "broken/model.pt", map_location="cpu")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks and weights, bitwise
 
 
