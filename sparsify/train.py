@@ -229,6 +229,12 @@ def _init_distributed(device: str) -> Ranks:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
+    target = torch.device(device)
+    if target.type == "cuda":  # one GPU a process: the one of its local rank, as torchrun numbers them
+        if target.index is not None:
+            raise SparsifyError(f"training.device {device!r} puts all {world} processes on one GPU; write "
+                                "device: cuda, and each process takes the GPU of its LOCAL_RANK")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means that GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())

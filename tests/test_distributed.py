@@ -97,3 +97,15 @@ def test_cli_trains_sharded_by_fsdp_and_an_interrupted_run_resumes_to_the_same_m
     for key, value in models[0].items():
         assert torch.allclose(value, models[1][key], atol=1e-6) if value.is_floating_point() \
             else torch.equal(value, models[1][key]), key
+
+
+def test_a_numbered_gpu_for_every_process_is_refused_before_the_group_forms(monkeypatch):
+    """With several processes, device cuda means each process's own GPU (its LOCAL_RANK); a numbered
+    one would put every rank on the same GPU, which NCCL refuses deep inside its first collective."""
+    from sparsify import train
+    from sparsify.errors import SparsifyError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SparsifyError, match=r"'cuda:0' puts all 2 processes on one GPU; write device: cuda"):
+        train._init_distributed("cuda:0")
