@@ -285,6 +285,14 @@ def _settings(model_path: str, policy_path: str, epochs: int | None) -> tuple[An
                              "iterables of (inputs, targets) batches"
                              + (". To only analyze the model, use `sparsify inspect`." if not missing else ""))
     cfg = policy.training_config()
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise SparsifyError(f"{policy.source}: training.device {cfg.device!r} is not a torch device; write cpu, "
+                            "cuda, cuda:1 or another torch device string") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsifyError(f"{policy.source}: training.device {cfg.device!r}, but this torch sees no CUDA device "
+                            f"(torch {torch.__version__}, torch.cuda.is_available() is False); train on cpu")
     if epochs is not None:
         if epochs < 1:
             raise SparsifyError(f"--epochs {epochs}: must be at least 1")

@@ -97,6 +97,17 @@ def test_regex_that_does_not_compile(tmp_path, capsys):
     assert "p.yaml:3: rules[0].match.regex: 'fc[1-' is not a valid regular expression" in err
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("gpu", "training.device 'gpu' is not a torch device; write cpu, cuda, cuda:1"),
+    ("cuda:x", "training.device 'cuda:x' is not a torch device"),
+    *([] if torch.cuda.is_available() else [("cuda", "training.device 'cuda', but this torch sees no CUDA device")]),
+])
+def test_a_training_device_torch_cannot_use_is_refused_before_the_run(tmp_path, capsys, device, expected):
+    policy = write(tmp_path, "p.yaml", POLICY.replace("lr: 0.01}", f"lr: 0.01, device: '{device}'}}"))
+    assert expected in error_of(capsys, TINY, policy, "-o", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_rules_that_apply_to_no_layer_warn_and_the_run_goes_on(tmp_path, capsys):
     policy = write(tmp_path, "p.yaml", POLICY.replace("training:", """  - match: {name: fc_3}
     density: 0.5
