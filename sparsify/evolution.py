@@ -79,6 +79,7 @@ class LayerState(nn.Module):
 
 
 def _replay_switches_after_load(evolution: "Evolution", _incompatible_keys) -> None:
+    evolution._read_counts()
     evolution._replay_switches()
 
 
@@ -111,6 +112,9 @@ class Evolution(nn.Module):
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("rng_state", generator.get_state().to(device))  # the generator itself is a CPU one
+        # the three counts as Python ints, read every step without reading a (possibly CUDA) tensor: kept
+        # equal to the buffers, and read back from them after a load and at attach() and update()
+        self._steps = self._total = self._per_epoch = 0
         self.state = nn.ModuleList(LayerState(layers[n].mask) for n in self.names)
         self._state_of = dict(zip(self.names, self.state))
         self._optimizers: list[torch.optim.Optimizer] = []
@@ -127,7 +131,12 @@ class Evolution(nn.Module):
     @property
     def step_index(self) -> int:
         """Optimizer steps counted so far."""
-        return int(self.step_count)
+        return self._steps
+
+    def _read_counts(self) -> None:
+        """The Python counts from the buffers (after they were loaded)."""
+        self._steps, self._total = int(self.step_count), int(self.total_steps)
+        self._per_epoch = int(self.steps_per_epoch)
 
     @property
     def evolving(self) -> list[str]:
@@ -147,7 +156,7 @@ class Evolution(nn.Module):
             return None
         every = int(update.every)
         if update.unit == "epochs":
-            per_epoch = int(self.steps_per_epoch)
+            per_epoch = self._per_epoch
             if per_epoch <= 0:
                 raise SparsifyError(f"layer {name} updates its topology every {every} epoch(s), but the number "
                                     "of steps per epoch is unknown: pass steps_per_epoch= to attach()")
@@ -156,7 +165,7 @@ class Evolution(nn.Module):
 
     def t_end(self, name: str) -> int:
         """The step from which ``name`` no longer updates (T_end)."""
-        return int(round(self.specs[name].t_end * int(self.total_steps)))
+        return int(round(self.specs[name].t_end * self._total))
 
     def last_update(self, name: str) -> int | None:
         """The step of ``name``'s last update (None: no update fits before T_end)."""
@@ -180,7 +189,7 @@ class Evolution(nn.Module):
         last = self.last_update(name)
         if decay.kind == "none" or (last is not None and step >= last):
             return spec.density
-        total = int(self.total_steps)
+        total = self._total
         return DENSITY_DECAYS[decay.kind](step, t0=decay.start * total, tf=decay.end * total,
                                           d_i=spec.initial_density, d_f=spec.density, steepness=decay.steepness,
                                           halved_window=decay.halved_window,
@@ -188,7 +197,7 @@ class Evolution(nn.Module):
                                              extra=EMS_EXTRA)
 
     def _require_schedule(self) -> None:
-        if self.evolving and int(self.total_steps) <= 0:
+        if self.evolving and self._total <= 0:
             raise SparsifyError(
                 "the topology evolution does not know the length of training: call "
                 "handle.attach(optimizer, total_steps=..., steps_per_epoch=...) before training")
@@ -224,6 +233,7 @@ class Evolution(nn.Module):
                                 "create it from model.parameters() after sparsify() (and after fully_shard)")
         self.total_steps.fill_(total_steps)
         self.steps_per_epoch.fill_(steps_per_epoch or 0)
+        self._read_counts()
         idle = []
         for name in self.evolving:  # epochs without steps_per_epoch, or no update at all: say so now
             if self.last_update(name) is not None:
@@ -252,9 +262,9 @@ class Evolution(nn.Module):
         passes the output through.
         """
         result = passthrough[0] if len(passthrough) == 1 else (passthrough or None)
-        if not (self.training and torch.is_grad_enabled()) or int(self.total_steps) <= 0:
+        if not (self.training and torch.is_grad_enabled()) or self._total <= 0:
             return result
-        coming = int(self.step_count) + 1
+        coming = self._steps + 1
         if self._armed_for == coming:
             return result
         self._armed_for = coming
@@ -282,7 +292,8 @@ class Evolution(nn.Module):
             for layer in self._layers.values():
                 layer.apply_mask()
         self.step_count.add_(1)  # in place: no module setattr on every step
-        step = int(self.step_count)
+        self._steps += 1
+        step = self._steps
         due = [n for n in self.names if self.due(n, step)]
         return self.update(due) if due else None
 
@@ -311,7 +322,7 @@ class Evolution(nn.Module):
         grad = layer.dense_grad
         if grad is None:
             raise SparsifyError(
-                f"layer {name}: gradient-based regrowth at step {int(self.step_count)} found no dense gradient. "
+                f"layer {name}: gradient-based regrowth at step {self._steps} found no dense gradient. "
                 "The model's forward must run in training mode with gradients enabled in the step before the "
                 "update (the evolution arms the capture from the forward), and the step must be counted once.")
         if _world_size() > 1:
@@ -323,7 +334,8 @@ class Evolution(nn.Module):
     def update(self, names: list[str]) -> dict:
         """Update the topology of ``names`` at the current step (see the module docstring)."""
         started = time.perf_counter()
-        step = int(self.step_count)
+        self._read_counts()
+        step = self._steps
         generator = torch.Generator()
         generator.set_state(self.rng_state.cpu())
         grads = {n: self._dense_grad(n) for n in names
@@ -480,7 +492,7 @@ class Evolution(nn.Module):
             if early and layers[name]["overlap"] > early.overlap:
                 self._state(name).frozen.fill_(True)
             layers[name]["frozen"] = bool(self._state(name).frozen)
-        per_epoch = int(self.steps_per_epoch)
+        per_epoch = self._per_epoch
         return {"step": step, "epoch": step / per_epoch if per_epoch else None,
                 "anp": active_neuron_rate({n: layer.mask for n, layer in self._layers.items()}, self.graph),
                 "seconds": round(seconds, 4), "layers": layers}
