@@ -31,6 +31,14 @@ def checksum(masks: dict) -> list[int]:
     return out
 
 
+def every_ranks_checksums(handle) -> list[list[int]]:
+    """This rank's mask checksums gathered from every rank (rank order); a collective: all ranks call it."""
+    mine = torch.tensor(checksum(handle.masks()))
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
 def train(rank: int, world: int, store_path: str, method: str, wrap_first: bool, out: str,
           density: float = 0.15) -> None:
     torch.set_num_threads(1)
@@ -64,10 +72,7 @@ def _train(rank: int, world: int, method: str, wrap_first: bool, out: str, densi
     sums = []
 
     def compare(record):
-        mine = torch.tensor(checksum(handle.masks()))
-        every = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine)
-        sums.append([t.tolist() for t in every])
+        sums.append(every_ranks_checksums(handle))
 
     handle.evolution.listeners.append(compare)
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data: gradients differ

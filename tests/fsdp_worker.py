@@ -18,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 import sparsify
 from sparsify.sparse_linear import full_tensor
 from sparsify.train import leave_together
-from ddp_worker import Net, checksum
+from ddp_worker import Net, checksum, every_ranks_checksums
 
 STEPS = 60  # an update every 5 steps until T_end = 45: steps 5, 10, ..., 40
 CUT = 22  # the interrupted run stops after this step (updates at 5, ..., 20 done)
@@ -80,10 +80,7 @@ def _run(rank, world, out, mode, method, stop, resume, backend) -> dict:
     sums, moments, losses = [], [], []
 
     def check(record):
-        mine = torch.tensor(checksum(handle.masks()))
-        every = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine)
-        sums.append([t.tolist() for t in every])
+        sums.append(every_ranks_checksums(handle))
         zero = True  # every moment is 0 wherever the mask is, and at no more than the kept links it is not
         for name, site in handle.sites.items():
             state = optimizer.state[site.module.weight]

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 import sparsify
 from sparsify.integrations.hf import SparsifyCallback
+from ddp_worker import checksum, every_ranks_checksums
 
 VOCAB, SEQ = 64, 16
 
@@ -23,15 +24,6 @@ class Tokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
-def checksum(masks: dict) -> list[int]:
-    """Per layer: the number of links and a position-weighted sum, as integers."""
-    out = []
-    for mask in masks.values():
-        flat = mask.flatten().long()
-        out += [int(flat.sum()), int((flat * torch.arange(1, flat.numel() + 1)).sum())]
-    return out
 
 
 class Losses(TrainerCallback):
@@ -55,10 +47,7 @@ def main(out: str, method: str) -> None:
     sums = []
 
     def compare(record):
-        mine = torch.tensor(checksum(handle.masks()))
-        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, mine)
-        sums.append([t.tolist() for t in every])
+        sums.append(every_ranks_checksums(handle))
 
     handle.evolution.listeners.append(compare)
     losses = Losses()

@@ -11,6 +11,7 @@ from torch import nn
 
 import sparsify
 from sparsify.integrations.lightning import SparsifyCallback
+from ddp_worker import checksum, every_ranks_checksums
 
 POLICY = {"version": 1, "seed": 0, "rules": [{"match": {"regex": "fc[12]"}, "density": 0.2, "method": "CHTs",
                                               "update": {"every": 3, "unit": "steps"}}]}
@@ -55,15 +56,6 @@ def build(seed=0, policy=None):
     return Classifier(net), handle
 
 
-def checksum(masks: dict) -> list[int]:
-    """Per layer: the number of links and a position-weighted sum, as integers."""
-    out = []
-    for mask in masks.values():
-        flat = mask.flatten().long()
-        out += [int(flat.sum()), int((flat * torch.arange(1, flat.numel() + 1)).sum())]
-    return out
-
-
 def ddp(out: str, method: str) -> None:
     torch.set_num_threads(1)
     policy = {**POLICY, "rules": [{**POLICY["rules"][0], "method": method}]}
@@ -71,10 +63,7 @@ def ddp(out: str, method: str) -> None:
     sums = []
 
     def compare(record):
-        mine = torch.tensor(checksum(handle.masks()))
-        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(every, mine)
-        sums.append([t.tolist() for t in every])
+        sums.append(every_ranks_checksums(handle))
 
     handle.evolution.listeners.append(compare)
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False,
