@@ -16,7 +16,7 @@ from torch import nn
 
 from sparsify.csr_linear import CsrLinear, csr_density_limit
 from sparsify.errors import PlanError
-from sparsify.passes.couple import Coupling
+from sparsify.passes.couple import ChainGroup, Coupling
 from sparsify.passes.find_linears import Sites
 from sparsify.passes.graph_pass import GraphPass
 from sparsify.policy import LayerSpec, Policy, Rule
@@ -59,6 +59,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # specs a layer can take but probably should not
     raw_input_layers: list[str] = field(default_factory=list)  # linear layers that read the model's input
     sharded: bool = False  # training.distributed: fsdp, so backend auto resolves to masked
+    # sparse layers whose output a dense linear layer reads (a chain of the coupling): the csr backend
+    # returns their output contiguous, the layout torch's linear reads fast
+    read_by_dense: set[str] = field(default_factory=set)
 
     @property
     def sparse(self) -> dict[str, LayerSpec]:
@@ -133,6 +136,9 @@ def plan(model: nn.Module, sites: Sites, policy: Policy, coupling: Coupling | No
     unused = [r for r in policy.rules if r.index not in used]
     shadowed = {r.index: matching[r.index] for r in unused if r.index in matching}
     result = Plan(decisions, unused, list(sites.sites), shadowed, notes, raw, sharded)
+    if coupling is not None:
+        result.read_by_dense = {g.src for g in coupling.groups if isinstance(g, ChainGroup)
+                                and g.src in result.sparse and g.dst not in result.sparse}
     if not result.sparse:
         names = ", ".join(list(sites.sites)[:6]) + (", ..." if len(sites.sites) > 6 else "")
         raise PlanError(

@@ -153,6 +153,7 @@ def rewrite(model: nn.Module, plan: Plan, seed: int, graph_module: fx.GraphModul
             raise ValueError(f"{name} is already a SparseLinear; rewrite each model once")
         mask = initial_mask(name, old, spec, seed, calibrated.get(name))
         new = SparseLinear.from_linear(old, mask=mask)
+        new.contiguous_output = name in plan.read_by_dense
         initial_weights(name, new, spec, seed)
         backend = resolved_backend(spec, tuple(mask.shape), plan.sharded)
         new = CsrLinear.from_masked(new) if backend == "csr" else new

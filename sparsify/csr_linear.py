@@ -15,7 +15,9 @@ So optimizer state exists only for active links. The products take their dense o
 transposed (features × batch, contiguous). For an input of [batch, features], the output is
 returned as the transpose of such a tensor, so a stack of CsrLinear layers with elementwise ops
 between them (an MLP) passes activations and gradients on without copies (``.reshape`` it, since
-``.view`` cannot merge its batch and feature dimensions). For an input with more dimensions (a
+``.view`` cannot merge its batch and feature dimensions); where a dense linear layer reads it (an
+MLP's dense output layer), it is returned contiguous instead (:attr:`CsrLinear.contiguous_output`).
+For an input with more dimensions (a
 sequence model's [batch, tokens, features]), the output is contiguous, as nn.Linear's is: the
 model's code splits it into heads and may need the features innermost (DeepSeek-V2's rotary
 embedding views pairs of them as complex numbers); the copy costs a few percent of a
@@ -153,9 +155,13 @@ def _write_json(path, data: dict) -> None:
 
 
 def _transposed(a: torch.Tensor) -> torch.Tensor:
-    """``a.t()`` as a contiguous tensor, copying only when ``a`` is not already laid out that way."""
+    """``a.t()`` as a contiguous tensor, copying only when ``a`` is not already laid out that way (with
+    the compiled kernels' tiled copy where they take ``a``: about twice the rate of torch's)."""
     t = a.t()
-    return t if t.is_contiguous() else t.contiguous()
+    if t.is_contiguous():
+        return t
+    kernels = csr_kernels.ops() if a.is_contiguous() and csr_kernels.supported(a) else None
+    return kernels.transposed(a) if kernels is not None else t.contiguous()
 
 
 class _CsrLinearFunction(torch.autograd.Function):
@@ -164,7 +170,7 @@ class _CsrLinearFunction(torch.autograd.Function):
     next CsrLinear (after elementwise ops, which keep the layout) takes it without a copy either."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, layer):
+    def forward(ctx, x, values, bias, layer, contiguous):
         s = layer._csr
         xt = _transposed(x)
         kernels = csr_kernels.ops() if csr_kernels.supported(values) and (bias is None or bias.dtype == values.dtype) \
@@ -172,7 +178,8 @@ class _CsrLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(xt, values)
         ctx.layer, ctx.has_bias, ctx.kernels = layer, bias is not None, kernels
         if kernels is not None and xt.dtype == values.dtype:  # one call: the product and the bias
-            return kernels.spmm(s["crow"], s["col"], values, None, xt, bias, layer.out_features)
+            y = kernels.spmm(s["crow"], s["col"], values, None, xt, bias, layer.out_features)
+            return _transposed(y.t()) if contiguous else y
         weight = torch.sparse_csr_tensor(s["crow"], s["col"], values, (layer.out_features, layer.in_features),
                                          check_invariants=False)
         # the output is allocated transposed rather than returned as a view of yt: a custom Function
@@ -183,7 +190,7 @@ class _CsrLinearFunction(torch.autograd.Function):
             torch.addmm(y.t(), weight, xt, beta=0.0, out=y.t())
         else:
             torch.addmm(bias.unsqueeze(1).expand(-1, xt.shape[1]), weight, xt, out=y.t())
-        return y
+        return _transposed(y.t()) if contiguous else y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -217,7 +224,7 @@ class _CsrLinearFunction(torch.autograd.Function):
         if layer.capture_dense_grad:  # a gradient-based topology update is due: the dense gradient, once
             dense = gyt @ xt.t()
             layer.dense_grad = dense if layer.dense_grad is None else layer.dense_grad + dense
-        return grad_x, grad_values, grad_bias, None
+        return grad_x, grad_values, grad_bias, None, None
 
 
 class CsrLinear(nn.Module):
@@ -230,6 +237,10 @@ class CsrLinear(nn.Module):
     """
 
     backend = "csr"
+    # True: a dense linear layer reads this layer's output (the rewrite sets it from the plan), so a 2-d
+    # output is returned contiguous: torch's linear reads the transposed layout several times slower
+    # (10x for 10 outputs at batch 256), more than the copy costs
+    contiguous_output = False
 
     def __init__(self, mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -244,7 +255,9 @@ class CsrLinear(nn.Module):
     @classmethod
     def from_masked(cls, layer: SparseLinear) -> "CsrLinear":
         """The same layer (weights, bias, mask) with CSR storage; gradients and optimizer state are not carried."""
-        return cls(layer.mask, layer.weight.detach() * layer.mask, None if layer.bias is None else layer.bias)
+        new = cls(layer.mask, layer.weight.detach() * layer.mask, None if layer.bias is None else layer.bias)
+        new.contiguous_output = layer.contiguous_output
+        return new
 
     def to_masked(self) -> SparseLinear:
         """The same layer with the masked backend."""
@@ -254,7 +267,9 @@ class CsrLinear(nn.Module):
             linear.weight.copy_(self.weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return SparseLinear.from_linear(linear, mask=self.mask.clone())
+        layer = SparseLinear.from_linear(linear, mask=self.mask.clone())
+        layer.contiguous_output = self.contiguous_output
+        return layer
 
     def to_linear(self) -> nn.Linear:
         return self.to_masked().to_linear()
@@ -393,10 +408,10 @@ class CsrLinear(nn.Module):
         if shape[-1] != self.in_features:  # the compiled kernels read only the columns the links name
             raise RuntimeError(f"CsrLinear: the input has {shape[-1]} features in its last dimension, the layer "
                                f"takes {self.in_features}")
-        y = _CsrLinearFunction.apply(x.reshape(-1, shape[-1]), self.values, self.bias, self)
-        if x.dim() == 2:
-            return y  # transposed layout: the next CsrLinear of an MLP takes it without a copy
-        return y.reshape(*shape[:-1], self.out_features).contiguous()
+        # 2-d: the transposed layout, which the next CsrLinear of an MLP takes without a copy
+        contiguous = x.dim() != 2 or self.contiguous_output
+        y = _CsrLinearFunction.apply(x.reshape(-1, shape[-1]), self.values, self.bias, self, contiguous)
+        return y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

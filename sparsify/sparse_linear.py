@@ -85,6 +85,10 @@ class SparseLinear(nn.Module):
     (3, 0.25)
     """
 
+    # set by the rewrite where a dense linear layer reads this layer's output; kept when the layer moves
+    # to csr storage, whose output is then contiguous (see CsrLinear.forward); no effect here
+    contiguous_output = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  mask: torch.Tensor | None = None, backend: str = "masked", device=None, dtype=None):
         super().__init__()

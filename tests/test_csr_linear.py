@@ -3,6 +3,7 @@ import copy
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -71,6 +72,33 @@ def test_a_sequence_models_output_is_contiguous_as_nn_linears():
     assert y.is_contiguous()
     pairs = torch.view_as_complex(y.view(2, 3, 4, 6, 2))
     assert torch.allclose(torch.view_as_real(pairs).reshape(2, 3, 48), masked(x), atol=1e-5)
+
+
+def test_a_layer_a_dense_linear_reads_returns_its_output_contiguous():
+    """torch's linear reads the transposed layout several times slower; the layers whose output only
+    other csr layers read keep it."""
+    def build(backend):
+        torch.manual_seed(0)
+        policy = {"version": 1, "seed": 0, "rules": [{"match": {"regex": "fc[1-3]"}, "density": 0.1, "backend": backend}]}
+        return sparsify.sparsify(load_example("mlp").MLP((32, 64, 64, 64, 10)), policy, torch.randn(2, 32))
+
+    model, handle = build("csr")
+    reference, _ = build("masked")
+    assert {n: s.module.contiguous_output for n, s in handle.sites.items()} == {"fc1": False, "fc2": False, "fc3": True}
+    outputs = {}
+    for name in ("fc2", "fc3"):
+        model.get_submodule(name).register_forward_hook(lambda _m, _a, y, name=name: outputs.__setitem__(name, y))
+    x = torch.randn(8, 32)
+    y, expected = model(x), reference(x)
+    assert outputs["fc3"].is_contiguous() and outputs["fc2"].t().is_contiguous()
+    assert torch.allclose(y, expected, atol=1e-5)
+    y.sum().backward()
+    expected.sum().backward()
+    for name in ("fc1", "fc3"):
+        layer, masked = model.get_submodule(name), reference.get_submodule(name)
+        assert torch.allclose(layer.values.grad, masked.weight.grad[masked.mask], atol=1e-5)
+    assert model.get_submodule("fc3").to_masked().contiguous_output  # carried across backends, both ways
+    assert CsrLinear.from_masked(reference.get_submodule("fc3")).contiguous_output
 
 
 def test_the_output_can_be_changed_in_place_as_a_linear_layer_s_can():
@@ -211,6 +239,7 @@ def test_backend_auto_moves_a_pruned_layer_to_csr_mid_training_and_a_resume_repl
     auto, handle, optimizer = gmp_run("auto")
     assert all(type(s.module) is SparseLinear for s in masked_handle.sites.values())  # masked was asked for
     assert all(type(s.module) is CsrLinear for s in handle.sites.values())  # dense at first, csr at <= 5%
+    assert [s.module.contiguous_output for s in handle.sites.values()] == [False, False, True]  # fc4 reads fc3
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert all(id(s.module.values) in held and s.module.values in optimizer.state for s in handle.sites.values())
     switched = [r["step"] for r in handle.evolution.history if r["layers"]["fc2"].get("backend") == "csr"]
@@ -328,6 +357,25 @@ def test_the_compiled_kernels_and_torchs_kernels_give_the_masked_numbers(monkeyp
             for path, got in grads.items():
                 for a, b in zip(got, expected):
                     assert torch.allclose(a, b, atol=1e-5), (path, dtype, batch)
+
+
+def test_the_compiled_layout_change_is_torchs_transpose_and_the_layers_use_it(monkeypatch):
+    kernels = csr_kernels.ops()
+    if kernels is None:  # no compiler, or CI's second run of this file: only torch's copy runs then
+        assert csr_linear._transposed(torch.ones(3, 4)).is_contiguous()
+        return
+    for dtype in (torch.float32, torch.float64):
+        for shape in ((1, 1), (16, 16), (37, 100), (256, 784), (100, 3)):
+            a = torch.randn(*shape, dtype=dtype)
+            assert torch.equal(kernels.transposed(a), a.t().contiguous()), (dtype, shape)
+    calls = []
+    counted = types.SimpleNamespace(transposed=lambda a: calls.append(tuple(a.shape)) or a.t().contiguous(),
+                                    spmm=kernels.spmm, sampled=kernels.sampled)
+    monkeypatch.setattr(csr_kernels, "ops", lambda: counted)
+    _, csr = pair(48, 32, 0.1)
+    csr.contiguous_output = True
+    y = csr(torch.randn(6, 32))
+    assert y.is_contiguous() and calls == [(6, 32), (48, 6)]  # the input in, the output out
 
 
 def test_without_a_compiler_the_csr_backend_says_so_once_and_uses_torchs_kernels(monkeypatch):
