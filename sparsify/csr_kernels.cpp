@@ -238,6 +238,8 @@ void sampled_kernel(const index_t* ptr, const index_t* idx, const scalar_t* grad
             case 2: dot4<2>(g, four, batch, grad_values + k); break;
             case 3: dot4<3>(g, four, batch, grad_values + k); break;
             case 4: dot4<4>(g, four, batch, grad_values + k); break;
+            case 8: dot4<8>(g, four, batch, grad_values + k); break;
+            case 16: dot4<16>(g, four, batch, grad_values + k); break;
             default: dot4<0>(g, four, batch, grad_values + k);
           }
         }

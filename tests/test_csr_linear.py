@@ -335,7 +335,7 @@ def test_the_compiled_kernels_and_torchs_kernels_give_the_masked_numbers(monkeyp
     vector width and the scalar tail, in float32 and float64; rows of about 24 links take the weight
     gradient's 16-link path and its 4-link and single remainders."""
     for dtype in (torch.float32, torch.float64):
-        for batch in (1, 5, 16, 32, 37, 64, 100):
+        for batch in (1, 5, 16, 32, 37, 64, 100, 128, 256):
             masked, csr = pair(70, 120, 0.2, seed=batch)
             masked, csr = masked.to(dtype), csr.to(dtype)
             x = torch.randn(batch, 120, dtype=dtype)
