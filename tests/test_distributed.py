@@ -58,6 +58,7 @@ def test_torchrun_trains_and_every_rank_leaves_the_group(tmp_path):
     policy = _tiny_policy(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
                            "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
                            "--no-plots"], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]

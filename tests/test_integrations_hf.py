@@ -152,6 +152,7 @@ def test_the_trainers_ddp_launch_keeps_every_ranks_masks_identical(tmp_path):
 
     worker = Path(__file__).resolve().parent / "hf_ddp_worker.py"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
                            str(worker), str(tmp_path), "RigL"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

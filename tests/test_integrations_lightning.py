@@ -203,6 +203,7 @@ def test_ddp_strategy_in_two_processes_keeps_every_ranks_masks_identical(tmp_pat
     """Lightning's ddp strategy under torchrun (gloo on CPU), each rank on its half of the batches; RigL's
     regrowth reads the dense gradients all-reduced over the ranks, and rank 0's masks reach every rank."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
                            str(ROOT / "tests/lightning_worker.py"), str(tmp_path), "RigL"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
