@@ -17,12 +17,11 @@ returned as the transpose of such a tensor, so a stack of CsrLinear layers with 
 between them (an MLP) passes activations and gradients on without copies (``.reshape`` it, since
 ``.view`` cannot merge its batch and feature dimensions); where a dense linear layer reads it (an
 MLP's dense output layer), it is returned contiguous instead (:attr:`CsrLinear.contiguous_output`).
-For an input with more dimensions (a
-sequence model's [batch, tokens, features]), the output is contiguous, as nn.Linear's is: the
-model's code splits it into heads and may need the features innermost (DeepSeek-V2's rotary
-embedding views pairs of them as complex numbers); the copy costs a few percent of a
-LLaMA-style block's training step (benchmarks/RESULTS.md). ``weight`` is a dense view (zeros at inactive
-positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
+For an input with more dimensions (a sequence model's [batch, tokens, features]), the output is
+contiguous, as nn.Linear's is: the model's code splits it into heads and may need the features
+innermost (DeepSeek-V2's rotary embedding views pairs of them as complex numbers); the copy costs
+a few percent of a LLaMA-style block's training step (benchmarks/RESULTS.md). ``weight`` is a
+dense view (zeros at inactive positions) and the state_dict holds ``weight``, ``bias`` and ``mask`` exactly as the masked backend
 does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
 without loss. A topology change rebuilds the structure and carries each kept link's value and
 optimizer state across (:meth:`set_topology`, :meth:`remap_state`).
