@@ -129,8 +129,9 @@ def floor(model) -> float:
     return work / total
 
 
-KINDS = {"layout copies": ("aten::copy_", "aten::clone", "aten::contiguous", "sparsify_csr::transposed"),
-         "kernels": ("sparsify_csr::", "aten::addmm", "aten::mm", "aten::sparse_sampled_addmm", "aten::_sparse_"),
+KINDS = {"kernels": ("sparsify_csr::spmm", "sparsify_csr::sampled", "aten::addmm", "aten::mm",
+                     "aten::sparse_sampled_addmm", "aten::_sparse_"),
+         "layout copies": ("aten::copy_", "aten::clone", "aten::contiguous", "sparsify_csr::transposed"),
          "index work": ("aten::index", "aten::_sparse_compressed", "aten::sparse_compressed", "aten::searchsorted")}
 
 
@@ -142,7 +143,7 @@ def profile(model, optimizer, inputs, loss_of, steps: int) -> dict[str, float]:
     with torch_profile() as prof:
         step_time(model, optimizer, inputs, loss_of, steps)
     elapsed = (time.perf_counter() - start) * 1e6
-    shares = dict.fromkeys(["kernels", "layout copies", "index work", "other ops"], 0.0)
+    shares = dict.fromkeys([*KINDS, "other ops"], 0.0)
     for event in prof.key_averages():
         if event.key.startswith(("aten::", "sparsify_csr::")):
             kind = next((k for k, prefixes in KINDS.items() if event.key.startswith(prefixes)), "other ops")
