@@ -58,6 +58,24 @@ def gathered(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*[GatherLinear(m) if isinstance(m, nn.Linear) and i < 6 else m for i, m in enumerate(model)])
 
 
+def output_layer(head: nn.Linear, h: str, one: bool) -> tuple[list, list]:
+    """The dense output layer reading ``h``: a row ([1, in]) for one example, else the transposed
+    activations ([in, batch]), as Wᵀ-form product with the bias broadcast over the batch."""
+    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+    if one:
+        inits = [numpy_helper.from_array(weight.T.copy(), "wo"), numpy_helper.from_array(bias, "bo")]
+        return [helper.make_node("Gemm", [h, "wo", "bo"], ["y"])], inits
+    inits = [numpy_helper.from_array(weight, "wo"), numpy_helper.from_array(bias.reshape(-1, 1), "bo")]
+    return [helper.make_node("Gemm", ["wo", h, "bo"], ["y"])], inits
+
+
+def as_model(name: str, nodes: list, inits: list, x, outputs: list) -> onnx.ModelProto:
+    proto = helper.make_model(helper.make_graph(nodes, name, [x], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    return proto
+
+
 def floor_graph(model: nn.Sequential, batch: int) -> onnx.ModelProto:
     """The gathering of every hidden layer's links from the input (each layer reads the input, so the
     operators are independent of one another) and the dense output layer."""
@@ -73,20 +91,9 @@ def floor_graph(model: nn.Sequential, batch: int) -> onnx.ModelProto:
             inits.append(numpy_helper.from_array(columns, f"idx{i}"))
             nodes.append(helper.make_node("Gather", ["x", f"idx{i}"], [f"g{i}"], axis=0))
         outputs.append(helper.make_tensor_value_info(f"g{i}", TensorProto.FLOAT, None))
-    head = linears[3]
-    inits += [numpy_helper.from_array(head.weight.detach().numpy().T.copy(), "w"),
-              numpy_helper.from_array(head.bias.detach().numpy(), "b")]
-    if batch == 1:
-        nodes.append(helper.make_node("Gemm", ["x", "w", "b"], ["y"]))
-    else:  # the output layer on the transposed activations: Wᵀ-form product, the bias broadcast over the batch
-        inits[-1] = numpy_helper.from_array(head.bias.detach().numpy().reshape(-1, 1), "b")
-        inits[-2] = numpy_helper.from_array(head.weight.detach().numpy(), "w")
-        nodes.append(helper.make_node("Gemm", ["w", "x", "b"], ["y"]))
+    head_nodes, head_inits = output_layer(linears[3], "x", batch == 1)
     outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
-    graph = helper.make_graph(nodes, "floor", [x], outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto
+    return as_model("floor", nodes + head_nodes, inits + head_inits, x, outputs)
 
 
 def ideal_graph(model: nn.Sequential, batch: int, reduce: str) -> onnx.ModelProto:
@@ -134,21 +141,11 @@ def ideal_graph(model: nn.Sequential, batch: int, reduce: str) -> onnx.ModelProt
                           helper.make_node("Reshape", [f"m{i}", f"flat{i}"], [f"s{i}"])]
             nodes += [helper.make_node("Add", [f"s{i}", f"b{i}"], [f"a{i}"]), helper.make_node("Relu", [f"a{i}"], [f"h{i}"])]
         h = f"h{i}"
-    head = linears[3]
-    if one:
-        inits += [numpy_helper.from_array(head.weight.detach().numpy().T.copy(), "wo"),
-                  numpy_helper.from_array(head.bias.detach().numpy(), "bo")]
-        nodes.append(helper.make_node("Gemm", [h, "wo", "bo"], ["y"]))
-    else:
-        inits += [numpy_helper.from_array(head.weight.detach().numpy(), "wo"),
-                  numpy_helper.from_array(head.bias.detach().numpy().reshape(-1, 1), "bo")]
-        nodes.append(helper.make_node("Gemm", ["wo", h, "bo"], ["y"]))
+    head_nodes, head_inits = output_layer(linears[3], h, one)
     inits += [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
               numpy_helper.from_array(np.array([0], np.int64), "axis0")]
-    graph = helper.make_graph(nodes, "ideal", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto
+    return as_model("ideal", nodes + head_nodes, inits + head_inits, x,
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
 
 
 def session(path_or_bytes, threads: int | None) -> onnxruntime.InferenceSession:
