@@ -60,6 +60,8 @@ ABLATIONS = {
     "CHTs (CH2-L3n) BRF": "chts_brf.yaml",
     "CHTs (CH2-L3n) rescaled weights": "chts_rescale.yaml",
     "CHT no early stop": "cht_no_early_stop.yaml",
+    "RigL kaiming init": "rigl_kaiming.yaml",
+    "RigL constant zeta": "rigl_constant_zeta.yaml",
 }
 # Fashion-MNIST test accuracy (%) after 100 epochs in the CHTs paper's Table 4 (ALGORITHMS.md);
 # None where the table gives no number for this MLP.
