@@ -62,6 +62,7 @@ ABLATIONS = {
     "CHT no early stop": "cht_no_early_stop.yaml",
     "RigL kaiming init": "rigl_kaiming.yaml",
     "RigL constant zeta": "rigl_constant_zeta.yaml",
+    "RigL run.py defaults": "rigl_run_py_defaults.yaml",
 }
 # Fashion-MNIST test accuracy (%) after 100 epochs in the CHTs paper's Table 4 (ALGORITHMS.md);
 # None where the table gives no number for this MLP.
