@@ -1,7 +1,11 @@
-"""Worker of the distributed tests: one process of a 2-process gloo run (spawned by test_distributed)."""
+"""Worker of the distributed tests: one process of a 2-process gloo run (spawned by test_distributed),
+and the torchrun launch the distributed tests share."""
 import gc
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,6 +24,14 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def torchrun(tmp_path: Path, *args, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``args`` launched by torchrun on two ranks (standalone rendezvous), output captured; its logs go
+    under ``tmp_path``, not into a torchelastic_* folder in /tmp. ``env`` is added to the environment."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "torchrun"), *map(str, args)],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def checksum(masks: dict) -> list[int]:

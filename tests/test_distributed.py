@@ -57,10 +57,8 @@ def test_torchrun_trains_and_every_rank_leaves_the_group(tmp_path):
     tears the group down before the interpreter exits."""
     policy = _tiny_policy(tmp_path)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
-                           "-m", "sparsify", str(ROOT / "tests/models/tiny_task.py"), str(policy), "-o", str(out),
-                           "--no-plots"], capture_output=True, text=True, env={**os.environ})
+    proc = ddp_worker.torchrun(tmp_path, "-m", "sparsify", ROOT / "tests/models/tiny_task.py", policy, "-o", out,
+                               "--no-plots")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
     report = json.loads((out / "report.json").read_text())

@@ -145,16 +145,12 @@ def test_the_trainers_ddp_launch_keeps_every_ranks_masks_identical(tmp_path):
     data with gradient accumulation; RigL's regrowth reads the dense gradients all-reduced over the
     ranks, and every rank ends each update with the same masks."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from ddp_worker import torchrun
+
     worker = Path(__file__).resolve().parent / "hf_ddp_worker.py"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
-                           str(worker), str(tmp_path), "RigL"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = torchrun(tmp_path, worker, tmp_path, "RigL", env={"OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:

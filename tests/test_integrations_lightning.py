@@ -1,7 +1,5 @@
 """sparsify.integrations.lightning: real lightning.Trainer runs on CPU on a small MLP."""
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 
 import sparsify  # noqa: E402
 from sparsify.integrations.lightning import SparsifyCallback  # noqa: E402
+from ddp_worker import torchrun  # noqa: E402
 from lightning_worker import Classifier, Net, build, data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,10 +201,8 @@ def test_without_lightning_the_import_says_what_to_install(monkeypatch):
 def test_ddp_strategy_in_two_processes_keeps_every_ranks_masks_identical(tmp_path):
     """Lightning's ddp strategy under torchrun (gloo on CPU), each rank on its half of the batches; RigL's
     regrowth reads the dense gradients all-reduced over the ranks, and rank 0's masks reach every rank."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--log-dir", str(tmp_path / "torchrun"),  # not a torchelastic_* folder in /tmp
-                           str(ROOT / "tests/lightning_worker.py"), str(tmp_path), "RigL"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    proc = torchrun(tmp_path, ROOT / "tests/lightning_worker.py", tmp_path, "RigL", env={"OMP_NUM_THREADS": "1"},
+                    timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
