@@ -235,6 +235,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [("CHTss", "CHTs"), ("CHTs", "SET"), ("CHTs", "RigL"), ("CHTss", "SET"), ("SET", "RigL")]
+
+
+def paired(rows: list[dict]) -> str:
+    """The difference in final perplexity between two methods, one value per seed they share (a run
+    and its counterpart share the data order and the dense weights); negative: the first is better."""
+    lines = ["| sparsity | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |", "|---" * (len(PAIRS) + 1) + "|"]
+    for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
+        ppl = {(r["method"], r["seed"]): r["perplexity"] for r in rows if r["sparsity"] == sparsity}
+        cells = []
+        for a, b in PAIRS:
+            seeds = sorted(s for m, s in ppl if m == a and (b, s) in ppl)
+            cells.append(", ".join(f"{ppl[a, s] - ppl[b, s]:+.3f}" for s in seeds) or "–")
+        lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -279,6 +296,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "llama_lm.jsonl")
+    parser.add_argument("--table-only", action="store_true", help="print the tables and plot the records; train nothing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -295,7 +313,7 @@ def main() -> None:
                 and r.get("update_every", EVERY) == args.update_every)
 
     last = None
-    for sparsity in args.sparsities:
+    for sparsity in [] if args.table_only else args.sparsities:
         for seed in args.seeds:
             for method in args.methods:
                 target = 0.0 if method == "FC" else sparsity
@@ -311,6 +329,8 @@ def main() -> None:
     rows = [r for r in done if same(r) and r["seed"] in args.seeds
             and (r["sparsity"] in args.sparsities or r["method"] == "FC") and r["method"] in args.methods]
     print(table(rows))
+    print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
+    print(paired(rows))
     figure = args.results.with_suffix(".png")
     plot(rows, figure)
     print(f"\nperplexity curves: {figure}")
