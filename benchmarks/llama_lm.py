@@ -146,7 +146,7 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
         model, handle = sparsify.sparsify(model, policy(method, sparsity, seed, args.update_every),
                                           {"input_ids": torch.zeros(2, args.seq, dtype=torch.long)})
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps))
     evolution = None
     if handle is not None:
@@ -172,7 +172,7 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
             print(f"  {method} {sparsity:.0%} seed {seed} step {step}/{args.steps}: train loss {loss.detach().item():.3f}, "
                   f"validation perplexity {curve[-1][1]:.3f} ({seconds:.0f} s)", flush=True)
     record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": args.steps,
-              "model": shape, "batch": args.batch, "update_every": args.update_every, "parameters": parameters,
+              "model": shape, "batch": args.batch, "update_every": args.update_every, "lr": args.lr, "parameters": parameters,
               "perplexity": curve[-1][1], "best": min(p for _, p in curve), "curve": curve,
               "seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 4),
               "date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -293,6 +293,8 @@ def main() -> None:
     parser.add_argument("--update-every", type=int, default=EVERY,
                         help="topology update interval in steps of every sparse method (the recipe: 100; "
                              "the lr re-warm stays every 100)")
+    parser.add_argument("--lr", type=float, default=LR,
+                        help="peak learning rate (default: the recipe's 3e-3); an ablation's runs go in their own --results file")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "llama_lm.jsonl")
@@ -304,13 +306,14 @@ def main() -> None:
     val = windows(val_bytes, args.val_windows, args.seq, None)
     shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "seq": args.seq}
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
-          f"{torch.get_num_threads()} threads · {args.steps} steps · seeds {args.seeds} · model {shape} · batch {args.batch}")
+          f"{torch.get_num_threads()} threads · {args.steps} steps · seeds {args.seeds} · model {shape} · "
+          f"batch {args.batch} · lr {args.lr:g}")
     print(f"# data: {json.dumps(info)}\n", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = read(args.results)
     def same(r: dict) -> bool:
         return (r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch
-                and r.get("update_every", EVERY) == args.update_every)
+                and r.get("update_every", EVERY) == args.update_every and r.get("lr", LR) == args.lr)
 
     last = None
     for sparsity in [] if args.table_only else args.sparsities:
