@@ -33,6 +33,8 @@ Methods (the official llm/ settings where they are defined; the CHTss preset is 
   ζ 0.1 (RigL's on a cosine), the model's weights.
 
     python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 0.9 --threads 1
+    python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 --threads 1 --steps 2000 \\
+        --hidden 288 --intermediate 768 --layers 6 --results benchmarks/results/llama_lm_5m.jsonl
 """
 from __future__ import annotations
 
