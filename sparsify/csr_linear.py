@@ -22,9 +22,10 @@ contiguous, as nn.Linear's is: the model's code splits it into heads and may nee
 innermost (DeepSeek-V2's rotary embedding views pairs of them as complex numbers); the copy costs
 a few percent of a LLaMA-style block's training step (benchmarks/RESULTS.md). ``weight`` is a
 dense view (zeros at inactive positions) and the state_dict holds ``weight``, ``bias`` and
-``mask`` exactly as the masked backend does, so checkpoints move between backends; :meth:`from_masked` / :meth:`to_masked` convert
-without loss. A topology change rebuilds the structure and carries each kept link's value and
-optimizer state across (:meth:`set_topology`, :meth:`remap_state`).
+``mask`` exactly as the masked backend does, so checkpoints move between backends;
+:meth:`from_masked` / :meth:`to_masked` convert without loss. A topology change rebuilds the
+structure and carries each kept link's value and optimizer state across (:meth:`set_topology`,
+:meth:`remap_state`).
 """
 from __future__ import annotations
 
