@@ -35,6 +35,17 @@ Methods (the official llm/ settings where they are defined; the CHTss preset is 
     python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 0.9 --threads 1
     python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 --threads 1 --steps 2000 \\
         --hidden 288 --intermediate 768 --layers 6 --results benchmarks/results/llama_lm_5m.jsonl
+
+The learning-rate sweep at 70% (FC below the recipe's rate, where it diverges less; the sparse
+methods above it), then its tables: each method at each rate, and the methods ranked each at its
+best rate (the 3e-3 runs are the first command's):
+
+    python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 --threads 1 --lr 5e-4 1e-3 2e-3 \\
+        --methods FC --results benchmarks/results/llama_lm_lr.jsonl
+    python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 --threads 1 --lr 1e-3 2e-3 5e-3 \\
+        --methods SET RigL CHTs CHTss --results benchmarks/results/llama_lm_lr.jsonl
+    python benchmarks/llama_lm.py --table-only --sparsities 0.7 --lr 5e-4 1e-3 2e-3 3e-3 5e-3 \\
+        --results benchmarks/results/llama_lm_lr.jsonl benchmarks/results/llama_lm.jsonl
 """
 from __future__ import annotations
 
@@ -139,7 +150,7 @@ def perplexity(model: nn.Module, val: torch.Tensor) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict, tuple]:
+def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) -> tuple[dict, tuple]:
     shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "seq": args.seq}
     model = build_model(seed, shape)
     parameters = sum(p.numel() for p in model.parameters())
@@ -148,7 +159,7 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
         model, handle = sparsify.sparsify(model, policy(method, sparsity, seed, args.update_every),
                                           {"input_ids": torch.zeros(2, args.seq, dtype=torch.long)})
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps))
     evolution = None
     if handle is not None:
@@ -171,10 +182,11 @@ def run(method: str, sparsity: float, seed: int, args, train, val) -> tuple[dict
         seconds += time.perf_counter() - start
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, perplexity(model, val)))
-            print(f"  {method} {sparsity:.0%} seed {seed} step {step}/{args.steps}: train loss {loss.detach().item():.3f}, "
-                  f"validation perplexity {curve[-1][1]:.3f} ({seconds:.0f} s)", flush=True)
+            print(f"  {method} {sparsity:.0%} seed {seed} lr {lr:g} step {step}/{args.steps}: "
+                  f"train loss {loss.detach().item():.3f}, validation perplexity {curve[-1][1]:.3f} ({seconds:.0f} s)",
+                  flush=True)
     record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": args.steps,
-              "model": shape, "batch": args.batch, "update_every": args.update_every, "lr": args.lr, "parameters": parameters,
+              "model": shape, "batch": args.batch, "update_every": args.update_every, "lr": lr, "parameters": parameters,
               "perplexity": curve[-1][1], "best": min(p for _, p in curve), "curve": curve,
               "seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 4),
               "date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -279,6 +291,60 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep(rows: list[dict], lrs: list[float]) -> str:
+    """Each method at each peak learning rate (final perplexity, mean ± std over seeds), its best rate
+    (lowest mean) and the ranking of the methods each at its best rate. The rate is chosen on the
+    validation windows that also report the perplexity: there is no third split."""
+    lines = ["| sparsity | method | " + " | ".join(f"lr {lr:g}" for lr in lrs)
+             + f" | best lr | rank at best lr | rank at lr {LR:g} | paper rank |", "|---" * (len(lrs) + 6) + "|"]
+    paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
+    at = {lr: {(s["sparsity"], s["method"]): s for s in summary([r for r in rows if r.get("lr", LR) == lr])} for lr in lrs}
+    for sparsity in sorted({key[0] for table in at.values() for key in table}):
+        methods = [m for m in METHODS if any((sparsity, m) in at[lr] for lr in lrs)]
+        best = {m: min((lr for lr in lrs if (sparsity, m) in at[lr]), key=lambda lr: at[lr][sparsity, m]["mean"])
+                for m in methods}
+        tuned = {m: i + 1 for i, m in enumerate(sorted(methods, key=lambda m: at[best[m]][sparsity, m]["mean"]))}
+        recipe = sorted((m for m in methods if (sparsity, m) in at.get(LR, {})), key=lambda m: at[LR][sparsity, m]["mean"])
+        for m in methods:
+            cells = []
+            for lr in lrs:
+                s = at[lr].get((sparsity, m))
+                if s is None:
+                    cells.append("–")
+                    continue
+                cell = f"{s['mean']:.3f} ± {s['std']:.3f} ({s['n']})" if s["n"] > 1 else f"{s['mean']:.3f} (1)"
+                cells.append(f"**{cell}**" if lr == best[m] else cell)
+            rank = recipe.index(m) + 1 if m in recipe else "–"
+            lines.append(f"| {sparsity:.0%} | {m} | " + " | ".join(cells)
+                         + f" | {best[m]:g} | {tuned[m]} | {rank} | {paper_rank[m] if sparsity == 0.7 else '–'} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
+    """Final perplexity against the peak learning rate, one line per method (mean ± std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), sharey=True, squeeze=False)
+    for ax, sparsity in zip(axes[0], sparsities):
+        for method in METHODS:
+            points = [(lr, s) for lr in lrs for s in summary([r for r in rows if r.get("lr", LR) == lr])
+                      if s["method"] == method and s["sparsity"] == sparsity]
+            if points:
+                ax.errorbar([lr for lr, _ in points], [s["mean"] for _, s in points],
+                            yerr=[0 if s["n"] < 2 else s["std"] for _, s in points], marker="o", capsize=3, label=method)
+        ax.set_title(f"{sparsity:.0%} sparse projections")
+        ax.set_xlabel("peak learning rate")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("final validation perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per run (a multiple of 100)")
@@ -295,11 +361,14 @@ def main() -> None:
     parser.add_argument("--update-every", type=int, default=EVERY,
                         help="topology update interval in steps of every sparse method (the recipe: 100; "
                              "the lr re-warm stays every 100)")
-    parser.add_argument("--lr", type=float, default=LR,
-                        help="peak learning rate (default: the recipe's 3e-3); an ablation's runs go in their own --results file")
+    parser.add_argument("--lr", type=float, nargs="+", default=[LR],
+                        help="peak learning rate (default: the recipe's 3e-3); several: a sweep, which also prints each "
+                             "method at each rate and the methods ranked each at its best rate")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "llama_lm.jsonl")
+    parser.add_argument("--results", type=Path, nargs="+", default=[ROOT / "benchmarks" / "results" / "llama_lm.jsonl"],
+                        help="JSON-lines records: new runs are appended to the first file; every file is read, "
+                             "to skip the runs already done and for the tables")
     parser.add_argument("--table-only", action="store_true", help="print the tables and plot the records; train nothing")
     args = parser.parse_args()
     if args.threads:
@@ -309,36 +378,51 @@ def main() -> None:
     shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "seq": args.seq}
     print(f"# {datetime.date.today()} · torch {torch.__version__} · {platform.machine()} · "
           f"{torch.get_num_threads()} threads · {args.steps} steps · seeds {args.seeds} · model {shape} · "
-          f"batch {args.batch} · lr {args.lr:g}")
+          f"batch {args.batch} · lr {' '.join(f'{lr:g}' for lr in args.lr)}")
     print(f"# data: {json.dumps(info)}\n", flush=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    done = read(args.results)
+    out = args.results[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def read_all() -> list[dict]:
+        return [r for path in args.results for r in read(path)]
+
     def same(r: dict) -> bool:
         return (r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch
-                and r.get("update_every", EVERY) == args.update_every and r.get("lr", LR) == args.lr)
+                and r.get("update_every", EVERY) == args.update_every)
 
     last = None
-    for sparsity in [] if args.table_only else args.sparsities:
-        for seed in args.seeds:
-            for method in args.methods:
-                target = 0.0 if method == "FC" else sparsity
-                done = read(args.results)  # again before each run: another sweep may have written it
-                if any(same(r) and (r["method"], r["sparsity"], r["seed"]) == (method, target, seed) for r in done):
-                    continue
-                record, trained = run(method, sparsity, seed, args, train, val)
-                if method == "CHTss":
-                    last = trained
-                with args.results.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                done.append(record)
-    rows = [r for r in done if same(r) and r["seed"] in args.seeds
+    for lr in [] if args.table_only else args.lr:
+        for sparsity in args.sparsities:
+            for seed in args.seeds:
+                for method in args.methods:
+                    target = 0.0 if method == "FC" else sparsity
+                    done = read_all()  # again before each run: another sweep may have written it
+                    if any(same(r) and (r["method"], r["sparsity"], r["seed"], r.get("lr", LR)) == (method, target, seed, lr)
+                           for r in done):
+                        continue
+                    record, trained = run(method, sparsity, seed, lr, args, train, val)
+                    if method == "CHTss":
+                        last = trained
+                    with out.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+    rows = [r for r in read_all() if same(r) and r["seed"] in args.seeds and r.get("lr", LR) in args.lr
             and (r["sparsity"] in args.sparsities or r["method"] == "FC") and r["method"] in args.methods]
-    print(table(rows))
-    print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
-    print(paired(rows))
-    figure = args.results.with_suffix(".png")
-    plot(rows, figure)
-    print(f"\nperplexity curves: {figure}")
+    for lr in args.lr:
+        at = [r for r in rows if r.get("lr", LR) == lr]
+        if len(args.lr) > 1:
+            print(f"\n## lr {lr:g}\n")
+        print(table(at))
+        print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
+        print(paired(at))
+    figure = out.with_suffix(".png")
+    if len(args.lr) > 1:
+        print("\nEach method at each peak learning rate (bold: its best), and ranked at its best rate:\n")
+        print(sweep(rows, args.lr))
+        plot_sweep(rows, args.lr, figure)
+        print(f"\nperplexity against the learning rate: {figure}")
+    else:
+        plot(rows, figure)
+        print(f"\nperplexity curves: {figure}")
     if args.export and last is not None:
         with tempfile.TemporaryDirectory() as folder:
             print(json.dumps(export(*last, val, Path(folder)), indent=1, default=str))
