@@ -36,7 +36,7 @@ Methods (the official llm/ settings where they are defined; the CHTss preset is 
     python benchmarks/llama_lm.py --seeds 0 1 2 --sparsities 0.7 --threads 1 --steps 2000 \\
         --hidden 288 --intermediate 768 --layers 6 --results benchmarks/results/llama_lm_5m.jsonl
 
-The learning-rate sweep at 70% (FC below the recipe's rate, where it diverges less; the sparse
+The learning-rate sweep at 70% (FC below the recipe's rate, where it trains better; the sparse
 methods above it), then its tables: each method at each rate, and the methods ranked each at its
 best rate (the 3e-3 runs are the first command's):
 
