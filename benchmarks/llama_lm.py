@@ -116,6 +116,36 @@ def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
     return {"version": 1, "seed": seed, "rules": [rule]}
 
 
+class Survival:
+    """Whether the links an update grows last: at every update, of the links grown at the one before,
+    the share still active after this one, beside the same share for the links that were already
+    there (the rest of the mask). A predictor that grows links the loss needs should see them grow
+    large enough to outlast the next removal; random links start at zero and go first. A link
+    removed and grown again in the same update counts as kept."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.before = {n: m.clone() for n, m in handle.masks().items()}
+        self.grown: dict[str, torch.Tensor] = {}
+        self.rows: list[dict] = []
+        handle.evolution.listeners.append(self)
+
+    def __call__(self, record: dict) -> None:
+        masks, row = self.handle.masks(), {"step": record["step"], "grown": 0, "grown_kept": 0, "older": 0, "older_kept": 0}
+        for name in record["layers"]:
+            now, before = masks[name], self.before[name]
+            if name in self.grown:
+                grown, older = self.grown[name], before & ~self.grown[name]
+                row["grown"] += int(grown.sum())
+                row["grown_kept"] += int((grown & now).sum())
+                row["older"] += int(older.sum())
+                row["older_kept"] += int((older & now).sum())
+            self.grown[name] = now & ~before
+            self.before[name] = now.clone()
+        if row["grown"]:
+            self.rows.append(row)
+
+
 def lr_factor(step: int, steps: int) -> float:
     """The official schedule's factor at optimizer step ``step`` (0-based): a linear warm-up over
     WARMUP of the steps, then cosine to MIN_LR, times a linear re-warm over the first REWARM steps of
@@ -165,6 +195,7 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
     if handle is not None:
         handle.attach(optimizer, total_steps=args.steps, hook=False)
         evolution = handle.evolution
+        survival = Survival(handle)
     generator = torch.Generator().manual_seed(seed)
     curve, seconds, skipped = [], 0.0, 0
     for step in range(1, args.steps + 1):
@@ -193,7 +224,7 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
     if handle is not None:
         active, total = handle.parameters_active()
         record.update(density=active / total, anp=handle.history[-1]["anp"] if handle.history else None,
-                      updates=len(handle.history), skipped_steps=skipped)
+                      updates=len(handle.history), skipped_steps=skipped, survival=survival.rows)
     return record, (model, handle)
 
 
@@ -264,6 +295,25 @@ def paired(rows: list[dict]) -> str:
             cells.append(", ".join(f"{ppl[a, s] - ppl[b, s]:+.3f}" for s in seeds) or "–")
         lines.append(f"| {sparsity:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def survival_table(rows: list[dict]) -> str:
+    """Per method, the share of grown links still active after the next update and the same share for
+    the older links (over all updates and layers, then mean ± std over seeds); runs recorded before
+    the measure existed are left out."""
+    lines = ["| sparsity | method | seeds | grown links kept | older links kept | grown / older |", "|---" * 6 + "|"]
+    fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
+    for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
+        for method in METHODS[1:]:
+            runs = [r["survival"] for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("survival")]
+            if not runs:
+                continue
+            total = lambda run, key: sum(u[key] for u in run)  # noqa: E731
+            grown = [total(u, "grown_kept") / total(u, "grown") for u in runs]
+            older = [total(u, "older_kept") / total(u, "older") for u in runs]
+            lines.append(f"| {sparsity:.0%} | {method} | {len(runs)} | {fmt(grown)} | {fmt(older)} | "
+                         f"{fmt([g / o for g, o in zip(grown, older)])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -414,6 +464,9 @@ def main() -> None:
         print(table(at))
         print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
         print(paired(at))
+        if kept := survival_table(at):
+            print("\nThe links each update grows, kept by the next update, beside the links already there:\n")
+            print(kept)
     figure = out.with_suffix(".png")
     if len(args.lr) > 1:
         print("\nEach method at each peak learning rate (bold: its best), and ranked at its best rate:\n")
