@@ -118,30 +118,33 @@ def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
 
 class Survival:
     """Whether the links an update grows last: at every update, of the links grown at the one before,
-    the share still active after this one, beside the same share for the links that were already
-    there (the rest of the mask). A predictor that grows links the loss needs should see them grow
-    large enough to outlast the next removal; random links start at zero and go first. A link
-    removed and grown again in the same update counts as kept."""
+    the share this update's removal keeps, beside the same share for the older links (the rest of
+    the mask). A predictor that grows links the loss needs should see them grow large enough to
+    outlast the next removal; random links start at zero and go first. A link removed and grown
+    again in the same update restarts at zero (the layer resets it, and the optimizer's state), so
+    it counts as removed, and as grown: after an update, the links at exactly zero are the ones it
+    grew and the others are the ones it kept."""
 
     def __init__(self, handle) -> None:
         self.handle = handle
-        self.before = {n: m.clone() for n, m in handle.masks().items()}
-        self.grown: dict[str, torch.Tensor] = {}
+        self.grown: dict[str, torch.Tensor] = {}  # per layer, the links the last update grew
+        self.after: dict[str, torch.Tensor] = {}  # and its mask after it
         self.rows: list[dict] = []
         handle.evolution.listeners.append(self)
 
     def __call__(self, record: dict) -> None:
-        masks, row = self.handle.masks(), {"step": record["step"], "grown": 0, "grown_kept": 0, "older": 0, "older_kept": 0}
+        masks = self.handle.masks()
+        row = {"step": record["step"], "grown": 0, "grown_kept": 0, "older": 0, "older_kept": 0}
         for name in record["layers"]:
-            now, before = masks[name], self.before[name]
+            grown = masks[name] & (self.handle.sites[name].module.weight == 0)
+            kept = masks[name] & ~grown
             if name in self.grown:
-                grown, older = self.grown[name], before & ~self.grown[name]
-                row["grown"] += int(grown.sum())
-                row["grown_kept"] += int((grown & now).sum())
+                last, older = self.grown[name], self.after[name] & ~self.grown[name]
+                row["grown"] += int(last.sum())
+                row["grown_kept"] += int((last & kept).sum())
                 row["older"] += int(older.sum())
-                row["older_kept"] += int((older & now).sum())
-            self.grown[name] = now & ~before
-            self.before[name] = now.clone()
+                row["older_kept"] += int((older & kept).sum())
+            self.grown[name], self.after[name] = grown, masks[name].clone()
         if row["grown"]:
             self.rows.append(row)
 
@@ -224,7 +227,7 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
     if handle is not None:
         active, total = handle.parameters_active()
         record.update(density=active / total, anp=handle.history[-1]["anp"] if handle.history else None,
-                      updates=len(handle.history), skipped_steps=skipped, survival=survival.rows)
+                      updates=len(handle.history), skipped_steps=skipped, kept=survival.rows)
     return record, (model, handle)
 
 
@@ -305,7 +308,7 @@ def survival_table(rows: list[dict]) -> str:
     fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
     for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
         for method in METHODS[1:]:
-            runs = [r["survival"] for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("survival")]
+            runs = [r["kept"] for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("kept")]
             if not runs:
                 continue
             total = lambda run, key: sum(u[key] for u in run)  # noqa: E731
