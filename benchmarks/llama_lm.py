@@ -246,10 +246,11 @@ def export(model, handle, val: torch.Tensor, folder: Path) -> dict:
                                    "files", "size_ratio", "latency_ms", "latency_ratio") if k in report}
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Mean ± sample std of the final perplexity per (sparsity, method); FC joins every sparsity."""
+def summary(rows: list[dict], sparsities: list[float] | None = None) -> list[dict]:
+    """Mean ± sample std of the final perplexity per (sparsity, method); FC joins every sparsity (by
+    default those of the sparse rows)."""
     out = []
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    sparsities = sparsities or sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
     for sparsity in sparsities:
         for method in METHODS:
             runs = [r for r in rows if r["method"] == method and r["sparsity"] == (0.0 if method == "FC" else sparsity)]
@@ -351,7 +352,9 @@ def sweep(rows: list[dict], lrs: list[float]) -> str:
     lines = ["| sparsity | method | " + " | ".join(f"lr {lr:g}" for lr in lrs)
              + f" | best lr | rank at best lr | rank at lr {LR:g} | paper rank |", "|---" * (len(lrs) + 6) + "|"]
     paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
-    at = {lr: {(s["sparsity"], s["method"]): s for s in summary([r for r in rows if r.get("lr", LR) == lr])} for lr in lrs}
+    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    at = {lr: {(s["sparsity"], s["method"]): s for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)}
+          for lr in lrs}
     for sparsity in sorted({key[0] for table in at.values() for key in table}):
         methods = [m for m in METHODS if any((sparsity, m) in at[lr] for lr in lrs)]
         best = {m: min((lr for lr in lrs if (sparsity, m) in at[lr]), key=lambda lr: at[lr][sparsity, m]["mean"])
@@ -382,7 +385,7 @@ def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), sharey=True, squeeze=False)
     for ax, sparsity in zip(axes[0], sparsities):
         for method in METHODS:
-            points = [(lr, s) for lr in lrs for s in summary([r for r in rows if r.get("lr", LR) == lr])
+            points = [(lr, s) for lr in lrs for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)
                       if s["method"] == method and s["sparsity"] == sparsity]
             if points:
                 ax.errorbar([lr for lr, _ in points], [s["mean"] for _, s in points],
