@@ -228,6 +228,10 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
         active, total = handle.parameters_active()
         record.update(density=active / total, anp=handle.history[-1]["anp"] if handle.history else None,
                       updates=len(handle.history), skipped_steps=skipped, kept=survival.rows)
+        if handle.history:  # the share of the positions ever active (in-time over-parameterisation), all layers
+            sizes = {n: m.numel() for n, m in handle.masks().items()}
+            last = handle.history[-1]["layers"]
+            record["itop"] = sum(last[n]["itop"] * sizes[n] for n in last) / sum(sizes[n] for n in last)
     return record, (model, handle)
 
 
@@ -305,18 +309,20 @@ def survival_table(rows: list[dict]) -> str:
     """Per method, the share of grown links still active after the next update and the same share for
     the older links (over all updates and layers, then mean ± std over seeds); runs recorded before
     the measure existed are left out."""
-    lines = ["| sparsity | method | seeds | grown links kept | older links kept | grown / older |", "|---" * 6 + "|"]
+    lines = ["| sparsity | method | seeds | grown links kept | older links kept | grown / older | positions ever active |",
+             "|---" * 7 + "|"]
     fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
     for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
         for method in METHODS[1:]:
-            runs = [r["kept"] for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("kept")]
-            if not runs:
+            chosen = [r for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("kept")]
+            if not chosen:
                 continue
+            runs, itop = [r["kept"] for r in chosen], [r["itop"] for r in chosen if "itop" in r]
             total = lambda run, key: sum(u[key] for u in run)  # noqa: E731
             grown = [total(u, "grown_kept") / total(u, "grown") for u in runs]
             older = [total(u, "older_kept") / total(u, "older") for u in runs]
             lines.append(f"| {sparsity:.0%} | {method} | {len(runs)} | {fmt(grown)} | {fmt(older)} | "
-                         f"{fmt([g / o for g, o in zip(grown, older)])} |")
+                         f"{fmt([g / o for g, o in zip(grown, older)])} | {fmt(itop) if itop else '–'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
