@@ -399,6 +399,8 @@ def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
         ax.set_title(f"{sparsity:.0%} sparse projections")
         ax.set_xlabel("peak learning rate")
         ax.set_xscale("log")
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("final validation perplexity")
