@@ -269,12 +269,12 @@ def summary(rows: list[dict], sparsities: list[float] | None = None) -> list[dic
     return out
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], sparsities: list[float] | None = None) -> str:
     lines = ["| sparsity | method | seeds | validation perplexity (mean ± std) | per seed | rank "
              "| paper (70%, LLaMA-60M) | paper rank | ANP | s/run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
-    stats = summary(rows)
+    stats = summary(rows, sparsities)
     for sparsity in sorted({s["sparsity"] for s in stats}):
         group = [s for s in stats if s["sparsity"] == sparsity]
         rank = {s["method"]: i + 1 for i, s in enumerate(sorted(group, key=lambda s: s["mean"]))}
@@ -475,7 +475,7 @@ def main() -> None:
         at = [r for r in rows if r.get("lr", LR) == lr]
         if len(args.lr) > 1:
             print(f"\n## lr {lr:g}\n")
-        print(table(at))
+        print(table(at, sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or None))
         print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
         print(paired(at))
         if kept := survival_table(at):
