@@ -97,9 +97,11 @@ def build_model(seed: int, shape: dict) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
+def policy(method: str, sparsity: float, seed: int, every: int = EVERY, override: dict | None = None) -> dict:
     """The rule of ``method`` on the seven projections (see the module docstring); ``every``: the
-    topology update interval in steps (the recipe's 100 unless an ablation changes it)."""
+    topology update interval in steps (the recipe's 100 unless an ablation changes it); ``override``:
+    fields that replace the rule's (whole fields: ``{"regrowth": {"predictor": "random"}}`` replaces
+    the regrowth), for an ablation of one point of the recipe."""
     rule = {"name": "attention and MLP projections", "match": {"regex": r".*\.(q|k|v|o|gate|up|down)_proj"},
             "sparsity": sparsity, "method": method, "backend": "masked"}  # the same layers in every run, at any load
     if method == "CHTs":  # the official llm/ CHTs command: CHTss's recipe without the density decay
@@ -113,6 +115,7 @@ def policy(method: str, sparsity: float, seed: int, every: int = EVERY) -> dict:
                     update={"every": every, "unit": "steps"}, t_end=T_END)
     elif method == "CHTss" and every != EVERY:
         rule["update"] = {"every": every, "unit": "steps"}
+    rule.update(override or {})
     return {"version": 1, "seed": seed, "rules": [rule]}
 
 
@@ -189,7 +192,7 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
     parameters = sum(p.numel() for p in model.parameters())
     handle = None
     if method != "FC":
-        model, handle = sparsify.sparsify(model, policy(method, sparsity, seed, args.update_every),
+        model, handle = sparsify.sparsify(model, policy(method, sparsity, seed, args.update_every, args.override),
                                           {"input_ids": torch.zeros(2, args.seq, dtype=torch.long)})
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0)
@@ -221,6 +224,7 @@ def run(method: str, sparsity: float, seed: int, lr: float, args, train, val) ->
                   flush=True)
     record = {"method": method, "sparsity": sparsity if handle else 0.0, "seed": seed, "steps": args.steps,
               "model": shape, "batch": args.batch, "update_every": args.update_every, "lr": lr, "parameters": parameters,
+              **({"override": args.override} if args.override else {}),
               "perplexity": curve[-1][1], "best": min(p for _, p in curve), "curve": curve,
               "seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 4),
               "date": str(datetime.date.today()), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -428,6 +432,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[LR],
                         help="peak learning rate (default: the recipe's 3e-3); several: a sweep, which also prints each "
                              "method at each rate and the methods ranked each at its best rate")
+    parser.add_argument("--override", type=json.loads, default=None, metavar="JSON",
+                        help="fields that replace those of every sparse method's rule, for an ablation of one point "
+                             "of the recipe, e.g. '{\"regrowth\": {\"predictor\": \"random\"}}'; recorded, and a sweep "
+                             "skips only runs with the same override")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--export", action="store_true", help="export the last CHTss model to ONNX and check it")
     parser.add_argument("--results", type=Path, nargs="+", default=[ROOT / "benchmarks" / "results" / "llama_lm.jsonl"],
@@ -452,7 +460,7 @@ def main() -> None:
 
     def same(r: dict) -> bool:
         return (r["steps"] == args.steps and r.get("model") == shape and r.get("batch") == args.batch
-                and r.get("update_every", EVERY) == args.update_every)
+                and r.get("update_every", EVERY) == args.update_every and r.get("override") == args.override)
 
     last = None
     for lr in [] if args.table_only else args.lr:
