@@ -22,6 +22,10 @@ then cosine to 0.1x; the lr is re-warmed linearly over the first 10 steps of eve
 that ends with a topology update the optimizer step is skipped (that batch's gradient is only
 used for the update). The same loop and schedule for every method, FC included.
 
+Besides the perplexity curve, each sparse run records the survival of the links every update grows
+(see ``Survival``) and the share of positions ever active; ``--override`` swaps one field of every
+sparse method's rule, for an ablation of one point of the recipe.
+
 Methods (the official llm/ settings where they are defined; the CHTss preset is that recipe):
 - CHTss: its preset unchanged (sigmoid density decay from 50% by RI, soft |W| removal with T 1 -> 9,
   ζ 0.1 on a cosine, CH2-L3n top-k regrowth, BRF r 0.3 with uniform degrees, the model's weights,
