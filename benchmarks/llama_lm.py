@@ -334,12 +334,25 @@ def survival_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def panels(count: int):
+    """A figure of ``count`` panels side by side, one per sparsity, sharing the y axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(1, count, figsize=(5 * count, 4), sharey=True, squeeze=False)
+
+
+def save(fig, axes, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(rows: list[dict], path: Path) -> None:
     sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
-    fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), sharey=True, squeeze=False)
+    fig, axes = panels(len(sparsities))
     for ax, sparsity in zip(axes[0], sparsities):
         for method in METHODS:
             runs = [r for r in rows if r["method"] == method and r["sparsity"] == (0.0 if method == "FC" else sparsity)]
@@ -353,10 +366,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("validation perplexity (mean over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, axes, "validation perplexity (mean over seeds)", path)
 
 
 def sweep(rows: list[dict], lrs: list[float]) -> str:
@@ -392,11 +402,8 @@ def sweep(rows: list[dict], lrs: list[float]) -> str:
 
 def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
     """Final perplexity against the peak learning rate, one line per method (mean ± std over seeds)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
-    fig, axes = plt.subplots(1, len(sparsities), figsize=(5 * len(sparsities), 4), sharey=True, squeeze=False)
+    fig, axes = panels(len(sparsities))
     for ax, sparsity in zip(axes[0], sparsities):
         for method in METHODS:
             points = [(lr, s) for lr in lrs for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)
@@ -411,10 +418,7 @@ def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("final validation perplexity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, axes, "final validation perplexity", path)
 
 
 def main() -> None:
