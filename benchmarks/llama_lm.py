@@ -314,9 +314,9 @@ def paired(rows: list[dict]) -> str:
 
 
 def survival_table(rows: list[dict]) -> str:
-    """Per method, the share of grown links still active after the next update and the same share for
-    the older links (over all updates and layers, then mean ± std over seeds); runs recorded before
-    the measure existed are left out."""
+    """Per method, the share of the links an update grew that the next update's removal keeps, the same
+    share for the older links (over all updates and layers, then mean ± std over seeds) and the share
+    of positions ever active (see ``Survival``); runs recorded before the measures existed are left out."""
     lines = ["| sparsity | method | seeds | grown links kept | older links kept | grown / older | positions ever active |",
              "|---" * 7 + "|"]
     fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
@@ -495,7 +495,7 @@ def main() -> None:
         print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
         print(paired(at))
         if kept := survival_table(at):
-            print("\nThe links each update grows, kept by the next update, beside the links already there:\n")
+            print("\nThe links each update grows, kept by the next update's removal, beside the older links:\n")
             print(kept)
     figure = out.with_suffix(".png")
     if len(args.lr) > 1:
