@@ -258,11 +258,16 @@ def export(model, handle, val: torch.Tensor, folder: Path) -> dict:
                                    "files", "size_ratio", "latency_ms", "latency_ratio") if k in report}
 
 
+def levels(rows: list[dict]) -> list[float]:
+    """The sparsities of the sparse runs among ``rows``, in order (FC's 0 is not one)."""
+    return sorted({r["sparsity"] for r in rows if r["sparsity"] > 0})
+
+
 def summary(rows: list[dict], sparsities: list[float] | None = None) -> list[dict]:
     """Mean ± sample std of the final perplexity per (sparsity, method); FC joins every sparsity (by
     default those of the sparse rows)."""
     out = []
-    sparsities = sparsities or sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    sparsities = sparsities or levels(rows) or [0.0]
     for sparsity in sparsities:
         for method in METHODS:
             runs = [r for r in rows if r["method"] == method and r["sparsity"] == (0.0 if method == "FC" else sparsity)]
@@ -303,7 +308,7 @@ def paired(rows: list[dict]) -> str:
     """The difference in final perplexity between two methods, one value per seed they share (a run
     and its counterpart share the data order and the dense weights); negative: the first is better."""
     lines = ["| sparsity | " + " | ".join(f"{a} − {b}" for a, b in PAIRS) + " |", "|---" * (len(PAIRS) + 1) + "|"]
-    for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
+    for sparsity in levels(rows):
         ppl = {(r["method"], r["seed"]): r["perplexity"] for r in rows if r["sparsity"] == sparsity}
         cells = []
         for a, b in PAIRS:
@@ -320,7 +325,7 @@ def survival_table(rows: list[dict]) -> str:
     lines = ["| sparsity | method | seeds | grown links kept | older links kept | grown / older | positions ever active |",
              "|---" * 7 + "|"]
     fmt = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
-    for sparsity in sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}):
+    for sparsity in levels(rows):
         for method in METHODS[1:]:
             chosen = [r for r in rows if r["method"] == method and r["sparsity"] == sparsity and r.get("kept")]
             if not chosen:
@@ -351,7 +356,7 @@ def save(fig, axes, ylabel: str, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    sparsities = levels(rows) or [0.0]
     fig, axes = panels(len(sparsities))
     for ax, sparsity in zip(axes[0], sparsities):
         for method in METHODS:
@@ -369,6 +374,13 @@ def plot(rows: list[dict], path: Path) -> None:
     save(fig, axes, "validation perplexity (mean over seeds)", path)
 
 
+def per_rate(rows: list[dict], lrs: list[float]) -> dict[float, dict[tuple[float, str], dict]]:
+    """``summary`` at each rate, keyed by (sparsity, method); FC joins the sweep's sparsities."""
+    sparsities = levels(rows) or [0.0]
+    return {lr: {(s["sparsity"], s["method"]): s for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)}
+            for lr in lrs}
+
+
 def sweep(rows: list[dict], lrs: list[float]) -> str:
     """Each method at each peak learning rate (final perplexity, mean ± std over seeds), its best rate
     (lowest mean) and the ranking of the methods each at its best rate. The rate is chosen on the
@@ -376,9 +388,7 @@ def sweep(rows: list[dict], lrs: list[float]) -> str:
     lines = ["| sparsity | method | " + " | ".join(f"lr {lr:g}" for lr in lrs)
              + f" | best lr | rank at best lr | rank at lr {LR:g} | paper rank |", "|---" * (len(lrs) + 6) + "|"]
     paper_rank = {m: i + 1 for i, m in enumerate(sorted(PAPER_70, key=PAPER_70.get))}
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
-    at = {lr: {(s["sparsity"], s["method"]): s for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)}
-          for lr in lrs}
+    at = per_rate(rows, lrs)
     for sparsity in sorted({key[0] for table in at.values() for key in table}):
         methods = [m for m in METHODS if any((sparsity, m) in at[lr] for lr in lrs)]
         best = {m: min((lr for lr in lrs if (sparsity, m) in at[lr]), key=lambda lr: at[lr][sparsity, m]["mean"])
@@ -402,12 +412,11 @@ def sweep(rows: list[dict], lrs: list[float]) -> str:
 
 def plot_sweep(rows: list[dict], lrs: list[float], path: Path) -> None:
     """Final perplexity against the peak learning rate, one line per method (mean ± std over seeds)."""
-    sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or [0.0]
+    sparsities, at = levels(rows) or [0.0], per_rate(rows, lrs)
     fig, axes = panels(len(sparsities))
     for ax, sparsity in zip(axes[0], sparsities):
         for method in METHODS:
-            points = [(lr, s) for lr in lrs for s in summary([r for r in rows if r.get("lr", LR) == lr], sparsities)
-                      if s["method"] == method and s["sparsity"] == sparsity]
+            points = [(lr, at[lr][sparsity, method]) for lr in lrs if (sparsity, method) in at[lr]]
             if points:
                 ax.errorbar([lr for lr, _ in points], [s["mean"] for _, s in points],
                             yerr=[0 if s["n"] < 2 else s["std"] for _, s in points], marker="o", capsize=3, label=method)
@@ -491,7 +500,7 @@ def main() -> None:
         at = [r for r in rows if r.get("lr", LR) == lr]
         if len(args.lr) > 1:
             print(f"\n## lr {lr:g}\n")
-        print(table(at, sorted({r["sparsity"] for r in rows if r["sparsity"] > 0}) or None))
+        print(table(at, levels(rows) or None))
         print("\nPaired by seed, the difference in perplexity (negative: the first method is better):\n")
         print(paired(at))
         if kept := survival_table(at):
